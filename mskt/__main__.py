@@ -1,0 +1,5 @@
+import sys
+
+from mskt.cli import main
+
+sys.exit(main())

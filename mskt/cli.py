@@ -1,0 +1,238 @@
+"""The ``mskt`` command line (also ``python -m mskt``).
+
+    mskt data info PATH                     splits, shapes, lengths, labels, non-finite counts
+    mskt data synth --preset mosi [--unaligned] [--scale F] [--seed S] --out PATH.h5
+    mskt data convert IN OUT.h5             any supported file -> the mskt feature store
+    mskt data align --text T.csd --audio A.csd --vision V.csd --labels L.csd --out OUT.h5
+    mskt train --data PATH --variant V [--epochs N] [--seed S] [--out DIR] [--<any config key> VALUE]
+    mskt evaluate --run DIR [--data PATH] [--out FILE.json]
+    mskt grid --data PATH --variants full,kt,... --seeds 3 --out DIR [--<any config key> VALUE]
+
+Expected errors (bad files, bad options) print one line and exit 2; no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from mskt.errors import MsktError
+
+
+def _add_config_options(parser: argparse.ArgumentParser, skip=()) -> None:
+    """One ``--key`` per Config field, all parsed as strings and coerced by Config.from_dict."""
+    from mskt.config import Config
+
+    group = parser.add_argument_group("config (any field of mskt.config.Config)")
+    for name, f in Config.fields().items():
+        if name in skip:
+            continue
+        flag = "--" + name.replace("_", "-")
+        group.add_argument(flag, dest=f"cfg_{name}", metavar=str(f.type).upper(), default=None, help=f"default: {f.default!r}")
+    parser.add_argument("--preset", help="start from a dataset preset (mosi, mosi-unaligned, mosei, ..., see mskt.config.PRESETS)")
+
+
+def _config_from_args(args) -> "Config":
+    from mskt.config import Config, preset
+
+    values = {k[4:]: v for k, v in vars(args).items() if k.startswith("cfg_") and v is not None}
+    base = preset(args.preset) if args.preset else None
+    return Config.from_dict(values, base=base)
+
+
+def _dataset_report(ds) -> str:
+    lines = [
+        f"{ds.meta.source}",
+        f"  format {ds.meta.format}, dataset {ds.meta.name}, task {ds.meta.task}, {'aligned' if ds.meta.aligned else 'unaligned'}",
+    ]
+    summary = ds.summary()
+    cols = ["split", "modality", "n", "steps", "dim", "len_min", "len_mean", "len_max", "nonfinite_replaced"]
+    lines.append(summary[cols].to_string(index=False, float_format=lambda v: f"{v:.1f}"))
+    for s, sp in ds.splits.items():
+        labels = sp.labels
+        if ds.meta.task == "regression":
+            lines.append(
+                f"  {s}: {len(sp)} samples, labels in [{labels.min():.2f}, {labels.max():.2f}], mean {labels.mean():.3f}, "
+                f"std {labels.std():.3f}, {int((labels == 0).sum())} exactly zero"
+            )
+        else:
+            from mskt.presets import EMOTIONS
+
+            rates = ", ".join(f"{e} {labels[:, i].mean():.2f}" for i, e in enumerate(EMOTIONS))
+            lines.append(f"  {s}: {len(sp)} samples, positive rate: {rates}")
+    total = sum(ds.meta.nonfinite.values())
+    lines.append(f"  non-finite values replaced by 0: {total}" + (f" ({ds.meta.nonfinite})" if total else ""))
+    return "\n".join(lines)
+
+
+def cmd_data_info(args) -> int:
+    path = Path(args.path)
+    if path.suffix.lower() == ".csd":
+        from mskt.csd import csd_summary, format_csd_summary
+
+        print(format_csd_summary(csd_summary(path)))
+        return 0
+    from mskt.readers import load_dataset
+
+    print(_dataset_report(load_dataset(args.path, scale=args.scale, seed=args.seed)))
+    return 0
+
+
+def cmd_data_synth(args) -> int:
+    from mskt.store import write_store
+    from mskt.synthetic import make_synthetic
+
+    ds = make_synthetic(args.preset, aligned=not args.unaligned, scale=args.scale, seed=args.seed)
+    path = write_store(ds, args.out)
+    print(f"wrote {path}: {', '.join(f'{s} {len(sp)}' for s, sp in ds.splits.items())} samples")
+    return 0
+
+
+def cmd_data_convert(args) -> int:
+    from mskt.readers import load_dataset
+    from mskt.store import write_store
+
+    ds = load_dataset(args.input)
+    path = write_store(ds, args.output)
+    print(f"wrote {path} from {args.input} ({ds.meta.format}, {', '.join(f'{s} {len(sp)}' for s, sp in ds.splits.items())})")
+    return 0
+
+
+def cmd_data_align(args) -> int:
+    from mskt.csd import align_csds
+    from mskt.store import write_store
+
+    feats = {"text": args.text, "audio": args.audio, "vision": args.vision}
+    ds = align_csds(feats, args.labels, seq_len=args.seq_len, name=args.name, task=args.task)
+    path = write_store(ds, args.out)
+    print(f"wrote {path}: {', '.join(f'{s} {len(sp)}' for s, sp in ds.splits.items())} word-aligned segments")
+    return 0
+
+
+def cmd_train(args) -> int:
+    from mskt.train import describe, train
+
+    cfg = _config_from_args(args)
+    result = train(cfg, out_dir=args.out)
+    print(f"run folder: {result.dir}")
+    print(f"best epoch {result.metrics['best_epoch']} of {cfg.epochs} (validation); test: {describe(result.metrics['test'])}")
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from mskt.readers import load_dataset
+    from mskt.train import Tensors, atomic_write_text, describe, evaluate, load_run, model_config_for, resolve_device
+
+    cfg, model = load_run(args.run)
+    data_source = args.data or cfg.data
+    ds = load_dataset(data_source, scale=cfg.data_scale, seed=cfg.data_seed)
+    wanted = model_config_for(cfg, ds)
+    for key in ("text_dim", "audio_dim", "vision_dim", "task"):
+        if getattr(wanted, key) != getattr(model.cfg, key):
+            raise MsktError(
+                f"{data_source}: {key}={getattr(wanted, key)} does not fit the run {args.run} ({key}={getattr(model.cfg, key)})"
+            )
+    device = resolve_device(cfg.device)
+    model.to(device)
+    metrics = evaluate(model, Tensors.from_split(ds["test"], ds.meta.task, device), cfg.eval_batch_size)
+    print(f"{args.run} on {data_source} (test, {len(ds['test'])} samples): {describe(metrics)}")
+    if args.out:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out, json.dumps({"run": str(args.run), "data": data_source, "test": metrics}, indent=2) + "\n")
+    return 0
+
+
+def cmd_grid(args) -> int:
+    from mskt.grid import run_grid
+    from mskt.model import VARIANTS
+
+    cfg = _config_from_args(args)
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    bad = [v for v in variants if v not in VARIANTS]
+    if bad:
+        raise MsktError(f"unknown variant(s) {bad}; allowed: {', '.join(VARIANTS)}")
+    if args.seeds < 1:
+        raise MsktError("--seeds must be at least 1")
+    out = Path(args.out)
+
+    def report(row):
+        print(f"  {row['variant']:<16} seed {row['seed']}: best epoch {row['best_epoch']}, {row['seconds']:.0f}s", flush=True)
+
+    run_grid(cfg, variants, args.seeds, out, on_run=report)
+    print((out / "results.md").read_text())
+    print(f"wrote {out / 'results.csv'}, {out / 'results.md'}, {out / 'runs.csv'}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from mskt import __version__
+
+    p = argparse.ArgumentParser(prog="mskt", description="Multimodal sentiment analysis with a missing modality (knowledge transfer).")
+    p.add_argument("--version", action="version", version=f"mskt {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    data = sub.add_parser("data", help="inspect, synthesise and convert datasets").add_subparsers(dest="data_command", required=True)
+    info = data.add_parser("info", help="splits, shapes, lengths, label statistics and non-finite counts of any supported file")
+    info.add_argument("path", help=".pkl (MulT/MMSA), .h5 (mskt store), .csd (SDK sequence) or synthetic:<preset>")
+    info.add_argument("--scale", type=float, default=1.0, help="synthetic presets only")
+    info.add_argument("--seed", type=int, default=0, help="synthetic presets only")
+    info.set_defaults(func=cmd_data_info)
+    synth = data.add_parser("synth", help="write a synthetic dataset shaped like a benchmark")
+    synth.add_argument("--preset", required=True, choices=("mosi", "mosei", "iemocap"))
+    synth.add_argument("--unaligned", action="store_true")
+    synth.add_argument("--scale", type=float, default=1.0)
+    synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--out", required=True)
+    synth.set_defaults(func=cmd_data_synth)
+    convert = data.add_parser("convert", help="any supported file to the mskt HDF5 feature store")
+    convert.add_argument("input")
+    convert.add_argument("output")
+    convert.set_defaults(func=cmd_data_convert)
+    align = data.add_parser("align", help="word-align CMU-MultimodalSDK feature .csd files onto a label .csd")
+    for m in ("text", "audio", "vision", "labels"):
+        align.add_argument(f"--{m}", required=True)
+    align.add_argument("--seq-len", type=int, default=50)
+    align.add_argument("--name", default=None)
+    align.add_argument("--task", default="regression", choices=("regression", "emotions"))
+    align.add_argument("--out", required=True)
+    align.set_defaults(func=cmd_data_align)
+
+    tr = sub.add_parser("train", help="train one variant; writes runs/<name>/")
+    tr.add_argument("--out", default=None, help="run folder (default runs/<dataset>-<variant>-seed<S>-<time>)")
+    _add_config_options(tr)
+    tr.set_defaults(func=cmd_train)
+
+    ev = sub.add_parser("evaluate", help="evaluate a trained run on its own or another dataset's test split")
+    ev.add_argument("--run", required=True)
+    ev.add_argument("--data", default=None)
+    ev.add_argument("--out", default=None, help="write the metrics as JSON here")
+    ev.set_defaults(func=cmd_evaluate)
+
+    gr = sub.add_parser("grid", help="variants x seeds, with a mean/std results table")
+    gr.add_argument("--variants", default="full,vision,language,language_vision,kt")
+    gr.add_argument("--seeds", type=int, default=3)
+    gr.add_argument("--out", required=True)
+    _add_config_options(gr, skip=("variant",))
+    gr.set_defaults(func=cmd_grid)
+    return p
+
+
+def main(argv=None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except MsktError as e:
+        print(f"mskt: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("mskt: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,163 @@
+"""One flat, typed configuration for a run: the model's fields plus data and training.
+
+It round-trips through a papermill parameters cell (``Config.from_dict(params)``), JSON
+(``config.json`` in every run folder) and the CLI (``--key value`` for every field). Unknown keys,
+wrong types and disallowed values are errors that say what is allowed.
+
+Presets (``preset(name)``) give each dataset's defaults and say where each one comes from.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from mskt.errors import ConfigError
+from mskt.model import ModelConfig
+
+
+@dataclass
+class Config(ModelConfig):
+    # Data: a path (.pkl MulT/MMSA, .h5 store) or a synthetic preset such as synthetic:mosi-unaligned.
+    data: str = "synthetic:mosi"
+    data_scale: float = 1.0  # synthetic only: multiplies the preset's split sizes
+    data_seed: int = 0  # synthetic only: the data's seed (the run's seed is `seed`)
+    # Training. The paper: Adam, constant lr 1e-3, 40 epochs. MulT: batch 24, clip 0.8, seed 1111.
+    epochs: int = 40
+    batch_size: int = 24
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    scheduler: str = "none"  # "none" (the paper) or "plateau" (MulT: ReduceLROnPlateau, patience 20, factor 0.1)
+    grad_clip: float = 0.8
+    seed: int = 1111
+    select_on: str = "valid_loss"  # "valid_loss" (task loss on validation, as MulT) or "valid_metric"
+    teacher_run: str = ""  # kt_target="teacher": a finished `full` run folder whose audio encoder is frozen in
+    # Execution.
+    device: str = "auto"  # "auto" (CUDA if present, else CPU), "cpu", "cuda", "cuda:1", ...
+    eval_batch_size: int = 256
+    threads: int = 0  # torch intra-op threads; 0 keeps torch's default
+    progress: str = "auto"  # tqdm bars: "auto" (only on an interactive terminal, never under CI), "on", "off"
+
+    def check(self) -> None:
+        super().check()
+        allowed = {"scheduler": ("none", "plateau"), "select_on": ("valid_loss", "valid_metric"), "progress": ("auto", "on", "off")}
+        for key, values in allowed.items():
+            if getattr(self, key) not in values:
+                raise ConfigError(f"{key}={getattr(self, key)!r} is not allowed; choose one of {', '.join(values)}")
+        for key in ("epochs", "batch_size", "eval_batch_size"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"{key} must be at least 1, found {getattr(self, key)}")
+        if not self.lr > 0:
+            raise ConfigError(f"lr must be positive, found {self.lr}")
+        if not self.data_scale > 0:
+            raise ConfigError(f"data_scale must be positive, found {self.data_scale}")
+        for key in ("attn_dropout", "attn_dropout_audio", "attn_dropout_vision", "relu_dropout", "res_dropout", "embed_dropout", "out_dropout"):
+            if not 0.0 <= getattr(self, key) < 1.0:
+                raise ConfigError(f"{key} must be in [0, 1), found {getattr(self, key)}")
+        if self.variant == "kt" and self.kt_target == "teacher" and not self.teacher_run:
+            raise ConfigError("kt_target='teacher' needs teacher_run: the folder of a finished `full` run")
+
+    # -- round trips ---------------------------------------------------------------------------
+
+    @classmethod
+    def fields(cls) -> dict:
+        return {f.name: f for f in dataclasses.fields(cls)}
+
+    @classmethod
+    def from_dict(cls, values: dict, base: "Config | None" = None) -> "Config":
+        """A Config from ``values`` (on top of ``base`` or the defaults); strict about keys and types."""
+        fields = cls.fields()
+        unknown = sorted(set(values) - set(fields))
+        if unknown:
+            raise ConfigError(f"unknown config key(s) {unknown}; allowed: {', '.join(fields)}")
+        merged = dataclasses.asdict(base) if base is not None else {}
+        merged = {k: v for k, v in merged.items() if k in fields}
+        for key, value in values.items():
+            merged[key] = coerce(key, value, fields[key].type)
+        cfg = cls(**merged)
+        cfg.check()
+        return cfg
+
+    def to_dict(self) -> dict:
+        return {f: getattr(self, f) for f in self.fields() if f != "text_steps"}
+
+    def replace(self, **changes) -> "Config":
+        return Config.from_dict(changes, base=self)
+
+    def save(self, path) -> None:
+        from mskt.train import atomic_write_text
+
+        atomic_write_text(Path(path), json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path) -> "Config":
+        path = Path(path)
+        try:
+            values = json.loads(path.read_text())
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"{path}: cannot read the config ({e})") from None
+        return cls.from_dict(values)
+
+
+_TYPES = {"int": int, "float": float, "str": str, "bool": bool}
+
+
+def coerce(key: str, value, type_name) -> object:
+    """``value`` as the field's type; strings from a CLI are parsed, anything else must already fit."""
+    kind = _TYPES[type_name if isinstance(type_name, str) else type_name.__name__]
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise ConfigError(f"{key} must be true or false, found {value!r}")
+    if isinstance(value, bool):  # bool is an int subclass: refuse it where a number is meant
+        raise ConfigError(f"{key} must be {kind.__name__}, found {value!r}")
+    if kind is float and isinstance(value, int):
+        return float(value)
+    if isinstance(value, kind):
+        return value
+    if isinstance(value, str):
+        try:
+            return kind(value)
+        except ValueError:
+            pass
+    raise ConfigError(f"{key} must be {kind.__name__}, found {value!r}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Presets: each dataset's defaults. Where the paper states a setting we use it; the rest is
+# MulT's public configuration or our documented choice.
+
+_PAPER = {
+    # "transformer blocks consist of three transformer layers"; "Adam ... 40 training epochs ...
+    # constant learning rate of 1e-3".
+    "kt_layers": 3,
+    "crossmodal_layers": 3,
+    "memory_layers": 3,
+    "lr": 1e-3,
+    "epochs": 40,
+    "scheduler": "none",
+}
+
+PRESETS = {
+    # MulT's public code: batch 24, clip 0.8, seed 1111; d=40 from the paper's hyperparameter table.
+    # Text projection kernel 1, audio/vision 1: MulT's code.
+    "mosi": {**_PAPER, "data": "synthetic:mosi"},
+    "mosi-unaligned": {**_PAPER, "data": "synthetic:mosi-unaligned"},
+    # MOSEI is 13x larger than MOSI: a larger batch keeps epochs affordable (our choice).
+    "mosei": {**_PAPER, "data": "synthetic:mosei", "batch_size": 64},
+    "mosei-unaligned": {**_PAPER, "data": "synthetic:mosei-unaligned", "batch_size": 64},
+    # IEMOCAP: cross-entropy per emotion (MulT); 20 aligned steps.
+    "iemocap": {**_PAPER, "data": "synthetic:iemocap"},
+    "iemocap-unaligned": {**_PAPER, "data": "synthetic:iemocap-unaligned"},
+}
+
+
+def preset(name: str, **overrides) -> Config:
+    """The preset ``name`` (see PRESETS) with ``overrides`` applied."""
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}; allowed: {', '.join(PRESETS)}")
+    return Config.from_dict({**PRESETS[name], **overrides})

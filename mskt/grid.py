@@ -1,0 +1,91 @@
+"""Grids of variants x seeds, and their results table (mean and std per metric per variant).
+
+Single runs on these datasets differ by points across seeds, so every table reports the mean and
+standard deviation over seeds, with the paper's numbers beside ours when the data are a real dataset.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+
+from mskt.config import Config
+from mskt.paper import paper_row
+from mskt.readers import load_dataset
+from mskt.train import atomic_write_text, train
+
+REGRESSION_REPORT = ("acc7", "acc2_nonzero", "f1_nonzero", "acc2_haszero", "f1_haszero", "mae", "corr")
+EMOTION_REPORT = ("neutral_acc", "neutral_f1", "happy_acc", "happy_f1", "sad_acc", "sad_f1", "angry_acc", "angry_f1", "mean_f1")
+
+
+def run_grid(base: Config, variants, seeds: int, out_dir, on_run=None) -> pd.DataFrame:
+    """Train every variant with seeds base.seed, base.seed+1, ...; one row per run (test metrics).
+
+    Finished runs (a metrics.json in their folder) are read back rather than retrained, so an
+    interrupted grid resumes where it stopped.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    dataset = load_dataset(base.data, scale=base.data_scale, seed=base.data_seed)
+    rows = []
+    for i in range(seeds):
+        for variant in variants:
+            cfg = base.replace(variant=variant, seed=base.seed + i)
+            run_dir = out_dir / f"{variant}-seed{cfg.seed}"
+            done = run_dir / "metrics.json"
+            if done.exists():
+                metrics = json.loads(done.read_text())
+            else:
+                metrics = train(cfg, out_dir=run_dir, dataset=dataset).metrics
+            row = {"variant": variant, "seed": cfg.seed, "best_epoch": metrics["best_epoch"], "seconds": metrics["seconds"], **metrics["test"]}
+            rows.append(row)
+            if on_run is not None:
+                on_run(row)
+    runs = pd.DataFrame(rows)
+    atomic_write_text(out_dir / "runs.csv", runs.to_csv(index=False))
+    table = summarize(runs, dataset.meta.task)
+    atomic_write_text(out_dir / "results.csv", table.to_csv())
+    real = dataset.meta.format != "synthetic"
+    atomic_write_text(
+        out_dir / "results.md",
+        to_markdown(table, dataset.meta.name, dataset.meta.aligned, dataset.meta.task, with_paper=real, title=dataset.meta.source),
+    )
+    return runs
+
+
+def summarize(runs: pd.DataFrame, task: str) -> pd.DataFrame:
+    """Mean and std over seeds per variant: columns (metric, "mean" | "std"), variants in run order."""
+    metrics = [m for m in (REGRESSION_REPORT if task == "regression" else EMOTION_REPORT) if m in runs]
+    order = list(dict.fromkeys(runs["variant"]))
+    grouped = runs.groupby("variant", sort=False)[metrics]
+    table = pd.concat({"mean": grouped.mean(), "std": grouped.std(ddof=1).fillna(0.0)}, axis=1)
+    table = table.swaplevel(axis=1).sort_index(axis=1, level=0, sort_remaining=False)[metrics]
+    table["n_seeds"] = runs.groupby("variant", sort=False).size()
+    return table.loc[order]
+
+
+def _fmt(metric: str, mean: float, std: float) -> str:
+    if metric in ("mae", "corr"):
+        return f"{mean:.3f} ± {std:.3f}"
+    return f"{100 * mean:.1f} ± {100 * std:.1f}"
+
+
+def to_markdown(table: pd.DataFrame, dataset: str, aligned: bool, task: str, with_paper: bool, title: str = "") -> str:
+    """A Markdown table: accuracies and F1 in percent, mean ± std over seeds; the paper's row under
+    each of ours when ``with_paper``."""
+    metrics = [m for m in table.columns.get_level_values(0).unique() if m != "n_seeds"]
+    header = "| variant | seeds | " + " | ".join(metrics) + " |"
+    lines = [f"Results on {title}" if title else "", "", header, "|" + "---|" * (len(metrics) + 2)]
+    for variant, row in table.iterrows():
+        cells = [_fmt(m, row[(m, "mean")], row[(m, "std")]) for m in metrics]
+        lines.append(f"| {variant} | {int(row['n_seeds'].iloc[0] if hasattr(row['n_seeds'], 'iloc') else row['n_seeds'])} | " + " | ".join(cells) + " |")
+        paper = paper_row(dataset, aligned, variant) if with_paper else None
+        if paper:
+            cells = [("" if m not in paper else (f"{paper[m]:.3f}" if m in ("mae", "corr") else f"{100 * paper[m]:.1f}")) for m in metrics]
+            lines.append(f"| *{variant} (paper)* | | " + " | ".join(cells) + " |")
+    lines.append("")
+    lines.append("Accuracies and F1 in percent; Acc2/F1 *nonzero*: samples with label ≠ 0 (MulT, the paper); "
+                 "*haszero*: all samples, label ≥ 0 vs prediction ≥ 0 (MMSA).")
+    return "\n".join(lines).lstrip("\n") + "\n"
