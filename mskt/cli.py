@@ -162,7 +162,7 @@ def cmd_grid(args) -> int:
     def report(row):
         print(f"  {row['variant']:<16} seed {row['seed']}: best epoch {row['best_epoch']}, {row['seconds']:.0f}s", flush=True)
 
-    run_grid(cfg, variants, args.seeds, out, on_run=report)
+    run_grid(cfg, variants, args.seeds, out, on_run=report, jobs=args.jobs)
     print((out / "results.md").read_text())
     print(f"wrote {out / 'results.csv'}, {out / 'results.md'}, {out / 'runs.csv'}")
     return 0
@@ -216,6 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
     gr.add_argument("--variants", default="full,vision,language,language_vision,kt")
     gr.add_argument("--seeds", type=int, default=3)
     gr.add_argument("--out", required=True)
+    gr.add_argument("--jobs", type=int, default=1, help="runs trained at once, one torch thread each (use the number of cores on a CPU)")
     _add_config_options(gr, skip=("variant",))
     gr.set_defaults(func=cmd_grid)
     return p

@@ -274,7 +274,7 @@ def resample(x: torch.Tensor, len_x: torch.Tensor, steps: int, len_out: torch.Te
     j = torch.arange(steps, device=x.device, dtype=x.dtype)[None, :]  # (1, steps)
     frac = (j - (steps - len_out[:, None]) + 0.5) / len_out[:, None]  # (B, steps), in (0, 1) on real steps
     src = (S - len_x[:, None]) + frac * len_x[:, None] - 0.5  # (B, steps), fractional input index
-    src = src.clamp(min=0, max=S - 1)
+    src = torch.maximum(src, S - len_x[:, None]).clamp(max=S - 1)  # edges clamp to real steps, never padding
     lo = src.floor().long()
     hi = (lo + 1).clamp(max=S - 1)
     w = (src - lo.to(x.dtype))[..., None]  # (B, steps, 1)
@@ -352,7 +352,9 @@ class KTMulT(nn.Module):
             steps = getattr(cfg, "text_steps", None)
             if steps is None:
                 raise ValueError("ctc_align needs cfg.text_steps (set by build_model from the data)")
-            self.ctc = nn.ModuleDict({m: CTCAligner(cfg.dim(m), steps) for m in present if m != "text"})
+            # kt's audio is a consistency target only, never an input: it is not aligned.
+            inputs = [m for m in present if m != "text" and not (cfg.variant == "kt" and m == "audio")]
+            self.ctc = nn.ModuleDict({m: CTCAligner(cfg.dim(m), steps) for m in inputs})
 
         # Cross-modal transformers: for each target, one from each other present modality.
         self.targets = cfg.target_modalities()
@@ -374,6 +376,19 @@ class KTMulT(nn.Module):
         self.proj1 = nn.Linear(head_in, head_in)
         self.proj2 = nn.Linear(head_in, head_in)
         self.out = nn.Linear(head_in, cfg.n_outputs)
+
+    def freeze_audio_encoder(self) -> None:
+        """Freeze the audio encoder (a teacher's, for kt_target='teacher'): no gradient, no dropout."""
+        for p in self.encoders["audio"].parameters():
+            p.requires_grad_(False)
+        self.audio_frozen = True
+        self.encoders["audio"].eval()
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if getattr(self, "audio_frozen", False):
+            self.encoders["audio"].eval()  # a frozen teacher gives the same target every epoch
+        return self
 
     # -- the knowledge-transfer network -------------------------------------------------------
 
@@ -470,6 +485,7 @@ class KTMulT(nn.Module):
         for name, m in (("vision", "vision"), ("language", "text")):
             T = encoded[m].shape[1]
             out[f"target_on_{name}"] = target if T == target.shape[1] else resample(target, len_a, T, lengths[m])
+            out[f"mask_on_{name}"] = masks[m]  # real steps of the grid the prediction lives on (text grid under CTC)
         return out
 
     # -- loss ---------------------------------------------------------------------------------
@@ -491,8 +507,11 @@ class KTMulT(nn.Module):
                 ("consistency_fused", "audio_reconstruction", cfg.lambda_fused, "text"),
             ):
                 pred = out.internals[key]
-                target = out.aux["target_on_language" if m == "text" else "target_on_vision"]
-                mask = key_mask(lengths[m], pred.shape[1]) if masks_ok else None
+                on = "language" if m == "text" else "vision"
+                target = out.aux[f"target_on_{on}"]
+                mask = out.aux.get(f"mask_on_{on}")
+                if mask is None and masks_ok:
+                    mask = key_mask(lengths[m], pred.shape[1])
                 terms[name] = consistency_loss(pred, target, mask, cfg.consistency)
                 total = total + weight * terms[name]
             if "aux_pred" in out.aux:

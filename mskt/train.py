@@ -200,8 +200,7 @@ def load_teacher_audio_encoder(model: KTMulT, teacher_dir: str) -> None:
             "d_model, encoder_layers, audio_kernel and the audio dim must match"
         )
     model.encoders["audio"].load_state_dict(theirs)
-    for p in model.encoders["audio"].parameters():
-        p.requires_grad_(False)
+    model.freeze_audio_encoder()
 
 
 def load_checkpoint(path: Path) -> dict:
@@ -265,8 +264,8 @@ def train(
             terms = model.loss(out, batch["labels"], batch["lengths"])
             if not torch.isfinite(terms["total"]):
                 raise MsktError(
-                    f"epoch {epoch}: the training loss became {float(terms['total'])} "
-                    f"({', '.join(f'{k}={float(v):.4g}' for k, v in terms.items())}); "
+                    f"epoch {epoch}: the training loss became {float(terms['total'].detach())} "
+                    f"({', '.join(f'{k}={float(v.detach()):.4g}' for k, v in terms.items())}); "
                     f"the last good checkpoint is {run_dir / 'checkpoint.pt' if run_dir else 'not saved'}"
                 )
             optimizer.zero_grad(set_to_none=True)

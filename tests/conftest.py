@@ -1,0 +1,147 @@
+"""Shared fixtures for the model and training tests: tiny configs, tiny left-padded batches and a
+tiny synthetic dataset.
+
+Everything is sized so that a forward pass takes milliseconds on one CPU core: d_model 8, 2 heads,
+one layer per stack, a handful of feature dims, B = 4, at most 12 steps. The helpers are exposed as
+fixtures (``tiny_cfg``, ``make_batch``, ...) that return plain functions, so tests build exactly the
+variant they need.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from mskt.config import Config
+from mskt.model import ModelConfig
+
+@pytest.fixture(autouse=True, scope="session")
+def one_torch_thread():
+    """Tiny tensors gain nothing from a second thread, and on a shared 2-core machine a second
+    OpenMP thread that is not scheduled stalls every op (seconds per step instead of ms)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+# The smallest sensible model: every stack exists (one layer each) and every width is tiny.
+TINY = dict(
+    d_model=8,
+    heads=2,
+    encoder_layers=1,
+    kt_layers=1,
+    crossmodal_layers=1,
+    memory_layers=1,
+    text_dim=7,
+    audio_dim=5,
+    vision_dim=6,
+)
+NO_DROPOUT = dict(
+    attn_dropout=0.0,
+    attn_dropout_audio=0.0,
+    attn_dropout_vision=0.0,
+    relu_dropout=0.0,
+    res_dropout=0.0,
+    embed_dropout=0.0,
+    out_dropout=0.0,
+)
+# Steps per modality. Aligned: one grid. Unaligned: a different number of steps per modality, as in
+# the MulT *_noalign files (text shortest, then audio, then vision is longest in MOSI).
+ALIGNED_STEPS = {"text": 8, "audio": 8, "vision": 8}
+UNALIGNED_STEPS = {"text": 6, "audio": 12, "vision": 10}
+B = 4
+
+
+def tiny_model_config(**overrides) -> ModelConfig:
+    return ModelConfig(**{**TINY, **overrides})
+
+
+def tiny_run_config(**overrides) -> Config:
+    """A training Config with the tiny model, 2 epochs, CPU, no progress bars."""
+    values = {
+        **TINY,
+        "epochs": 2,
+        "batch_size": 8,
+        "eval_batch_size": 8,
+        "device": "cpu",
+        "progress": "off",
+        "seed": 7,
+        **overrides,
+    }
+    return Config.from_dict(values)
+
+
+def steps_for(aligned: bool) -> dict:
+    return dict(ALIGNED_STEPS if aligned else UNALIGNED_STEPS)
+
+
+def lengths_for(steps: dict, aligned: bool, batch: int = B) -> dict:
+    """Variable true lengths per sample: one full-length sample, the rest shorter (left padding).
+
+    Aligned data share one grid, so every modality of a sample has the same length (as in the
+    word-aligned files); unaligned samples cover the same fraction of each modality's steps.
+    """
+    fracs = np.array([1.0, 0.5, 0.75, 0.3, 0.9, 0.2, 0.6, 0.4])[:batch]
+    if aligned:
+        T = steps["text"]
+        ln = torch.as_tensor(np.clip(np.round(fracs * T), 1, T).astype(np.int64))
+        return {m: ln.clone() for m in steps}
+    return {m: torch.as_tensor(np.clip(np.round(fracs * T), 1, T).astype(np.int64)) for m, T in steps.items()}
+
+
+def make_batch_fn(cfg, aligned: bool = True, steps: dict | None = None, lengths: dict | None = None, batch: int = B, seed: int = 0) -> dict:
+    """A left-padded batch for ``cfg``'s dims: features (batch, T_m, D_m) with exact zeros in the
+    padded steps, lengths {m: (batch,)} and labels of ``cfg.task``'s kind."""
+    g = torch.Generator().manual_seed(seed)
+    steps = steps or steps_for(aligned)
+    lengths = lengths or lengths_for(steps, aligned, batch)
+    out = {"lengths": {m: lengths[m].clone() for m in steps}}
+    for m, T in steps.items():
+        x = torch.randn(batch, T, cfg.dim(m), generator=g)
+        real = torch.arange(T)[None, :] >= (T - lengths[m])[:, None]  # (batch, T)
+        out[m] = x * real[..., None]
+    if cfg.task == "regression":
+        out["labels"] = (torch.rand(batch, generator=g) * 6 - 3).float()
+    else:
+        out["labels"] = torch.randint(0, 2, (batch, 4), generator=g)
+    return out
+
+
+@pytest.fixture
+def tiny_cfg():
+    return tiny_model_config
+
+
+@pytest.fixture
+def run_cfg():
+    return tiny_run_config
+
+
+@pytest.fixture
+def make_batch():
+    return make_batch_fn
+
+
+@pytest.fixture(autouse=True)
+def _fixed_seed():
+    """Every test starts from the same global torch seed, so parameter inits are reproducible."""
+    torch.manual_seed(0)
+    yield
+
+
+@pytest.fixture(scope="session")
+def tiny_mosi():
+    """A tiny aligned MOSI-shaped synthetic dataset (13 / 8 / 8 samples, 50 steps)."""
+    from mskt.synthetic import make_synthetic
+
+    return make_synthetic("mosi", aligned=True, scale=0.01, seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_iemocap():
+    """A tiny aligned IEMOCAP-shaped synthetic dataset (emotions; 20 steps)."""
+    from mskt.synthetic import make_synthetic
+
+    return make_synthetic("iemocap", aligned=True, scale=0.005, seed=0)
