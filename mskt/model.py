@@ -10,12 +10,15 @@ Design decisions the paper leaves open (each is a config field):
   the text grid (the word grid of aligned data); A' therefore has the text's steps and padding mask.
   Aligned data share one grid, and resampling is the identity. Consistency targets f_A are resampled
   onto each source's grid by the same per-sample linear interpolation over true (unpadded) steps.
-- **Where f_A comes from, without collapse.** If the audio encoder were trained by the consistency
-  loss, a constant f_A would satisfy it. Here f_A never receives a consistency gradient (stop-gradient)
-  and is kept informative by something else: ``kt_target="aux"`` trains the audio encoder with a
-  training-only audio head on the task loss; ``kt_target="teacher"`` loads and freezes the audio
-  encoder of a trained ``full`` run. Either way, audio is a target only, never read on the
-  prediction path of kt / language / vision / language_vision.
+- **Where f_A comes from, without collapse.** If an audio encoder were trained by the consistency
+  loss, a constant f_A would satisfy it. So f_A never receives a consistency gradient:
+  ``kt_target="raw"`` (default) takes the real audio features themselves, standardised per feature
+  with training statistics, and reads theta, phi and delta out through one shared linear map to the
+  audio features: a fixed target, in the units notebook 03 plots. ``kt_target="aux"`` uses a learned
+  audio encoder behind a stop-gradient, kept informative by a training-only audio head on the task
+  loss; ``kt_target="teacher"`` loads and freezes the audio encoder of a trained ``full`` run.
+  Audio is a target only, never read on the prediction path of kt / language / vision /
+  language_vision.
 - **Padding.** Sequences are left-padded (see ``mskt.dataset``); the last step is always real and is
   what MulT's head reads. Keys at padded steps are masked in every attention.
 """
@@ -74,7 +77,7 @@ class ModelConfig:
     lambda_vision: float = 1.0  # lambda1, weight of L_c(V -> A)
     lambda_language: float = 1.0  # lambda2, weight of L_c(L -> A)
     lambda_fused: float = 0.0  # beyond the paper: consistency on delta's output A' too
-    kt_target: str = "aux"  # "aux" (audio encoder trained by a training-only audio head) or "teacher"
+    kt_target: str = "raw"  # "raw" (standardised audio features), "aux" (encoder + training-only head) or "teacher"
     lambda_aux: float = 1.0  # weight of the training-only audio head's task loss (kt_target="aux")
     # Unaligned data: MulT's baseline recipe, a learned CTC pseudo-alignment onto the text grid.
     ctc_align: bool = False
@@ -103,7 +106,7 @@ class ModelConfig:
             "task": ("regression", "emotions"),
             "targets": ("all", *MODALITIES),
             "consistency": ("l1", "l2"),
-            "kt_target": ("aux", "teacher"),
+            "kt_target": ("raw", "aux", "teacher"),
         }
         for key, values in allowed.items():
             if getattr(self, key) not in values:
@@ -329,10 +332,11 @@ class KTMulT(nn.Module):
         self.cfg = cfg
         d = cfg.d_model
         present = VARIANT_MODALITIES[cfg.variant]
-        # Modality encoders for what the prediction path reads; kt also needs audio, as a target only.
-        encoded = set(present) | ({"audio"} if cfg.variant == "kt" else set())
-        if cfg.variant == "kt":
-            encoded |= {"text", "vision"}
+        # Modality encoders for what the prediction path reads. kt's "audio" is A', built from text and
+        # vision; it encodes real audio only as a learned consistency target (aux, teacher), never raw.
+        encoded = set(present)
+        if cfg.variant == "kt" and cfg.kt_target == "raw":
+            encoded.discard("audio")
         self.encoders = nn.ModuleDict({m: ModalityEncoder(cfg, m) for m in MODALITIES if m in encoded})
 
         def stack(layers, dropout, cross=False):
@@ -345,6 +349,11 @@ class KTMulT(nn.Module):
             self.delta = stack(cfg.kt_layers, cfg.attn_dropout_audio)
             if cfg.kt_target == "aux":
                 self.aux_head = nn.Linear(d, cfg.n_outputs)  # training-only: keeps f_A informative
+            if cfg.kt_target == "raw":
+                self.audio_readout = nn.Linear(d, cfg.audio_dim)  # shared by theta, phi, delta: d -> audio features
+                # Training-set statistics per audio feature (set by train()); saved with the weights.
+                self.register_buffer("audio_mean", torch.zeros(cfg.audio_dim))
+                self.register_buffer("audio_std", torch.ones(cfg.audio_dim))
 
         self.ctc = None
         if cfg.ctc_align:
@@ -389,6 +398,11 @@ class KTMulT(nn.Module):
         if getattr(self, "audio_frozen", False):
             self.encoders["audio"].eval()  # a frozen teacher gives the same target every epoch
         return self
+
+    def set_audio_statistics(self, mean: torch.Tensor, std: torch.Tensor) -> None:
+        """Per-feature training-set mean and std of audio, the standardisation of kt_target='raw'."""
+        self.audio_mean.copy_(mean)
+        self.audio_std.copy_(std.clamp(min=1e-6))
 
     # -- the knowledge-transfer network -------------------------------------------------------
 
@@ -471,11 +485,14 @@ class KTMulT(nn.Module):
         return Output(pred=pred, internals=internals, attention=attention, aux=aux)
 
     def audio_targets(self, batch, lengths, encoded, masks) -> dict:
-        """f_A from real audio (no gradient to the consistency terms) and, for kt_target='aux',
-        the training-only audio head's prediction that keeps f_A informative."""
+        """The consistency target f_A from real audio (never moved by the consistency loss) and, for
+        kt_target='aux', the training-only audio head's prediction that keeps f_A informative."""
         audio = batch["audio"]
         a_mask = key_mask(batch["lengths"]["audio"], audio.shape[1])
-        f_audio = self.encoders["audio"](audio, a_mask)  # (B, T_a, d)
+        if self.cfg.kt_target == "raw":
+            f_audio = (audio - self.audio_mean) / self.audio_std * a_mask[..., None]  # (B, T_a, D_a), padding 0
+        else:
+            f_audio = self.encoders["audio"](audio, a_mask)  # (B, T_a, d)
         out = {"f_audio": f_audio}
         if self.cfg.kt_target == "aux":
             aux_pred = self.aux_head(f_audio[:, -1])  # (B, n_outputs)
@@ -507,6 +524,8 @@ class KTMulT(nn.Module):
                 ("consistency_fused", "audio_reconstruction", cfg.lambda_fused, "text"),
             ):
                 pred = out.internals[key]
+                if cfg.kt_target == "raw":
+                    pred = self.audio_readout(pred)  # (B, T, d) -> (B, T, D_a)
                 on = "language" if m == "text" else "vision"
                 target = out.aux[f"target_on_{on}"]
                 mask = out.aux.get(f"mask_on_{on}")

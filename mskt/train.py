@@ -184,6 +184,18 @@ def model_config_for(cfg: Config, dataset: MultimodalDataset) -> Config:
     return cfg.replace(text_dim=dims["text"], audio_dim=dims["audio"], vision_dim=dims["vision"], task=dataset.meta.task)
 
 
+def audio_statistics(data: Tensors) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and std per audio feature over the real (unpadded) steps of a split. Each (D_a,)."""
+    from mskt.model import key_mask
+
+    audio = data.features["audio"]  # (N, T, D)
+    mask = key_mask(data.lengths["audio"], audio.shape[1])[..., None].to(audio.dtype)  # (N, T, 1)
+    n = mask.sum().clamp(min=1)
+    mean = (audio * mask).sum(dim=(0, 1)) / n
+    var = (((audio - mean) * mask) ** 2).sum(dim=(0, 1)) / n
+    return mean, var.sqrt()
+
+
 def load_teacher_audio_encoder(model: KTMulT, teacher_dir: str) -> None:
     """Copy a finished ``full`` run's audio encoder into ``model`` and freeze it (kt_target='teacher')."""
     teacher_cfg = Config.load(Path(teacher_dir) / "config.json")
@@ -246,6 +258,8 @@ def train(
     model = build_model(cfg, text_steps=dataset.seq_lens["text"]).to(device)
     if cfg.variant == "kt" and cfg.kt_target == "teacher":
         load_teacher_audio_encoder(model, cfg.teacher_run)
+    if cfg.variant == "kt" and cfg.kt_target == "raw":
+        model.set_audio_statistics(*audio_statistics(data["train"]))
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = None

@@ -109,7 +109,8 @@ def test_output_shapes(variant, task, aligned, targets):
             assert out.internals["audio_from_vision"].shape == (B, steps["vision"], d)
             assert out.internals["audio_from_language"].shape == (B, steps["text"], d)
             assert out.internals["audio_reconstruction"].shape == (B, steps["text"], d)  # A' on the text grid
-            assert out.internals["audio_features"].shape == (B, steps["audio"], d)  # f_A, the target
+            target_width = cfg.audio_dim if cfg.kt_target == "raw" else d  # raw: standardised audio features
+            assert out.internals["audio_features"].shape == (B, steps["audio"], target_width)  # f_A, the target
             assert "f_audio" not in out.internals  # kt has no real-audio input feature
         terms = model.loss(out, batch["labels"], batch["lengths"])
         assert terms["total"].shape == () and torch.isfinite(terms["total"])
@@ -182,9 +183,22 @@ def test_backward_reaches_every_parameter(variant, aligned, ctc):
     missing = [n for n, p in model.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.abs().sum() > 0)]
     assert not missing, f"no gradient reaches {missing}"
     names = {n.split(".")[0] for n, _ in model.named_parameters()}
-    if variant == "kt":
-        assert {"theta", "phi", "delta", "delta_in", "aux_head"} <= names
-        assert any(n.startswith("encoders.audio.") for n, _ in model.named_parameters())
+    if variant == "kt":  # the default target: raw audio features through a shared readout
+        assert {"theta", "phi", "delta", "delta_in", "audio_readout"} <= names
+        assert not any(n.startswith("encoders.audio.") for n, _ in model.named_parameters())
+
+
+@pytest.mark.parametrize("aligned", [True, False])
+def test_backward_reaches_every_parameter_kt_aux(aligned):
+    model, cfg = build(aligned, variant="kt", kt_target="aux")
+    batch = unbalanced(make_batch_fn(cfg, aligned))
+    model.train()
+    model.loss(model(batch), batch["labels"], batch["lengths"])["total"].backward()
+    missing = [n for n, p in model.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.abs().sum() > 0)]
+    assert not missing, f"no gradient reaches {missing}"
+    names = {n.split(".")[0] for n, _ in model.named_parameters()}
+    assert {"theta", "phi", "delta", "delta_in", "aux_head"} <= names
+    assert any(n.startswith("encoders.audio.") for n, _ in model.named_parameters())
 
 
 def test_kt_delta_is_trained_by_the_task_loss():
@@ -503,7 +517,7 @@ def test_stop_gradient_is_what_prevents_collapse():
     spreads = {}
     for detached in (True, False):
         torch.manual_seed(0)
-        model, cfg = build(variant="kt", **NO_DROPOUT)
+        model, cfg = build(variant="kt", kt_target="aux", **NO_DROPOUT)
         batch = make_batch_fn(cfg, batch=8, seed=5)
         opt = torch.optim.Adam(model.parameters(), lr=1e-2)
         model.train()
@@ -538,7 +552,7 @@ def test_consistency_loss_counts_real_steps_only():
 def test_kt_ctc_consistency_mask_is_on_the_text_grid():
     """With ctc_align, theta(f_V) lives on the text grid: its consistency term counts the text grid's
     real steps, not a mask built from vision's own (longer) lengths."""
-    model, cfg = build(aligned=False, ctc=True, variant="kt", **NO_DROPOUT)
+    model, cfg = build(aligned=False, ctc=True, variant="kt", kt_target="aux", **NO_DROPOUT)
     batch = make_batch_fn(cfg, aligned=False)
     model.train()
     with torch.no_grad():

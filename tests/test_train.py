@@ -44,12 +44,16 @@ def split_tensors(ds, split, task):
 # A run in memory
 
 
-def test_train_history_and_metrics(tiny_mosi):
-    result = train(tiny_run_config(variant="kt"), dataset=tiny_mosi, save=False)
+@pytest.mark.parametrize("kt_target", ["raw", "aux"])
+def test_train_history_and_metrics(tiny_mosi, kt_target):
+    result = train(tiny_run_config(variant="kt", kt_target=kt_target), dataset=tiny_mosi, save=False)
     h = result.history
     assert result.dir is None
     assert list(h["epoch"]) == [1, 2]
     for term in KT_TERMS:
+        if term == "aux_audio" and kt_target != "aux":
+            assert "train_aux_audio" not in h.columns  # only the aux target has a training-only audio head
+            continue
         assert f"train_{term}" in h.columns, term
         assert np.isfinite(h[f"train_{term}"]).all()
     keys = metric_keys("regression")
@@ -341,3 +345,13 @@ def test_resolve_device():
     assert resolve_device("cpu") == torch.device("cpu")
     with pytest.raises(ConfigError, match="not a device"):
         resolve_device("tpu-please")
+
+
+def test_raw_target_is_standardised_with_training_statistics(tiny_mosi):
+    """kt_target='raw': the model's audio mean/std buffers are the training split's per-feature
+    statistics over real steps, and the standardised target has mean ~0 and std ~1 there."""
+    result = train(tiny_run_config(variant="kt", kt_target="raw"), dataset=tiny_mosi, save=False)
+    split = tiny_mosi["train"]
+    real = np.concatenate([split.audio[i, split.audio.shape[1] - n :] for i, n in enumerate(split.lengths["audio"]) if n])
+    np.testing.assert_allclose(result.model.audio_mean.numpy(), real.mean(axis=0), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(result.model.audio_std.numpy(), real.std(axis=0), rtol=1e-4, atol=1e-5)
