@@ -7,6 +7,7 @@
     mskt train --data PATH --variant V [--epochs N] [--seed S] [--out DIR] [--<any config key> VALUE]
     mskt evaluate --run DIR [--data PATH] [--out FILE.json]
     mskt grid --data PATH --variants full,kt,... --seeds 3 --out DIR [--<any config key> VALUE]
+    mskt notebooks [--smoke] [--only 03] [--param key=value]
 
 Expected errors (bad files, bad options) print one line and exit 2; no traceback.
 """
@@ -168,6 +169,18 @@ def cmd_grid(args) -> int:
     return 0
 
 
+def cmd_notebooks(args) -> int:
+    from mskt.notebooks import parse_params, run_notebooks
+
+    only = [o.strip() for o in args.only.split(",")] if args.only else None
+    results = run_notebooks(smoke=args.smoke, only=only, params=parse_params(args.param), out_dir=args.out)
+    failed = [r for r in results if r.status != "ok"]
+    print(f"executed notebooks in {results[0].output.parent}")
+    if failed:
+        raise MsktError(f"{failed[0].notebook} failed at {failed[0].error}; the executed copy is {failed[0].output}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from mskt import __version__
 
@@ -219,6 +232,12 @@ def build_parser() -> argparse.ArgumentParser:
     gr.add_argument("--jobs", type=int, default=1, help="runs trained at once, one torch thread each (use the number of cores on a CPU)")
     _add_config_options(gr, skip=("variant",))
     gr.set_defaults(func=cmd_grid)
+    nb = sub.add_parser("notebooks", help="execute the numbered notebooks with papermill into runs/notebooks-<time>/")
+    nb.add_argument("--smoke", action="store_true", help="tiny data and models: a check that every notebook runs")
+    nb.add_argument("--only", default=None, help="comma-separated notebook numbers, e.g. 03 or 01,02")
+    nb.add_argument("--param", action="append", default=[], metavar="KEY=VALUE", help="a parameter for every notebook that declares it")
+    nb.add_argument("--out", default=None, help="folder for the executed copies")
+    nb.set_defaults(func=cmd_notebooks)
     return p
 
 

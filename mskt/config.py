@@ -161,3 +161,18 @@ def preset(name: str, **overrides) -> Config:
     if name not in PRESETS:
         raise ConfigError(f"unknown preset {name!r}; allowed: {', '.join(PRESETS)}")
     return Config.from_dict({**PRESETS[name], **overrides})
+
+
+# A model and data small enough that every notebook runs in seconds: checks that code paths work,
+# not results.
+SMOKE = {
+    "data_scale": 0.03,
+    "epochs": 2,
+    "batch_size": 16,
+    "d_model": 8,
+    "heads": 2,
+    "encoder_layers": 1,
+    "kt_layers": 1,
+    "crossmodal_layers": 1,
+    "memory_layers": 1,
+}

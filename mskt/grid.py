@@ -35,8 +35,9 @@ def _run_in_worker(args) -> dict:
     return _run_one(cfg, run_dir)
 
 
-def run_grid(base: Config, variants, seeds: int, out_dir, on_run=None, jobs: int = 1) -> pd.DataFrame:
-    """Train every variant with seeds base.seed, base.seed+1, ...; one row per run (test metrics).
+def run_configs(base: Config, configs: dict, seeds: int, out_dir, on_run=None, jobs: int = 1) -> pd.DataFrame:
+    """Train each named config (``{label: {config overrides}}``) with seeds base.seed, base.seed+1,
+    ...; one row per run: label, variant, seed, best epoch, seconds and test metrics.
 
     ``jobs`` > 1 trains that many runs at once in separate processes of one torch thread each: on a
     small CPU, two single-threaded runs of this model's small matrices get more done than one run
@@ -45,22 +46,29 @@ def run_grid(base: Config, variants, seeds: int, out_dir, on_run=None, jobs: int
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    dataset = load_dataset(base.data, scale=base.data_scale, seed=base.data_seed)
     plan = []
     for i in range(seeds):
-        for variant in variants:
-            cfg = base.replace(variant=variant, seed=base.seed + i)
-            plan.append((cfg, out_dir / f"{variant}-seed{cfg.seed}"))
+        for label, overrides in configs.items():
+            cfg = base.replace(**overrides, seed=base.seed + i)
+            plan.append((label, cfg, out_dir / f"{label}-seed{cfg.seed}"))
     if jobs > 1:
         import multiprocessing as mp
 
-        plan = [(cfg.replace(threads=cfg.threads or 1), run_dir) for cfg, run_dir in plan]
+        work = [(cfg.replace(threads=cfg.threads or 1), run_dir) for _, cfg, run_dir in plan]
         with mp.get_context("spawn").Pool(jobs) as pool:
-            results = pool.imap(_run_in_worker, plan)
-            rows = [_row(cfg, metrics, on_run) for (cfg, _), metrics in zip(plan, results)]
+            results = pool.imap(_run_in_worker, work)
+            rows = [_row(label, cfg, metrics, on_run) for (label, cfg, _), metrics in zip(plan, results)]
     else:
-        rows = [_row(cfg, _run_one(cfg, run_dir, dataset), on_run) for cfg, run_dir in plan]
-    runs = pd.DataFrame(rows)
+        dataset = load_dataset(base.data, scale=base.data_scale, seed=base.data_seed)
+        rows = [_row(label, cfg, _run_one(cfg, run_dir, dataset), on_run) for label, cfg, run_dir in plan]
+    return pd.DataFrame(rows)
+
+
+def run_grid(base: Config, variants, seeds: int, out_dir, on_run=None, jobs: int = 1) -> pd.DataFrame:
+    """Every variant x seeds (see run_configs); writes runs.csv, results.csv and results.md."""
+    out_dir = Path(out_dir)
+    runs = run_configs(base, {v: {"variant": v} for v in variants}, seeds, out_dir, on_run, jobs)
+    dataset = load_dataset(base.data, scale=base.data_scale, seed=base.data_seed)
     atomic_write_text(out_dir / "runs.csv", runs.to_csv(index=False))
     table = summarize(runs, dataset.meta.task)
     atomic_write_text(out_dir / "results.csv", table.to_csv())
@@ -72,21 +80,21 @@ def run_grid(base: Config, variants, seeds: int, out_dir, on_run=None, jobs: int
     return runs
 
 
-def _row(cfg: Config, metrics: dict, on_run) -> dict:
-    row = {"variant": cfg.variant, "seed": cfg.seed, "best_epoch": metrics["best_epoch"], "seconds": metrics["seconds"], **metrics["test"]}
+def _row(label: str, cfg: Config, metrics: dict, on_run) -> dict:
+    row = {"label": label, "variant": cfg.variant, "seed": cfg.seed, "best_epoch": metrics["best_epoch"], "seconds": metrics["seconds"], **metrics["test"]}
     if on_run is not None:
         on_run(row)
     return row
 
 
-def summarize(runs: pd.DataFrame, task: str) -> pd.DataFrame:
-    """Mean and std over seeds per variant: columns (metric, "mean" | "std"), variants in run order."""
+def summarize(runs: pd.DataFrame, task: str, by: str = "label") -> pd.DataFrame:
+    """Mean and std over seeds per label (variant): columns (metric, "mean" | "std"), in run order."""
     metrics = [m for m in (REGRESSION_REPORT if task == "regression" else EMOTION_REPORT) if m in runs]
-    order = list(dict.fromkeys(runs["variant"]))
-    grouped = runs.groupby("variant", sort=False)[metrics]
+    order = list(dict.fromkeys(runs[by]))
+    grouped = runs.groupby(by, sort=False)[metrics]
     table = pd.concat({"mean": grouped.mean(), "std": grouped.std(ddof=1).fillna(0.0)}, axis=1)
     table = table.swaplevel(axis=1).sort_index(axis=1, level=0, sort_remaining=False)[metrics]
-    table["n_seeds"] = runs.groupby("variant", sort=False).size()
+    table["n_seeds"] = runs.groupby(by, sort=False).size()
     return table.loc[order]
 
 

@@ -56,3 +56,280 @@ def save_figure(fig, name: str, folder=None) -> list[Path]:
             tmp.replace(path)
             paths.append(path)
     return paths
+
+
+def _fig(width=COLUMN_WIDTH, height=2.4, ncols=1, nrows=1, **kw):
+    import matplotlib.pyplot as plt
+
+    return plt.subplots(nrows, ncols, figsize=(width, height), constrained_layout=True, **kw)
+
+
+# ----------------------------------------------------------------------------------------------
+# 01 data exploration
+
+
+def plot_label_distribution(dataset):
+    """Histogram of sentiment per split (regression) or positive rate per emotion and split."""
+    import numpy as np
+    import pandas as pd
+    import seaborn as sns
+
+    from mskt.presets import EMOTIONS
+
+    fig, ax = _fig()
+    if dataset.meta.task == "regression":
+        df = pd.concat([pd.DataFrame({"sentiment": np.asarray(sp.labels), "split": s}) for s, sp in dataset.splits.items()])
+        sns.histplot(df, x="sentiment", hue="split", stat="density", common_norm=False, element="step", bins=np.arange(-3.1, 3.2, 0.2), ax=ax)
+        ax.set_xlabel("sentiment label (−3 … 3)")
+        ax.set_ylabel("density")
+    else:
+        rows = [{"split": s, "emotion": e, "positive rate": float(np.asarray(sp.labels)[:, i].mean())} for s, sp in dataset.splits.items() for i, e in enumerate(EMOTIONS)]
+        sns.barplot(pd.DataFrame(rows), x="emotion", y="positive rate", hue="split", ax=ax)
+        ax.set_ylabel("fraction of samples with the emotion")
+    ax.set_title(f"Labels: {dataset.meta.name} ({'aligned' if dataset.meta.aligned else 'unaligned'})")
+    return fig
+
+
+def plot_lengths(dataset):
+    """Distribution of true (unpadded) sequence lengths per modality (training split)."""
+    import numpy as np
+    import pandas as pd
+    import seaborn as sns
+
+    sp = dataset["train"]
+    df = pd.concat([pd.DataFrame({"true length (steps)": np.asarray(sp.lengths[m]), "modality": m}) for m in sp.lengths])
+    fig, ax = _fig()
+    sns.histplot(df, x="true length (steps)", hue="modality", element="step", stat="count", bins=30, ax=ax)
+    ax.set_ylabel("training samples")
+    ax.set_title("True sequence lengths (padding excluded)")
+    return fig
+
+
+def plot_feature_statistics(dataset, max_dims: int = 40):
+    """Mean and standard deviation of every feature over real steps (training split), per modality."""
+    import numpy as np
+
+    sp = dataset["train"]
+    mods = list(sp.features)
+    fig, axes = _fig(FULL_WIDTH, 2.2, ncols=len(mods))
+    for ax, m in zip(np.atleast_1d(axes), mods):
+        x = np.asarray(sp.features[m])
+        mask = np.arange(x.shape[1])[None, :] >= (x.shape[1] - np.asarray(sp.lengths[m]))[:, None]
+        real = x[mask][:, :max_dims]  # (n_real_steps, D)
+        dims = np.arange(real.shape[1])
+        ax.errorbar(dims, real.mean(axis=0), yerr=real.std(axis=0), fmt="o", ms=2, lw=0.6)
+        ax.set_xlabel(f"{m} feature index" + (f" (first {max_dims})" if x.shape[2] > max_dims else ""))
+        ax.set_ylabel("value (mean ± sd)")
+        ax.set_title(f"{m}: {x.shape[2]} features")
+    return fig
+
+
+def plot_modality_correlation(dataset):
+    """How the modalities and the label relate: correlations between time-pooled features' first
+    principal components and the label (training split)."""
+    import numpy as np
+    import seaborn as sns
+
+    sp = dataset["train"]
+    cols, names = [], []
+    for m in sp.features:
+        x = np.asarray(sp.features[m])
+        mask = (np.arange(x.shape[1])[None, :] >= (x.shape[1] - np.asarray(sp.lengths[m]))[:, None])[..., None]
+        pooled = (x * mask).sum(1) / np.maximum(mask.sum(1), 1)  # (N, D): mean over real steps
+        pooled = pooled - pooled.mean(0)
+        _, _, vt = np.linalg.svd(pooled, full_matrices=False)
+        for k in range(2):
+            cols.append(pooled @ vt[k])
+            names.append(f"{m} PC{k + 1}")
+    labels = np.asarray(sp.labels, dtype=float)
+    if labels.ndim == 1:
+        cols.append(labels)
+        names.append("label")
+    corr = np.corrcoef(np.stack(cols))
+    fig, ax = _fig(COLUMN_WIDTH, 3.0)
+    sns.heatmap(corr, vmin=-1, vmax=1, cmap="vlag", annot=True, fmt=".2f", annot_kws={"size": 5}, xticklabels=names, yticklabels=names,
+                cbar_kws={"label": "Pearson r"}, ax=ax)
+    ax.set_title("Time-pooled features: principal components vs label")
+    return fig
+
+
+# ----------------------------------------------------------------------------------------------
+# 02 training
+
+
+def plot_history(history):
+    """Every loss term per epoch, train (solid) and validation (dashed), and the selected epoch."""
+    import matplotlib.pyplot as plt
+
+    terms = [c.removeprefix("train_") for c in history.columns if c.startswith("train_") and c != "train_samples_per_s"]
+    fig, axes = _fig(FULL_WIDTH, 2.3, ncols=2)
+    ax = axes[0]
+    for term in terms:
+        if term in ("total",):
+            continue
+        ax.plot(history["epoch"], history[f"train_{term}"], label=f"train {term}")
+    ax.plot(history["epoch"], history["valid_loss"], "k--", label="valid task")
+    best = history.loc[history["valid_loss"].idxmin(), "epoch"] if "selected" not in history else history.loc[history["selected"], "epoch"].max()
+    for a in axes:
+        a.axvline(best, color="grey", lw=0.8, ls=":")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("loss")
+    ax.set_title("Loss terms (dotted line: selected epoch)")
+    ax.legend(frameon=False, ncol=1)
+    ax = axes[1]
+    metric = "valid_mae" if "valid_mae" in history else "valid_mean_f1"
+    ax.plot(history["epoch"], history[metric], marker="o", ms=2)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel(metric.replace("valid_", "validation ").replace("_", " "))
+    ax.set_title("Validation metric")
+    plt.close(fig)
+    return fig
+
+
+# ----------------------------------------------------------------------------------------------
+# 03 reconstruction quality
+
+
+def plot_quality_summary(summary):
+    """R^2 and cosine similarity of A' (from V, from L, fused) against trivial baselines."""
+    import seaborn as sns
+
+    fig, axes = _fig(FULL_WIDTH, 2.2, ncols=2)
+    order = list(summary["reconstruction"])
+    sns.barplot(summary, y="reconstruction", x="r2", order=order, ax=axes[0])
+    axes[0].axvline(0, color="k", lw=0.6)
+    axes[0].set_xlabel("R² against real audio (0 = training mean)")
+    axes[0].set_ylabel("")
+    axes[0].set_title("Variance of audio explained")
+    sns.barplot(summary.dropna(subset=["cosine"]), y="reconstruction", x="cosine", ax=axes[1])
+    axes[1].set_xlabel("mean cosine similarity per step")
+    axes[1].set_ylabel("")
+    axes[1].set_title("Direction of the audio vector")
+    return fig
+
+
+def plot_error_breakdown(per_dim, per_position):
+    """Reconstruction MSE per audio feature and per relative position in the utterance."""
+    import seaborn as sns
+
+    fig, axes = _fig(FULL_WIDTH, 2.3, ncols=2)
+    sns.barplot(per_dim, x="feature", y="mse", hue="source", ax=axes[0])
+    axes[0].set_xlabel("audio feature")
+    axes[0].set_ylabel("MSE (standardised units)")
+    axes[0].set_title("Error per feature dimension")
+    axes[0].tick_params(axis="x", rotation=90)
+    sns.lineplot(per_position, x="position", y="mse", hue="source", marker="o", ax=axes[1])
+    axes[1].set_xlabel("relative position in the utterance (0 = start, 1 = end)")
+    axes[1].set_ylabel("MSE (standardised units)")
+    axes[1].set_title("Error per time step")
+    return fig
+
+
+def plot_reconstruction_examples(rec, samples=(0, 1), feature: int = 0, feature_name: str | None = None):
+    """Real audio and A' (from V, from L, fused) over time for a few samples, one feature."""
+    import numpy as np
+
+    fig, axes = _fig(FULL_WIDTH, 2.0, ncols=len(samples), squeeze=False)
+    name = feature_name or f"audio feature {feature}"
+    for ax, i in zip(axes[0], samples):
+        r = rec["fused"]
+        steps = np.flatnonzero(r["mask"][i])
+        ax.plot(steps - steps[0], r["target"][i, steps, feature], "k-", lw=1.2, label="real A")
+        for source, style in (("fused", "-"), ("language", "--"), ("vision", ":")):
+            s = rec[source]
+            st = np.flatnonzero(s["mask"][i])
+            x = (st - st[0]) * (len(steps) / max(len(st), 1))  # on the text grid's step scale
+            ax.plot(x, s["pred"][i, st, feature], style, lw=1, label=f"A' {source}")
+        ax.set_xlabel("step (text grid)")
+        ax.set_ylabel(f"{name} (standardised)")
+        ax.set_title(f"test sample {i}")
+    axes[0][0].legend(frameon=False)
+    return fig
+
+
+def plot_projection(rec, max_points: int = 3000, seed: int = 0):
+    """A 2-D PCA projection (fitted on real audio) of real audio steps and A' steps."""
+    import numpy as np
+
+    r = rec["fused"]
+    real, recon = r["target"][r["mask"]], r["pred"][r["mask"]]
+    rng = np.random.default_rng(seed)
+    take = rng.choice(len(real), size=min(max_points, len(real)), replace=False)
+    mean = real.mean(0)
+    _, _, vt = np.linalg.svd(real - mean, full_matrices=False)
+    fig, ax = _fig(COLUMN_WIDTH, 2.8)
+    for x, label, alpha in ((real[take], "real A", 0.35), (recon[take], "A' (fused)", 0.35)):
+        p = (x - mean) @ vt[:2].T
+        ax.scatter(p[:, 0], p[:, 1], s=2, alpha=alpha, label=label)
+    ax.set_xlabel("PC 1 of real audio")
+    ax.set_ylabel("PC 2 of real audio")
+    ax.set_title("Audio steps, real and reconstructed")
+    ax.legend(frameon=False, markerscale=4)
+    return fig
+
+
+def plot_error_relation(per_sample):
+    """Per test sample: reconstruction MSE of A' against the absolute prediction error."""
+    import numpy as np
+
+    fig, ax = _fig(COLUMN_WIDTH, 2.6)
+    ax.scatter(per_sample["reconstruction_mse"], per_sample["prediction_error"], s=4, alpha=0.5)
+    r = np.corrcoef(per_sample["reconstruction_mse"], per_sample["prediction_error"])[0, 1]
+    ax.set_xlabel("reconstruction MSE of A' (standardised units)")
+    ax.set_ylabel("|prediction − label|")
+    ax.set_title(f"Reconstruction vs prediction error (r = {r:.2f})")
+    return fig
+
+
+# ----------------------------------------------------------------------------------------------
+# 04 attention maps
+
+
+def plot_attention(maps: dict, sample: int = 0, layer: int = 0, head: int | None = None, directions=None):
+    """Cross-modal attention of one sample: a heatmap per direction (source -> target), one layer,
+    one head or the mean over heads. ``maps``: {direction: list over layers of (B, h, T, S)}."""
+    import numpy as np
+
+    directions = directions or [k for k in maps if k.split("->")[0] != k.split("->")[1]]
+    fig, axes = _fig(FULL_WIDTH, 2.1 * ((len(directions) + 2) // 3), ncols=min(3, len(directions)), nrows=(len(directions) + 2) // 3, squeeze=False)
+    for ax in axes.flat[len(directions):]:
+        ax.set_visible(False)
+    for ax, key in zip(axes.flat, directions):
+        w = maps[key][layer][sample]  # (h, T, S)
+        w = w.mean(0) if head is None else w[head]
+        w = np.asarray(w)
+        im = ax.imshow(w, aspect="auto", cmap="magma", interpolation="nearest", vmin=0)
+        source, target = key.split("->")
+        ax.set_xlabel(f"{source} step (key)")
+        ax.set_ylabel(f"{target} step (query)")
+        ax.set_title(f"{source} → {target}, layer {layer + 1}, " + ("mean of heads" if head is None else f"head {head + 1}"))
+        fig.colorbar(im, ax=ax, label="attention weight")
+    return fig
+
+
+# ----------------------------------------------------------------------------------------------
+# 05 ablations and results
+
+
+def plot_results(table, metrics=("acc2_nonzero", "f1_nonzero", "mae", "corr"), paper: dict | None = None):
+    """Mean ± std over seeds per variant for a few metrics; the paper's values as markers."""
+    import numpy as np
+
+    fig, axes = _fig(FULL_WIDTH, 2.2, ncols=len(metrics))
+    variants = list(table.index)
+    y = np.arange(len(variants))
+    for ax, m in zip(np.atleast_1d(axes), metrics):
+        scale = 1 if m in ("mae", "corr") else 100
+        ax.barh(y, table[(m, "mean")] * scale, xerr=table[(m, "std")] * scale, capsize=2)
+        if paper:
+            px = [paper.get(v, {}).get(m, np.nan) * scale for v in variants]
+            ax.plot(px, y, "kD", ms=3, label="paper")
+        ax.set_yticks(y, variants if ax is np.atleast_1d(axes)[0] else [""] * len(variants))
+        ax.set_xlabel(m + ("" if scale == 1 else " (%)"))
+        lo = np.nanmin(table[(m, "mean")] * scale - table[(m, "std")] * scale)
+        hi = np.nanmax(table[(m, "mean")] * scale + table[(m, "std")] * scale)
+        ax.set_xlim(lo - 0.15 * (hi - lo + 1e-9), hi + 0.15 * (hi - lo + 1e-9))
+        ax.set_title(m.replace("_", " "))
+    if paper:
+        np.atleast_1d(axes)[0].legend(frameon=False)
+    return fig

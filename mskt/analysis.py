@@ -1,0 +1,162 @@
+"""Analyses the notebooks display: reconstruction quality of A' against A, and attention maps.
+
+Functions return numbers and DataFrames; ``mskt.plots`` draws them.
+
+Reconstruction quality is measured in standardised audio-feature units (a kt run with
+``kt_target="raw"``: theta, phi and delta are read out through the model's audio readout), on
+real steps only, each reconstruction on its own time grid with the real audio resampled onto it.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import torch
+
+from mskt.model import KTMulT, key_mask, resample
+from mskt.train import Tensors
+
+SOURCES = {"vision": "audio_from_vision", "language": "audio_from_language", "fused": "audio_reconstruction"}
+
+
+@torch.inference_mode()
+def reconstructions(model: KTMulT, data: Tensors, batch_size: int = 256) -> dict:
+    """For every sample: the real standardised audio and theta / phi / delta's reconstructions of it,
+    on each reconstruction's grid. Returns {source: {"pred", "target", "mask"}} of numpy arrays
+    (N, T, D_a), (N, T, D_a), (N, T), plus "prediction" (N, ...) and "labels"."""
+    cfg = model.cfg
+    if cfg.variant != "kt" or cfg.kt_target != "raw":
+        raise ValueError(f"reconstruction quality needs a kt run with kt_target='raw' (this run: {cfg.variant}, {cfg.kt_target})")
+    model.eval()
+    parts = {s: {"pred": [], "target": [], "mask": []} for s in SOURCES}
+    preds = []
+    for batch in data.batches(batch_size):
+        out = model(batch, return_internals=True)
+        target = out.internals["audio_features"]  # (B, T_a, D_a), standardised, padding 0
+        len_a = batch["lengths"]["audio"]
+        preds.append(out.pred.float().cpu())
+        for source, key in SOURCES.items():
+            grid = "vision" if source == "vision" else "text"
+            pred = model.audio_readout(out.internals[key])  # (B, T_grid, D_a)
+            T = pred.shape[1]
+            length = batch["lengths"][grid]
+            on_grid = target if T == target.shape[1] else resample(target, len_a, T, length)  # (B, T, D_a)
+            parts[source]["pred"].append(pred.cpu())
+            parts[source]["target"].append(on_grid.cpu())
+            parts[source]["mask"].append(key_mask(length, T).cpu())
+    result = {s: {k: torch.cat(v).numpy() for k, v in d.items()} for s, d in parts.items()}
+    result["prediction"] = torch.cat(preds).numpy()
+    result["labels"] = data.labels.cpu().numpy()
+    return result
+
+
+def _real(x: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    return x[mask]  # (n_real_steps, D)
+
+
+def _r2(pred: np.ndarray, target: np.ndarray) -> float:
+    """1 - SSE / SST with SST about zero, the training mean of standardised features: R^2 against
+    always predicting the training-set mean audio."""
+    return float(1.0 - ((pred - target) ** 2).sum() / max((target**2).sum(), 1e-12))
+
+
+def _cosine(pred: np.ndarray, target: np.ndarray) -> float:
+    num = (pred * target).sum(axis=1)
+    den = np.linalg.norm(pred, axis=1) * np.linalg.norm(target, axis=1)
+    ok = den > 1e-12
+    return float((num[ok] / den[ok]).mean()) if ok.any() else float("nan")
+
+
+def quality_summary(rec: dict, seed: int = 0) -> pd.DataFrame:
+    """One row per reconstruction (vision = theta, language = phi, fused = delta) and per trivial
+    baseline (training-mean audio; the audio of another, shuffled sample): MSE, R^2, cosine."""
+    rows = []
+    rng = np.random.default_rng(seed)
+    for source in SOURCES:
+        r = rec[source]
+        pred, target = _real(r["pred"], r["mask"]), _real(r["target"], r["mask"])
+        rows.append({"reconstruction": f"A' from {source}", "mse": float(((pred - target) ** 2).mean()), "r2": _r2(pred, target), "cosine": _cosine(pred, target)})
+    # Baselines on the fused (text) grid: every real step of every sample.
+    r = rec["fused"]
+    target = _real(r["target"], r["mask"])
+    zeros = np.zeros_like(target)
+    rows.append({"reconstruction": "training-mean audio", "mse": float((target**2).mean()), "r2": _r2(zeros, target), "cosine": float("nan")})
+    perm = rng.permutation(len(r["target"]))
+    shuffled = _real(r["target"][perm], r["mask"] & r["mask"][perm])
+    target_sh = _real(r["target"], r["mask"] & r["mask"][perm])
+    rows.append({"reconstruction": "audio of a shuffled sample", "mse": float(((shuffled - target_sh) ** 2).mean()), "r2": _r2(shuffled, target_sh), "cosine": _cosine(shuffled, target_sh)})
+    return pd.DataFrame(rows)
+
+
+def error_per_dimension(rec: dict, feature_names=None) -> pd.DataFrame:
+    """MSE per audio feature for each reconstruction; long format (source, feature, mse)."""
+    rows = []
+    for source in SOURCES:
+        r = rec[source]
+        err = ((_real(r["pred"], r["mask"]) - _real(r["target"], r["mask"])) ** 2).mean(axis=0)  # (D_a,)
+        names = feature_names or [f"audio_{i:03d}" for i in range(len(err))]
+        rows += [{"source": source, "feature": n, "mse": float(e)} for n, e in zip(names, err)]
+    return pd.DataFrame(rows)
+
+
+def error_per_position(rec: dict, bins: int = 10) -> pd.DataFrame:
+    """MSE against the relative position of a step in its utterance (0 = first real step, 1 = last),
+    in ``bins`` bins; long format (source, position, mse)."""
+    rows = []
+    for source in SOURCES:
+        r = rec[source]
+        N, T, _ = r["pred"].shape
+        length = r["mask"].sum(axis=1, keepdims=True)  # (N, 1)
+        t = np.arange(T)[None, :]
+        rel = (t - (T - length) + 0.5) / np.maximum(length, 1)  # (N, T), in (0, 1) on real steps
+        err = ((r["pred"] - r["target"]) ** 2).mean(axis=2)  # (N, T)
+        which = np.minimum((rel * bins).astype(int), bins - 1)
+        for b in range(bins):
+            sel = r["mask"] & (which == b)
+            if sel.any():
+                rows.append({"source": source, "position": (b + 0.5) / bins, "mse": float(err[sel].mean())})
+    return pd.DataFrame(rows)
+
+
+def per_sample_errors(rec: dict) -> pd.DataFrame:
+    """Per test sample: reconstruction MSE of A' (fused) and the absolute prediction error, to see
+    whether samples whose audio is reconstructed badly are also predicted badly."""
+    r = rec["fused"]
+    err = ((r["pred"] - r["target"]) ** 2).mean(axis=2)  # (N, T)
+    rec_mse = (err * r["mask"]).sum(axis=1) / np.maximum(r["mask"].sum(axis=1), 1)
+    pred, labels = rec["prediction"], rec["labels"]
+    if pred.ndim == 1:
+        pred_err = np.abs(pred - labels)
+    else:  # emotions: the fraction of the 4 emotions predicted wrong
+        pred_err = (pred.argmax(-1) != labels).mean(axis=1)
+    return pd.DataFrame({"reconstruction_mse": rec_mse, "prediction_error": pred_err, "label": labels if labels.ndim == 1 else labels.sum(1)})
+
+
+# ----------------------------------------------------------------------------------------------
+# Attention
+
+
+@torch.inference_mode()
+def attention_maps(model: KTMulT, data: Tensors, samples) -> dict:
+    """Attention weights of the chosen samples (indices into ``data``), from the explicit attention
+    path: {"source->target": [per layer (n, heads, T_target, T_source) numpy]}; "t->t" keys are the
+    self-attention decoder's. Also "lengths" {modality: (n,)} to crop padding when drawing."""
+    model.eval()
+    index = torch.as_tensor(list(samples), dtype=torch.long, device=data.labels.device)
+    batch = data.batch(index)
+    if model.cfg.variant != "full":
+        batch = {**batch, "audio": None}
+    out = model(batch, return_attention=True)
+    maps = {k: [w.float().cpu().numpy() for w in layers] for k, layers in out.attention.items()}
+    maps["lengths"] = {m: v.cpu().numpy() for m, v in batch["lengths"].items()}
+    return maps
+
+
+@torch.inference_mode()
+def average_attention(model: KTMulT, data: Tensors, max_samples: int = 256) -> dict:
+    """Attention per direction and layer averaged over heads and samples, in steps counted from the
+    end (left padding aligns every sample's last step): {"source->target": [per layer (T, S)]}."""
+    n = min(len(data), max_samples)
+    maps = attention_maps(model, data, range(n))
+    maps.pop("lengths")
+    return {k: [w.mean(axis=(0, 1)) for w in layers] for k, layers in maps.items()}

@@ -1,0 +1,117 @@
+"""The command line as a user meets it: real subprocesses, exit codes, one-line errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from formats import write_mult_pickle
+
+ROOT = Path(__file__).resolve().parents[1]
+REAL_CSD = ROOT.parent / "shared" / "data" / "real" / "CMU_MOSI_Opinion_Labels.csd"
+TINY_MODEL = ["--d-model", "8", "--heads", "2", "--encoder-layers", "1", "--kt-layers", "1", "--crossmodal-layers", "1", "--memory-layers", "1"]
+
+
+def mskt(*args, cwd=None, check=True):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MSKT_HOME": str(cwd or ROOT)}
+    proc = subprocess.run([sys.executable, "-m", "mskt", *map(str, args)], capture_output=True, text=True, cwd=cwd, env=env, timeout=300)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"mskt {' '.join(map(str, args))} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+@pytest.mark.skipif(not REAL_CSD.exists(), reason="../shared/data/real is not beside the repository")
+def test_data_info_on_the_real_csd():
+    out = mskt("data", "info", REAL_CSD).stdout
+    assert "93 videos, 2199 segments" in out
+    assert "value range [-3, 3]" in out
+
+
+def test_synth_writes_a_store_that_info_reads(tmp_path):
+    store = tmp_path / "mosi.h5"
+    mskt("data", "synth", "--preset", "mosi", "--unaligned", "--scale", "0.02", "--seed", "3", "--out", store)
+    out = mskt("data", "info", store).stdout
+    assert "unaligned" in out and "mskt-h5" in out
+    assert "train     text" in out and "375" in out and "500" in out  # MOSI unaligned steps: text 50, audio 375, vision 500
+
+
+def test_convert_a_mult_pickle_round_trips(tmp_path):
+    from mskt.readers import load_dataset
+
+    pkl, _, _ = write_mult_pickle(tmp_path, "mosi")
+    out_h5 = tmp_path / "mosi.h5"
+    proc = mskt("data", "convert", pkl, out_h5)
+    assert "wrote" in proc.stdout
+    a, b = load_dataset(pkl), load_dataset(out_h5)
+    for s in a.splits:
+        for m in ("text", "audio", "vision"):
+            assert np.array_equal(a[s].features[m], b[s].features[m])
+        assert np.array_equal(a[s].labels, b[s].labels)
+        assert list(a[s].ids) == list(b[s].ids)
+
+
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["data", "info", "missing.pkl"], "missing.pkl: no such file"),
+        (["train", "--variant", "bogus"], "variant='bogus' is not allowed"),
+        (["train", "--epochs", "ten"], "epochs must be int"),
+        (["grid", "--variants", "full,nope", "--out", "x"], "unknown variant"),
+    ],
+)
+def test_expected_errors_are_one_line_without_traceback(args, needle, tmp_path):
+    proc = mskt(*args, cwd=tmp_path, check=False)
+    assert proc.returncode == 2
+    assert needle in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.strip().count("\n") == 0, proc.stderr
+
+
+def test_a_malicious_pickle_is_refused_by_the_cli(tmp_path):
+    import pickle
+
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    bad = tmp_path / "mosi_data.pkl"
+    bad.write_bytes(pickle.dumps({"train": Payload()}))
+    proc = mskt("data", "info", bad, check=False)
+    assert proc.returncode == 2 and "refused to unpickle" in proc.stderr and "system" in proc.stderr
+    assert not marker.exists()
+
+
+def test_train_then_evaluate_and_grid(tmp_path):
+    run = tmp_path / "runs" / "kt"
+    data = ["--data", "synthetic:mosi", "--data-scale", "0.02", "--epochs", "2", "--batch-size", "8"]
+    out = mskt("train", "--variant", "kt", *data, *TINY_MODEL, "--out", run, cwd=tmp_path).stdout
+    assert "best epoch" in out and "mae" in out
+    for name in ("config.json", "history.csv", "metrics.json", "checkpoint.pt"):
+        assert (run / name).is_file(), name
+    metrics = json.loads((run / "metrics.json").read_text())
+
+    # Evaluating the run on its own data reproduces its test metrics exactly.
+    mskt("evaluate", "--run", run, "--out", tmp_path / "eval.json", cwd=tmp_path)
+    again = json.loads((tmp_path / "eval.json").read_text())["test"]
+    assert again == pytest.approx(metrics["test"], abs=1e-6)
+
+    # Another dataset's test split of the same shape works; one of another shape is refused.
+    mskt("evaluate", "--run", run, "--data", "synthetic:mosi", cwd=tmp_path)
+    proc = mskt("evaluate", "--run", run, "--data", "synthetic:mosei", cwd=tmp_path, check=False)
+    assert proc.returncode == 2 and "does not fit the run" in proc.stderr
+
+    grid = tmp_path / "grid"
+    out = mskt("grid", "--variants", "language,kt", "--seeds", "2", *data, *TINY_MODEL, "--out", grid, cwd=tmp_path).stdout
+    assert "| kt |" in out
+    table = (grid / "results.md").read_text()
+    assert "| language | 2 |" in table and "| kt | 2 |" in table and "(paper)" not in table  # synthetic: no paper rows
+    runs = (grid / "runs.csv").read_text().splitlines()
+    assert len(runs) == 1 + 4
