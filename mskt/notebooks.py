@@ -82,10 +82,17 @@ def _failing_cell(output: Path) -> str:
 def run_notebooks(smoke: bool = False, only=None, params: dict | None = None, out_dir=None, log=print) -> list[NotebookResult]:
     import papermill as pm
 
-    out_dir = Path(out_dir) if out_dir else runs_dir() / f"notebooks-{datetime.now():%Y%m%d-%H%M%S}{'-smoke' if smoke else ''}"
+    # Absolute: the notebooks run with notebooks/ as their working directory.
+    out_dir = Path(out_dir).resolve() if out_dir else runs_dir() / f"notebooks-{datetime.now():%Y%m%d-%H%M%S}{'-smoke' if smoke else ''}"
     out_dir.mkdir(parents=True, exist_ok=True)
     # Smoke runs keep their figures beside the executed copies, so they never replace the real ones.
-    shared = {"smoke": smoke, "run_dir": str(out_dir / "kt-run"), "figures_dir": str(out_dir / "figures") if smoke else "", **(params or {})}
+    shared = {
+        "smoke": smoke,
+        "run_dir": str(out_dir / "kt-run"),
+        "out_dir": str(out_dir),
+        "figures_dir": str(out_dir / "figures") if smoke else "",
+        **(params or {}),
+    }
     paths = notebook_paths(only)
     declared_by = {path: declared_parameters(path) for path in paths}
     unknown = sorted(set(params or {}) - set().union(*declared_by.values()))

@@ -58,10 +58,26 @@ def save_figure(fig, name: str, folder=None) -> list[Path]:
     return paths
 
 
+def _legend_below(fig, *axes, ncol=4):
+    """One legend for the figure, below the axes, so it never covers data."""
+    handles, labels = axes[0].get_legend_handles_labels()
+    for ax in axes:
+        if ax.get_legend() is not None:
+            ax.get_legend().remove()
+    fig.legend(handles, labels, loc="outside lower center", ncol=ncol, frameon=False)
+
+
 def _fig(width=COLUMN_WIDTH, height=2.4, ncols=1, nrows=1, **kw):
     import matplotlib.pyplot as plt
 
-    return plt.subplots(nrows, ncols, figsize=(width, height), constrained_layout=True, **kw)
+    return plt.subplots(nrows, ncols, figsize=(width, height), layout="constrained", **kw)
+
+
+SYMBOL = {"text": "L", "vision": "V", "audio": "A"}
+
+
+def _symbol(modality: str, reconstructed: bool) -> str:
+    return "A′" if modality == "audio" and reconstructed else SYMBOL[modality]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -79,29 +95,34 @@ def plot_label_distribution(dataset):
     fig, ax = _fig()
     if dataset.meta.task == "regression":
         df = pd.concat([pd.DataFrame({"sentiment": np.asarray(sp.labels), "split": s}) for s, sp in dataset.splits.items()])
-        sns.histplot(df, x="sentiment", hue="split", stat="density", common_norm=False, element="step", bins=np.arange(-3.1, 3.2, 0.2), ax=ax)
+        sns.histplot(df, x="sentiment", hue="split", stat="density", common_norm=False, element="step", bins=np.arange(-3.25, 3.5, 0.5), ax=ax)
         ax.set_xlabel("sentiment label (−3 … 3)")
         ax.set_ylabel("density")
     else:
         rows = [{"split": s, "emotion": e, "positive rate": float(np.asarray(sp.labels)[:, i].mean())} for s, sp in dataset.splits.items() for i, e in enumerate(EMOTIONS)]
         sns.barplot(pd.DataFrame(rows), x="emotion", y="positive rate", hue="split", ax=ax)
         ax.set_ylabel("fraction of samples with the emotion")
-    ax.set_title(f"Labels: {dataset.meta.name} ({'aligned' if dataset.meta.aligned else 'unaligned'})")
+    kind = "synthetic " if dataset.meta.format == "synthetic" else ""
+    ax.set_title(f"Labels: {kind}{dataset.meta.name} ({'aligned' if dataset.meta.aligned else 'unaligned'})")
     return fig
 
 
 def plot_lengths(dataset):
-    """Distribution of true (unpadded) sequence lengths per modality (training split)."""
+    """Distribution of true (unpadded) sequence lengths, one panel per modality (training split):
+    unaligned modalities have very different numbers of steps."""
     import numpy as np
-    import pandas as pd
-    import seaborn as sns
 
     sp = dataset["train"]
-    df = pd.concat([pd.DataFrame({"true length (steps)": np.asarray(sp.lengths[m]), "modality": m}) for m in sp.lengths])
-    fig, ax = _fig()
-    sns.histplot(df, x="true length (steps)", hue="modality", element="step", stat="count", bins=30, ax=ax)
-    ax.set_ylabel("training samples")
-    ax.set_title("True sequence lengths (padding excluded)")
+    fig, axes = _fig(FULL_WIDTH, 2.0, ncols=len(sp.lengths))
+    for ax, (m, lengths) in zip(np.atleast_1d(axes), sp.lengths.items()):
+        lengths = np.asarray(lengths)
+        steps = sp.features[m].shape[1]
+        width = max(1, int(np.ceil(steps / 40)))  # integer-wide bins: lengths are whole steps
+        ax.hist(lengths, bins=np.arange(0, steps + width + 1, width) - 0.5, color="C0")
+        ax.set_xlabel(f"true length ({m} steps)")
+        ax.set_ylabel("training samples")
+        ax.set_title(f"{m}: up to {steps} steps")
+    fig.suptitle("True sequence lengths (padding excluded)", fontsize=9)
     return fig
 
 
@@ -175,12 +196,12 @@ def plot_history(history):
     ax.set_xlabel("epoch")
     ax.set_ylabel("loss")
     ax.set_title("Loss terms (dotted line: selected epoch)")
-    ax.legend(frameon=False, ncol=1)
+    _legend_below(fig, ax, ncol=3)
     ax = axes[1]
-    metric = "valid_mae" if "valid_mae" in history else "valid_mean_f1"
+    metric, label = ("valid_mae", "validation MAE") if "valid_mae" in history else ("valid_mean_f1", "validation mean F1")
     ax.plot(history["epoch"], history[metric], marker="o", ms=2)
     ax.set_xlabel("epoch")
-    ax.set_ylabel(metric.replace("valid_", "validation ").replace("_", " "))
+    ax.set_ylabel(label)
     ax.set_title("Validation metric")
     plt.close(fig)
     return fig
@@ -194,6 +215,8 @@ def plot_quality_summary(summary):
     """R^2 and cosine similarity of A' (from V, from L, fused) against trivial baselines."""
     import seaborn as sns
 
+    names = {"A' from vision": "A′ from V (θ)", "A' from language": "A′ from L (φ)", "A' from fused": "A′ fused (δ)"}
+    summary = summary.assign(reconstruction=summary["reconstruction"].map(lambda r: names.get(r, r)))
     fig, axes = _fig(FULL_WIDTH, 2.2, ncols=2)
     order = list(summary["reconstruction"])
     sns.barplot(summary, y="reconstruction", x="r2", order=order, ax=axes[0])
@@ -202,6 +225,10 @@ def plot_quality_summary(summary):
     axes[0].set_ylabel("")
     axes[0].set_title("Variance of audio explained")
     sns.barplot(summary.dropna(subset=["cosine"]), y="reconstruction", x="cosine", ax=axes[1])
+    axes[1].axvline(0, color="k", lw=0.6)
+    for ax in axes:  # values near 0 have no visible bar: print every value
+        ax.bar_label(ax.containers[0], fmt="%.2f", fontsize=6, padding=2)
+        ax.margins(x=0.15)
     axes[1].set_xlabel("mean cosine similarity per step")
     axes[1].set_ylabel("")
     axes[1].set_title("Direction of the audio vector")
@@ -222,6 +249,7 @@ def plot_error_breakdown(per_dim, per_position):
     axes[1].set_xlabel("relative position in the utterance (0 = start, 1 = end)")
     axes[1].set_ylabel("MSE (standardised units)")
     axes[1].set_title("Error per time step")
+    _legend_below(fig, axes[1], *axes, ncol=3)
     return fig
 
 
@@ -240,10 +268,10 @@ def plot_reconstruction_examples(rec, samples=(0, 1), feature: int = 0, feature_
             st = np.flatnonzero(s["mask"][i])
             x = (st - st[0]) * (len(steps) / max(len(st), 1))  # on the text grid's step scale
             ax.plot(x, s["pred"][i, st, feature], style, lw=1, label=f"A' {source}")
-        ax.set_xlabel("step (text grid)")
+        ax.set_xlabel("real step (text grid)")
         ax.set_ylabel(f"{name} (standardised)")
         ax.set_title(f"test sample {i}")
-    axes[0][0].legend(frameon=False)
+    _legend_below(fig, *axes[0])
     return fig
 
 
@@ -285,25 +313,41 @@ def plot_error_relation(per_sample):
 # 04 attention maps
 
 
-def plot_attention(maps: dict, sample: int = 0, layer: int = 0, head: int | None = None, directions=None):
-    """Cross-modal attention of one sample: a heatmap per direction (source -> target), one layer,
-    one head or the mean over heads. ``maps``: {direction: list over layers of (B, h, T, S)}."""
+def plot_attention(maps: dict, sample: int = 0, layer: int = 0, head: int | None = None, directions=None,
+                   lengths: dict | None = None, reconstructed_audio: bool = True, title: str | None = None):
+    """Cross-modal attention of one sample: a heatmap per direction (source → target) for one layer,
+    one head or the mean over heads. ``maps``: {"source->target": list over layers of (B, h, T, S)}.
+    With ``lengths`` ({modality: (B,)}), each map is cropped to the sample's real steps (A′ lives on
+    the text grid). ``reconstructed_audio`` labels audio as A′ (kt) rather than A (full)."""
     import numpy as np
 
     directions = directions or [k for k in maps if k.split("->")[0] != k.split("->")[1]]
-    fig, axes = _fig(FULL_WIDTH, 2.1 * ((len(directions) + 2) // 3), ncols=min(3, len(directions)), nrows=(len(directions) + 2) // 3, squeeze=False)
+    ncols = min(3, len(directions))
+    nrows = (len(directions) + ncols - 1) // ncols
+    fig, axes = _fig(FULL_WIDTH, 2.0 * nrows + 0.3, ncols=ncols, nrows=nrows, squeeze=False)
     for ax in axes.flat[len(directions):]:
         ax.set_visible(False)
+
+    def real_steps(modality, n):
+        if lengths is None:
+            return n
+        grid = "text" if modality == "audio" and reconstructed_audio else modality
+        return int(max(1, min(n, lengths[grid][sample])))
+
     for ax, key in zip(axes.flat, directions):
-        w = maps[key][layer][sample]  # (h, T, S)
-        w = w.mean(0) if head is None else w[head]
-        w = np.asarray(w)
-        im = ax.imshow(w, aspect="auto", cmap="magma", interpolation="nearest", vmin=0)
+        w = np.asarray(maps[key][layer][sample])  # (h, T, S)
+        w = w.mean(0) if head is None else w[head]  # (T, S)
         source, target = key.split("->")
-        ax.set_xlabel(f"{source} step (key)")
-        ax.set_ylabel(f"{target} step (query)")
-        ax.set_title(f"{source} → {target}, layer {layer + 1}, " + ("mean of heads" if head is None else f"head {head + 1}"))
-        fig.colorbar(im, ax=ax, label="attention weight")
+        t, s = real_steps(target, w.shape[0]), real_steps(source, w.shape[1])
+        w = w[-t:, -s:]  # left padding: the real steps are the last ones
+        im = ax.imshow(w, aspect="auto", cmap="magma", interpolation="nearest", vmin=0)
+        src, tgt = _symbol(source, reconstructed_audio), _symbol(target, reconstructed_audio)
+        ax.set_xlabel(f"{src} step (key)")
+        ax.set_ylabel(f"{tgt} step (query)")
+        ax.set_title(f"{src} → {tgt}")
+        fig.colorbar(im, ax=ax, label="weight")
+    which = "mean over heads" if head is None else f"head {head + 1}"
+    fig.suptitle(title or f"Cross-modal attention, sample {sample}, layer {layer + 1}, {which}", fontsize=9)
     return fig
 
 
@@ -311,25 +355,27 @@ def plot_attention(maps: dict, sample: int = 0, layer: int = 0, head: int | None
 # 05 ablations and results
 
 
-def plot_results(table, metrics=("acc2_nonzero", "f1_nonzero", "mae", "corr"), paper: dict | None = None):
-    """Mean ± std over seeds per variant for a few metrics; the paper's values as markers."""
+def plot_results(table, metrics=("acc2_nonzero", "f1_nonzero", "mae", "corr"), paper: dict | None = None, title: str | None = None):
+    """Mean ± std over seeds per row of ``table`` (mskt.grid.summarize), top to bottom in table order,
+    for a few metrics; the paper's values as black diamonds. Dots, not bars: the axes do not start at
+    zero, and a bar's length would exaggerate the differences."""
     import numpy as np
 
-    fig, axes = _fig(FULL_WIDTH, 2.2, ncols=len(metrics))
-    variants = list(table.index)
-    y = np.arange(len(variants))
-    for ax, m in zip(np.atleast_1d(axes), metrics):
+    fig, axes = _fig(FULL_WIDTH, 0.5 + 0.28 * len(table), ncols=len(metrics), sharey=True)
+    rows = list(table.index)
+    y = np.arange(len(rows))
+    for i, (ax, m) in enumerate(zip(np.atleast_1d(axes), metrics)):
         scale = 1 if m in ("mae", "corr") else 100
-        ax.barh(y, table[(m, "mean")] * scale, xerr=table[(m, "std")] * scale, capsize=2)
+        ax.errorbar(table[(m, "mean")] * scale, y, xerr=table[(m, "std")] * scale, fmt="o", ms=3, capsize=2, label="ours (mean ± std)")
         if paper:
-            px = [paper.get(v, {}).get(m, np.nan) * scale for v in variants]
+            px = [paper.get(r, {}).get(m, np.nan) * scale for r in rows]
             ax.plot(px, y, "kD", ms=3, label="paper")
-        ax.set_yticks(y, variants if ax is np.atleast_1d(axes)[0] else [""] * len(variants))
-        ax.set_xlabel(m + ("" if scale == 1 else " (%)"))
-        lo = np.nanmin(table[(m, "mean")] * scale - table[(m, "std")] * scale)
-        hi = np.nanmax(table[(m, "mean")] * scale + table[(m, "std")] * scale)
-        ax.set_xlim(lo - 0.15 * (hi - lo + 1e-9), hi + 0.15 * (hi - lo + 1e-9))
-        ax.set_title(m.replace("_", " "))
+        ax.set_yticks(y, rows)
+        ax.set_ylim(len(rows) - 0.5, -0.5)  # first row on top
+        ax.set_xlabel(m.replace("_", " ") + ("" if scale == 1 else " (%)") + (" ↓" if m == "mae" else " ↑"))
+        ax.margins(x=0.15)
+    seeds = sorted(set(int(n) for n in np.ravel(table["n_seeds"])))
+    fig.suptitle(title or f"Test metrics, mean ± std over {'/'.join(map(str, seeds))} seed(s)", fontsize=9)
     if paper:
-        np.atleast_1d(axes)[0].legend(frameon=False)
+        _legend_below(fig, np.atleast_1d(axes)[0], ncol=2)
     return fig

@@ -25,11 +25,17 @@ EXPECTED_FIGURES = {
 }
 
 
+def _listing(folder: Path) -> set:
+    return set(folder.iterdir()) if folder.is_dir() else set()
+
+
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("notebooks")
+    before = _listing(ROOT / "runs"), _listing(ROOT / "figures")
     results = run_notebooks(smoke=True, out_dir=out, log=lambda line: None)
-    return out, results
+    after = _listing(ROOT / "runs"), _listing(ROOT / "figures")
+    return out, results, before, after
 
 
 def test_every_notebook_has_a_parameters_cell_with_smoke():
@@ -38,7 +44,7 @@ def test_every_notebook_has_a_parameters_cell_with_smoke():
 
 
 def test_every_notebook_runs_with_smoke_parameters(smoke_run):
-    out, results = smoke_run
+    out, results, _, _ = smoke_run
     assert [r.notebook for r in results] == [p.name for p in notebook_paths()]
     failed = [(r.notebook, r.error) for r in results if r.status != "ok"]
     assert not failed, failed
@@ -50,7 +56,7 @@ def test_every_notebook_runs_with_smoke_parameters(smoke_run):
 
 @pytest.mark.parametrize("notebook", sorted(EXPECTED_FIGURES))
 def test_each_notebook_writes_its_figures(smoke_run, notebook):
-    out, _ = smoke_run
+    out, _, _, _ = smoke_run
     for name in EXPECTED_FIGURES[notebook]:
         pdf, png = out / "figures" / f"{name}.pdf", out / "figures" / f"{name}.png"
         assert pdf.is_file() and png.is_file(), name
@@ -60,9 +66,20 @@ def test_each_notebook_writes_its_figures(smoke_run, notebook):
         assert b"/Subtype /Type3" not in data, f"{name}.pdf has Type 3 fonts"
 
 
-def test_smoke_runs_do_not_touch_the_repository_figures(smoke_run):
-    out, _ = smoke_run
-    assert (out / "figures").is_dir()
+def test_smoke_runs_write_only_into_their_own_folder(smoke_run):
+    out, _, before, after = smoke_run
+    assert (out / "figures").is_dir() and (out / "kt-run" / "metrics.json").is_file()
+    assert (out / "ablations" / "variants" / "results.csv").is_file()
+    assert after == before, "a smoke run wrote into the repository's runs/ or figures/"
+
+
+def test_a_relative_output_folder_is_resolved_before_the_notebooks_change_directory(tmp_path, monkeypatch):
+    monkeypatch.setenv("MSKT_HOME", str(ROOT))  # the notebooks are found from the project root, not the cwd
+    monkeypatch.chdir(tmp_path)
+    results = run_notebooks(smoke=True, only=["02"], out_dir="relative-out", log=lambda line: None)
+    assert results[0].status == "ok", results[0].error
+    assert (tmp_path / "relative-out" / "kt-run" / "metrics.json").is_file()
+    assert not (ROOT / "notebooks" / "relative-out").exists()
 
 
 def test_unknown_parameters_are_refused(tmp_path):

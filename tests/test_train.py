@@ -271,15 +271,19 @@ def test_unknown_preset():
 # Evaluation with audio missing
 
 
+def with_nan_audio(data: Tensors) -> Tensors:
+    return Tensors(
+        features={**data.features, "audio": torch.full_like(data.features["audio"], float("nan"))},
+        lengths=data.lengths,
+        labels=data.labels,
+        ids=data.ids,
+    )
+
+
 def test_evaluate_never_gives_audio_to_kt(tiny_mosi):
     result = train(tiny_run_config(variant="kt", epochs=1), dataset=tiny_mosi, save=False)
     test = split_tensors(tiny_mosi, "test", "regression")
-    with_nan = Tensors(
-        features={**test.features, "audio": torch.full_like(test.features["audio"], float("nan"))},
-        lengths=test.lengths,
-        labels=test.labels,
-        ids=test.ids,
-    )
+    with_nan = with_nan_audio(test)
     clean = evaluate(result.model, test)
     nan = evaluate(result.model, with_nan)
     assert clean == nan
@@ -290,12 +294,7 @@ def test_evaluate_never_gives_audio_to_kt(tiny_mosi):
 def test_evaluate_full_reads_audio(tiny_mosi):
     result = train(tiny_run_config(variant="full", epochs=1), dataset=tiny_mosi, save=False)
     test = split_tensors(tiny_mosi, "test", "regression")
-    with_nan = Tensors(
-        features={**test.features, "audio": torch.full_like(test.features["audio"], float("nan"))},
-        lengths=test.lengths,
-        labels=test.labels,
-        ids=test.ids,
-    )
+    with_nan = with_nan_audio(test)
     assert np.isnan(predict(result.model, with_nan)["pred"]).all()
 
 
