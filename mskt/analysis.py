@@ -152,11 +152,39 @@ def attention_maps(model: KTMulT, data: Tensors, samples) -> dict:
     return maps
 
 
-@torch.inference_mode()
-def average_attention(model: KTMulT, data: Tensors, max_samples: int = 256) -> dict:
-    """Attention per direction and layer averaged over heads and samples, in steps counted from the
-    end (left padding aligns every sample's last step): {"source->target": [per layer (T, S)]}."""
+def average_attention(model: KTMulT, data: Tensors, max_samples: int = 256, bins: int = 20) -> dict:
+    """Attention per direction and layer, averaged over heads and samples in *relative* positions.
+
+    Each sample's real block (its true query and key steps) is binned onto a ``bins`` x ``bins``
+    grid of relative positions (0 = first real step, 1 = last) and scaled by its number of key steps,
+    so 1 means uniform attention whatever the utterance's length; averaging raw weights in absolute
+    steps would instead let padding and short utterances (larger 1/L per step) draw a pattern.
+    Returns {"source->target": [per layer (bins, bins)]}.
+    """
     n = min(len(data), max_samples)
     maps = attention_maps(model, data, range(n))
-    maps.pop("lengths")
-    return {k: [w.mean(axis=(0, 1)) for w in layers] for k, layers in maps.items()}
+    lengths = maps.pop("lengths")
+    reconstructed = model.cfg.variant == "kt"
+
+    def length(modality, i, steps):
+        grid = "text" if modality == "audio" and reconstructed else modality
+        return int(min(steps, max(1, lengths[grid][i])))
+
+    out = {}
+    for key, layers in maps.items():
+        source, target = key.split("->")
+        averaged = []
+        for w in layers:  # (n, h, T, S)
+            w = w.mean(axis=1)  # (n, T, S)
+            total = np.zeros((bins, bins))
+            count = np.zeros((bins, bins))
+            for i in range(len(w)):
+                t, s_ = length(target, i, w.shape[1]), length(source, i, w.shape[2])
+                block = w[i, -t:, -s_:] * s_  # (t, s): 1 = uniform over the real keys
+                rows = (np.arange(t) * bins // t)[:, None]  # (t, 1) relative-position bin of each query
+                cols = (np.arange(s_) * bins // s_)[None, :]  # (1, s)
+                np.add.at(total, (np.broadcast_to(rows, block.shape), np.broadcast_to(cols, block.shape)), block)
+                np.add.at(count, (np.broadcast_to(rows, block.shape), np.broadcast_to(cols, block.shape)), 1)
+            averaged.append(total / np.maximum(count, 1))
+        out[key] = averaged
+    return out

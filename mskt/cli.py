@@ -131,7 +131,7 @@ def cmd_evaluate(args) -> int:
     data_source = args.data or cfg.data
     ds = load_dataset(data_source, scale=cfg.data_scale, seed=cfg.data_seed)
     wanted = model_config_for(cfg, ds)
-    for key in ("text_dim", "audio_dim", "vision_dim", "task"):
+    for key in ("text_dim", "audio_dim", "vision_dim", "task") + (("text_steps",) if model.cfg.ctc_align else ()):
         if getattr(wanted, key) != getattr(model.cfg, key):
             raise MsktError(
                 f"{data_source}: {key}={getattr(wanted, key)} does not fit the run {args.run} ({key}={getattr(model.cfg, key)})"

@@ -81,7 +81,7 @@ class Config(ModelConfig):
         return cfg
 
     def to_dict(self) -> dict:
-        return {f: getattr(self, f) for f in self.fields() if f != "text_steps"}
+        return {f: getattr(self, f) for f in self.fields()}
 
     def replace(self, **changes) -> "Config":
         return Config.from_dict(changes, base=self)

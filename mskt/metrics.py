@@ -86,7 +86,7 @@ def _pearson(p: np.ndarray, y: np.ndarray) -> float:
     ss_p, ss_y = float(dp @ dp), float(dy @ dy)
     if ss_p == 0.0 or ss_y == 0.0:
         return float("nan")
-    r = float(dp @ dy) / math.sqrt(ss_p * ss_y)
+    r = float(dp @ dy) / (math.sqrt(ss_p) * math.sqrt(ss_y))  # not sqrt(ss_p * ss_y): that product can underflow to 0
     return min(1.0, max(-1.0, r))  # rounding can push |r| a hair past 1
 
 

@@ -50,6 +50,7 @@ class ModelConfig:
     text_dim: int = 300
     audio_dim: int = 5
     vision_dim: int = 20
+    text_steps: int = 50  # steps of the text grid: the target length of ctc_align
     task: str = "regression"  # "regression" (1 output) or "emotions" (4 emotions x 2 logits)
     # Which row of the paper's tables.
     variant: str = "kt"
@@ -115,7 +116,7 @@ class ModelConfig:
             raise ConfigError(f"targets={self.targets!r} is not an input of variant {self.variant!r}")
         if self.d_model % self.heads:
             raise ConfigError(f"d_model={self.d_model} must be divisible by heads={self.heads}")
-        for key in ("d_model", "heads", "kt_layers", "crossmodal_layers", "memory_layers", "text_dim", "audio_dim", "vision_dim"):
+        for key in ("d_model", "heads", "kt_layers", "crossmodal_layers", "memory_layers", "text_dim", "audio_dim", "vision_dim", "text_steps"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"{key} must be at least 1, found {getattr(self, key)}")
         if self.encoder_layers < 0:
@@ -358,9 +359,7 @@ class KTMulT(nn.Module):
         self.ctc = None
         if cfg.ctc_align:
             # Onto the text grid: the sources that the prediction path reads besides text.
-            steps = getattr(cfg, "text_steps", None)
-            if steps is None:
-                raise ValueError("ctc_align needs cfg.text_steps (set by build_model from the data)")
+            steps = cfg.text_steps
             # kt's audio is a consistency target only, never an input: it is not aligned.
             inputs = [m for m in present if m != "text" and not (cfg.variant == "kt" and m == "audio")]
             self.ctc = nn.ModuleDict({m: CTCAligner(cfg.dim(m), steps) for m in inputs})
@@ -561,7 +560,7 @@ def consistency_loss(pred, target, mask, kind):
 
 
 def build_model(cfg: ModelConfig, text_steps: int | None = None) -> KTMulT:
-    """The model for ``cfg``; ``text_steps`` (the text grid length) is needed only for ctc_align."""
-    if cfg.ctc_align:
+    """The model for ``cfg``; ``text_steps`` overrides the text grid length (used by ctc_align)."""
+    if text_steps is not None:
         cfg.text_steps = text_steps
     return KTMulT(cfg)

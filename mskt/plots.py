@@ -314,11 +314,14 @@ def plot_error_relation(per_sample):
 
 
 def plot_attention(maps: dict, sample: int = 0, layer: int = 0, head: int | None = None, directions=None,
-                   lengths: dict | None = None, reconstructed_audio: bool = True, title: str | None = None):
+                   lengths: dict | None = None, reconstructed_audio: bool = True, title: str | None = None,
+                   relative: bool = False):
     """Cross-modal attention of one sample: a heatmap per direction (source → target) for one layer,
     one head or the mean over heads. ``maps``: {"source->target": list over layers of (B, h, T, S)}.
     With ``lengths`` ({modality: (B,)}), each map is cropped to the sample's real steps (A′ lives on
-    the text grid). ``reconstructed_audio`` labels audio as A′ (kt) rather than A (full)."""
+    the text grid). ``reconstructed_audio`` labels audio as A′ (kt) rather than A (full).
+    ``relative=True`` draws maps from ``mskt.analysis.average_attention`` (relative positions, weight
+    relative to uniform, centred on 1)."""
     import numpy as np
 
     directions = directions or [k for k in maps if k.split("->")[0] != k.split("->")[1]]
@@ -340,12 +343,20 @@ def plot_attention(maps: dict, sample: int = 0, layer: int = 0, head: int | None
         source, target = key.split("->")
         t, s = real_steps(target, w.shape[0]), real_steps(source, w.shape[1])
         w = w[-t:, -s:]  # left padding: the real steps are the last ones
-        im = ax.imshow(w, aspect="auto", cmap="magma", interpolation="nearest", vmin=0)
         src, tgt = _symbol(source, reconstructed_audio), _symbol(target, reconstructed_audio)
-        ax.set_xlabel(f"{src} step (key)")
-        ax.set_ylabel(f"{tgt} step (query)")
+        if relative:
+            span = max(abs(w.max() - 1), abs(1 - w.min()), 1e-3)
+            im = ax.imshow(w, aspect="auto", cmap="vlag", interpolation="nearest", vmin=1 - span, vmax=1 + span, extent=(0, 1, 1, 0))
+            ax.set_xlabel(f"{src} relative position (key)")
+            ax.set_ylabel(f"{tgt} relative position (query)")
+            label = "weight / uniform"
+        else:
+            im = ax.imshow(w, aspect="auto", cmap="magma", interpolation="nearest", vmin=0)
+            ax.set_xlabel(f"{src} step (key)")
+            ax.set_ylabel(f"{tgt} step (query)")
+            label = "weight"
         ax.set_title(f"{src} → {tgt}")
-        fig.colorbar(im, ax=ax, label="weight")
+        fig.colorbar(im, ax=ax, label=label)
     which = "mean over heads" if head is None else f"head {head + 1}"
     fig.suptitle(title or f"Cross-modal attention, sample {sample}, layer {layer + 1}, {which}", fontsize=9)
     return fig

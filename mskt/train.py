@@ -181,7 +181,10 @@ def default_run_name(cfg: Config, dataset: MultimodalDataset) -> str:
 def model_config_for(cfg: Config, dataset: MultimodalDataset) -> Config:
     """``cfg`` with the data-dependent fields (dims, task) taken from the dataset."""
     dims = dataset.dims
-    return cfg.replace(text_dim=dims["text"], audio_dim=dims["audio"], vision_dim=dims["vision"], task=dataset.meta.task)
+    return cfg.replace(
+        text_dim=dims["text"], audio_dim=dims["audio"], vision_dim=dims["vision"],
+        text_steps=dataset.seq_lens["text"], task=dataset.meta.task,
+    )
 
 
 def audio_statistics(data: Tensors) -> tuple[torch.Tensor, torch.Tensor]:
@@ -255,7 +258,7 @@ def train(
 
     set_seed(cfg.seed)
     data = {s: Tensors.from_split(sp, cfg.task, device) for s, sp in dataset.splits.items()}
-    model = build_model(cfg, text_steps=dataset.seq_lens["text"]).to(device)
+    model = build_model(cfg).to(device)
     if cfg.variant == "kt" and cfg.kt_target == "teacher":
         load_teacher_audio_encoder(model, cfg.teacher_run)
     if cfg.variant == "kt" and cfg.kt_target == "raw":
@@ -334,18 +337,10 @@ def load_run(run_dir) -> tuple[Config, KTMulT]:
     run_dir = Path(run_dir)
     cfg = Config.load(run_dir / "config.json")
     ckpt = load_checkpoint(run_dir / "checkpoint.pt")
-    saved = Config.from_dict(ckpt["config"])
-    model = build_model(saved, text_steps=None if not saved.ctc_align else _ctc_steps(ckpt["model"]))
+    model = build_model(Config.from_dict(ckpt["config"]))
     model.load_state_dict(ckpt["model"])
     model.eval()
     return cfg, model
-
-
-def _ctc_steps(state: dict) -> int:
-    for k, v in state.items():
-        if k.startswith("ctc.") and k.endswith("weight_ih_l0"):
-            return v.shape[0] // 4 - 1  # LSTM gates: 4 * hidden, hidden = steps + 1
-    raise MsktError("checkpoint has ctc_align set but no CTC weights")
 
 
 def describe(metrics: dict) -> str:

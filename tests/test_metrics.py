@@ -350,3 +350,9 @@ def test_regression_properties(pairs):
     dropped = regression_metrics(p[keep], y[keep])
     assert dropped["acc2_nonzero"] == m["acc2_nonzero"]
     assert dropped["f1_nonzero"] == m["f1_nonzero"]
+
+
+def test_corr_with_tiny_spreads_does_not_underflow():
+    """Found by hypothesis: ss_p * ss_y underflowed to 0 for spreads ~1e-90 (ZeroDivisionError)."""
+    m = regression_metrics(np.array([0.0, 9.893507661245421e-78]), np.array([2.168294772172034e-101, 0.0]))
+    assert m["corr"] == pytest.approx(-1.0)

@@ -133,9 +133,11 @@ def test_output_shapes_ctc_unaligned(variant, task):
     assert model({**batch, "audio": None} if variant != "full" else batch).pred.shape == expected_pred_shape(task)
 
 
-def test_ctc_needs_text_steps():
-    with pytest.raises(ValueError, match="text_steps"):
-        build_model(tiny_model_config(ctc_align=True))
+def test_ctc_aligns_onto_text_steps_and_refuses_a_nonpositive_grid():
+    model = build_model(tiny_model_config(ctc_align=True, variant="full"), text_steps=9)
+    assert model.ctc["vision"].steps == 9 and model.cfg.text_steps == 9
+    with pytest.raises(ConfigError, match="text_steps"):
+        build_model(tiny_model_config(ctc_align=True, variant="full"), text_steps=0)
 
 
 @pytest.mark.parametrize("name", list(PRESETS))
