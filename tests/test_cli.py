@@ -115,3 +115,14 @@ def test_train_then_evaluate_and_grid(tmp_path):
     assert "| language | 2 |" in table and "| kt | 2 |" in table and "(paper)" not in table  # synthetic: no paper rows
     runs = (grid / "runs.csv").read_text().splitlines()
     assert len(runs) == 1 + 4
+
+
+def test_grid_on_a_real_dataset_file_puts_the_papers_rows_beside_ours(tmp_path):
+    pkl, _, _ = write_mult_pickle(tmp_path, "mosi")  # mosi_data.pkl: CMU-MOSI aligned, as MulT ships it
+    grid = tmp_path / "grid"
+    mskt("grid", "--data", pkl, "--variants", "language,kt", "--seeds", "1", "--epochs", "1", "--batch-size", "4", *TINY_MODEL, "--out", grid, cwd=tmp_path)
+    table = (grid / "results.md").read_text()
+    # Table 1 of the paper, CMU-MOSI aligned: Language only 36.4 / 78.1 / 77.3 / 0.751 / 0.619; Ours 39.1 / 82.3 / 82.2 / 0.858 / 0.691.
+    assert "| *language (paper)* | | 36.4 | 78.1 | 77.3 |" in table
+    assert "| *kt (paper)* | | 39.1 | 82.3 | 82.2 |" in table
+    assert "0.751" in table and "0.691" in table
