@@ -35,7 +35,7 @@ def _run_in_worker(args) -> dict:
     return _run_one(cfg, run_dir)
 
 
-def run_configs(base: Config, configs: dict, seeds: int, out_dir, on_run=None, jobs: int = 1) -> pd.DataFrame:
+def run_configs(base: Config, configs: dict, seeds: int, out_dir, on_run=None, jobs: int = 1, dataset=None) -> pd.DataFrame:
     """Train each named config (``{label: {config overrides}}``) with seeds base.seed, base.seed+1,
     ...; one row per run: label, variant, seed, best epoch, seconds and test metrics.
 
@@ -43,6 +43,7 @@ def run_configs(base: Config, configs: dict, seeds: int, out_dir, on_run=None, j
     small CPU, two single-threaded runs of this model's small matrices get more done than one run
     with two threads. Results do not depend on ``jobs``. Finished runs (a metrics.json in their
     folder) are read back rather than retrained, so an interrupted grid resumes where it stopped.
+    ``dataset`` (optional) is ``base.data`` already loaded; worker processes load their own.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -59,7 +60,8 @@ def run_configs(base: Config, configs: dict, seeds: int, out_dir, on_run=None, j
             results = pool.imap(_run_in_worker, work)
             rows = [_row(label, cfg, metrics, on_run) for (label, cfg, _), metrics in zip(plan, results)]
     else:
-        dataset = load_dataset(base.data, scale=base.data_scale, seed=base.data_seed)
+        if dataset is None:
+            dataset = load_dataset(base.data, scale=base.data_scale, seed=base.data_seed)
         rows = [_row(label, cfg, _run_one(cfg, run_dir, dataset), on_run) for label, cfg, run_dir in plan]
     return pd.DataFrame(rows)
 
@@ -67,8 +69,8 @@ def run_configs(base: Config, configs: dict, seeds: int, out_dir, on_run=None, j
 def run_grid(base: Config, variants, seeds: int, out_dir, on_run=None, jobs: int = 1) -> pd.DataFrame:
     """Every variant x seeds (see run_configs); writes runs.csv, results.csv and results.md."""
     out_dir = Path(out_dir)
-    runs = run_configs(base, {v: {"variant": v} for v in variants}, seeds, out_dir, on_run, jobs)
     dataset = load_dataset(base.data, scale=base.data_scale, seed=base.data_seed)
+    runs = run_configs(base, {v: {"variant": v} for v in variants}, seeds, out_dir, on_run, jobs, dataset)
     atomic_write_text(out_dir / "runs.csv", runs.to_csv(index=False))
     table = summarize(runs, dataset.meta.task)
     atomic_write_text(out_dir / "results.csv", table.to_csv())
