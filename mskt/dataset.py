@@ -51,11 +51,11 @@ class Split:
 
     def load(self) -> "Split":
         """A copy with every array read into memory (a no-op copy for in-memory splits)."""
-        return Split(
-            features={m: np.asarray(x[()] if hasattr(x, "id") else x) for m, x in self.features.items()},
-            lengths={m: np.asarray(x[()] if hasattr(x, "id") else x) for m, x in self.lengths.items()},
-            labels=np.asarray(self.labels[()] if hasattr(self.labels, "id") else self.labels),
-            ids=np.asarray(self.ids[()] if hasattr(self.ids, "id") else self.ids),
+        return Split(  # np.asarray reads an h5py dataset whole, and leaves numpy arrays as they are
+            features={m: np.asarray(x) for m, x in self.features.items()},
+            lengths={m: np.asarray(x) for m, x in self.lengths.items()},
+            labels=np.asarray(self.labels),
+            ids=np.asarray(self.ids),
         )
 
     def subset(self, index) -> "Split":

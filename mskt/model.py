@@ -302,7 +302,8 @@ class CTCAligner(nn.Module):
         aligned = probs.transpose(1, 2) @ x  # (B, steps, D)
         return aligned, logits
 
-    def loss(self, logits, source_lengths):
+    def loss(self, logits):
+        """CTC over every source step, padding included, as MulT's baseline recipe does."""
         B, S, _ = logits.shape
         log_probs = logits.log_softmax(dim=2).transpose(0, 1)  # (S, B, steps + 1) as ctc_loss wants
         targets = torch.arange(1, self.steps + 1, device=logits.device).repeat(B, 1)  # (B, steps)
@@ -440,7 +441,7 @@ class KTMulT(nn.Module):
             T_l = batch["text"].shape[1]
             for m, aligner in self.ctc.items():
                 feats[m], logits = aligner(feats[m])  # (B, T_l, D_m)
-                aux[f"ctc_{m}"] = aligner.loss(logits, lengths[m])
+                aux[f"ctc_{m}"] = aligner.loss(logits)
                 lengths[m] = lengths["text"]
         masks = {m: key_mask(lengths[m], x.shape[1]) for m, x in feats.items()}
         encoded = {m: self.encoders[m](x, masks[m]) for m, x in feats.items()}  # each (B, T_m, d)
@@ -506,7 +507,7 @@ class KTMulT(nn.Module):
 
     # -- loss ---------------------------------------------------------------------------------
 
-    def loss(self, out: Output, labels: torch.Tensor, lengths: dict | None = None) -> dict:
+    def loss(self, out: Output, labels: torch.Tensor) -> dict:
         """Every loss term (each a scalar tensor) and their weighted sum under "total".
 
         Task: L1 for sentiment regression (MulT), cross-entropy over 2 classes per emotion (IEMOCAP).
@@ -516,7 +517,6 @@ class KTMulT(nn.Module):
         terms = {"task": task_loss(out.pred, labels, cfg.task)}
         total = terms["task"]
         if cfg.variant == "kt" and "f_audio" in out.aux:
-            masks_ok = lengths is not None
             for name, key, weight, m in (
                 ("consistency_vision", "audio_from_vision", cfg.lambda_vision, "vision"),
                 ("consistency_language", "audio_from_language", cfg.lambda_language, "text"),
@@ -527,9 +527,7 @@ class KTMulT(nn.Module):
                     pred = self.audio_readout(pred)  # (B, T, d) -> (B, T, D_a)
                 on = "language" if m == "text" else "vision"
                 target = out.aux[f"target_on_{on}"]
-                mask = out.aux.get(f"mask_on_{on}")
-                if mask is None and masks_ok:
-                    mask = key_mask(lengths[m], pred.shape[1])
+                mask = out.aux[f"mask_on_{on}"]  # the grid's real steps, as the forward pass used them
                 terms[name] = consistency_loss(pred, target, mask, cfg.consistency)
                 total = total + weight * terms[name]
             if "aux_pred" in out.aux:

@@ -278,7 +278,7 @@ def train(
         sums, n_seen, t0 = {}, 0, time.perf_counter()
         for batch in data["train"].batches(cfg.batch_size, generator):
             out = model(batch)
-            terms = model.loss(out, batch["labels"], batch["lengths"])
+            terms = model.loss(out, batch["labels"])
             if not torch.isfinite(terms["total"]):
                 raise MsktError(
                     f"epoch {epoch}: the training loss became {float(terms['total'].detach())} "

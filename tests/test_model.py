@@ -112,7 +112,7 @@ def test_output_shapes(variant, task, aligned, targets):
             target_width = cfg.audio_dim if cfg.kt_target == "raw" else d  # raw: standardised audio features
             assert out.internals["audio_features"].shape == (B, steps["audio"], target_width)  # f_A, the target
             assert "f_audio" not in out.internals  # kt has no real-audio input feature
-        terms = model.loss(out, batch["labels"], batch["lengths"])
+        terms = model.loss(out, batch["labels"])
         assert terms["total"].shape == () and torch.isfinite(terms["total"])
 
 
@@ -124,7 +124,7 @@ def test_output_shapes_ctc_unaligned(variant, task):
     model.train()
     out = model(batch)
     assert out.pred.shape == expected_pred_shape(task)
-    terms = model.loss(out, batch["labels"], batch["lengths"])
+    terms = model.loss(out, batch["labels"])
     aligned_inputs = [m for m in VARIANT_MODALITIES[variant] if m != "text" and not (variant == "kt" and m == "audio")]
     assert sorted(k for k in terms if k.startswith("ctc_")) == sorted(f"ctc_{m}" for m in aligned_inputs)
     assert torch.isfinite(terms["total"])
@@ -161,7 +161,7 @@ def test_every_preset_runs_on_its_data_shape(name):
     model.train()
     out = model(batch)
     assert out.pred.shape == expected_pred_shape(shape.task)
-    assert torch.isfinite(model.loss(out, batch["labels"], batch["lengths"])["total"])
+    assert torch.isfinite(model.loss(out, batch["labels"])["total"])
     model.eval()
     assert torch.isfinite(model({**batch, "audio": None}).pred).all()
 
@@ -181,7 +181,7 @@ def test_backward_reaches_every_parameter(variant, aligned, ctc):
     batch = unbalanced(make_batch_fn(cfg, aligned))
     model.train()
     out = model(batch)
-    model.loss(out, batch["labels"], batch["lengths"])["total"].backward()
+    model.loss(out, batch["labels"])["total"].backward()
     missing = [n for n, p in model.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.abs().sum() > 0)]
     assert not missing, f"no gradient reaches {missing}"
     names = {n.split(".")[0] for n, _ in model.named_parameters()}
@@ -195,7 +195,7 @@ def test_backward_reaches_every_parameter_kt_aux(aligned):
     model, cfg = build(aligned, variant="kt", kt_target="aux")
     batch = unbalanced(make_batch_fn(cfg, aligned))
     model.train()
-    model.loss(model(batch), batch["labels"], batch["lengths"])["total"].backward()
+    model.loss(model(batch), batch["labels"])["total"].backward()
     missing = [n for n, p in model.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.abs().sum() > 0)]
     assert not missing, f"no gradient reaches {missing}"
     names = {n.split(".")[0] for n, _ in model.named_parameters()}
@@ -210,7 +210,7 @@ def test_kt_delta_is_trained_by_the_task_loss():
     batch = make_batch_fn(cfg)
     model.train()
     out = model(batch)
-    model.loss(out, batch["labels"], batch["lengths"])["task"].backward()
+    model.loss(out, batch["labels"])["task"].backward()
     for prefix in ("delta.", "delta_in.", "theta.", "phi."):
         grads = [p.grad for n, p in model.named_parameters() if n.startswith(prefix)]
         assert grads and all(g is not None for g in grads), prefix
@@ -226,7 +226,7 @@ def test_kt_teacher_target_gives_audio_encoder_no_gradient():
     batch = unbalanced(make_batch_fn(cfg))
     model.train()
     out = model(batch)
-    terms = model.loss(out, batch["labels"], batch["lengths"])
+    terms = model.loss(out, batch["labels"])
     assert "aux_audio" not in terms and "consistency_vision" in terms
     terms["total"].backward()
     for n, p in model.named_parameters():
@@ -244,7 +244,7 @@ def _steps_to_overfit(model, batch, max_steps=150, lr=1e-2):
     model.train()
     first = None
     for step in range(max_steps + 1):
-        terms = model.loss(model(batch), batch["labels"], batch["lengths"])
+        terms = model.loss(model(batch), batch["labels"])
         now = {k: float(v.detach()) for k, v in terms.items()}
         if first is None:
             first = now
@@ -391,9 +391,9 @@ def test_kt_consistency_terms_ignore_padding(aligned):
     batch = make_batch_fn(cfg, aligned)
     model.train()
     with torch.no_grad():
-        ref = model.loss(model(batch), batch["labels"], batch["lengths"])
+        ref = model.loss(model(batch), batch["labels"])
         scrambled = _scramble_padding(batch, ("text", "audio", "vision"))
-        got = model.loss(model(scrambled), batch["labels"], batch["lengths"])
+        got = model.loss(model(scrambled), batch["labels"])
     for k in ref:
         torch.testing.assert_close(got[k], ref[k], atol=1e-5, rtol=1e-5, msg=k)
 
@@ -411,8 +411,8 @@ def test_kt_padding_invariance_when_resampling_up():
     torch.testing.assert_close(pred, ref, atol=1e-5, rtol=0)
     model.train()
     with torch.no_grad():
-        ref = model.loss(model(batch), batch["labels"], batch["lengths"])
-        got = model.loss(model(_scramble_padding(batch, ("text", "audio", "vision"))), batch["labels"], batch["lengths"])
+        ref = model.loss(model(batch), batch["labels"])
+        got = model.loss(model(_scramble_padding(batch, ("text", "audio", "vision"))), batch["labels"])
     for k in ref:
         torch.testing.assert_close(got[k], ref[k], atol=1e-5, rtol=1e-5, msg=k)
 
@@ -460,7 +460,7 @@ def test_length_zero_sample_is_finite():
     model.train()
     out = model(batch)
     assert torch.isfinite(out.pred).all()
-    assert torch.isfinite(model.loss(out, batch["labels"], batch["lengths"])["total"])
+    assert torch.isfinite(model.loss(out, batch["labels"])["total"])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -477,14 +477,14 @@ def test_consistency_terms_do_not_train_the_audio_encoder():
     assert audio_params
 
     out = model(batch)
-    terms = model.loss(out, batch["labels"], batch["lengths"])
+    terms = model.loss(out, batch["labels"])
     (terms["consistency_vision"] + terms["consistency_language"] + terms["consistency_fused"]).backward()
     assert all(p.grad is None or not p.grad.any() for p in audio_params)
     assert all(p.grad is not None and p.grad.any() for n, p in model.named_parameters() if n.startswith(("theta.", "phi.")))
 
     model.zero_grad(set_to_none=True)
     out = model(batch)
-    model.loss(out, batch["labels"], batch["lengths"])["aux_audio"].backward()
+    model.loss(out, batch["labels"])["aux_audio"].backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in audio_params)
 
 
@@ -527,7 +527,7 @@ def test_stop_gradient_is_what_prevents_collapse():
         for _ in range(50):
             out = model(batch)
             if detached:
-                terms = model.loss(out, batch["labels"], batch["lengths"])
+                terms = model.loss(out, batch["labels"])
                 loss = terms["consistency_vision"] + terms["consistency_language"]
             else:
                 f_audio = out.aux["f_audio"]  # aligned: every grid is the audio grid
@@ -559,7 +559,7 @@ def test_kt_ctc_consistency_mask_is_on_the_text_grid():
     model.train()
     with torch.no_grad():
         out = model(batch)
-        terms = model.loss(out, batch["labels"], batch["lengths"])
+        terms = model.loss(out, batch["labels"])
         pred = out.internals["audio_from_vision"]
         assert pred.shape[1] == steps_for(False)["text"]
         mask = key_mask(batch["lengths"]["text"], pred.shape[1])
