@@ -24,7 +24,8 @@ def _run_one(cfg: Config, run_dir: Path, dataset=None) -> dict:
     done = run_dir / "metrics.json"
     if done.exists():  # finished earlier: an interrupted grid resumes where it stopped
         return json.loads(done.read_text())
-    return train(cfg, out_dir=run_dir, dataset=dataset).metrics
+    # Interrupted mid-run: continue from its last completed epoch rather than start over.
+    return train(cfg, out_dir=run_dir, dataset=dataset, resume=(run_dir / "last.pt").exists()).metrics
 
 
 def _run_in_worker(args) -> dict:
@@ -42,7 +43,8 @@ def run_configs(base: Config, configs: dict, seeds: int, out_dir, on_run=None, j
     ``jobs`` > 1 trains that many runs at once in separate processes of one torch thread each: on a
     small CPU, two single-threaded runs of this model's small matrices get more done than one run
     with two threads. Results do not depend on ``jobs``. Finished runs (a metrics.json in their
-    folder) are read back rather than retrained, so an interrupted grid resumes where it stopped.
+    folder) are read back rather than retrained and interrupted ones continue from their last
+    completed epoch, so an interrupted grid resumes where it stopped and loses at most one epoch per run.
     ``dataset`` (optional) is ``base.data`` already loaded; worker processes load their own.
     """
     out_dir = Path(out_dir)

@@ -1,9 +1,11 @@
 """Training, evaluation and run folders.
 
 A run writes ``runs/<name>/``: ``config.json``, ``history.csv`` (one row per epoch: every loss term
-on train and valid, valid metrics), ``checkpoint.pt`` (the best epoch on validation), and
+on train and valid, valid metrics), ``checkpoint.pt`` (the best epoch on validation),
+``last.pt`` (the last completed epoch with optimizer and RNG states, for ``--resume``) and
 ``metrics.json`` (test metrics of that checkpoint, which epoch it was). Every file is written to a
-temporary name and renamed, so a run killed at any moment leaves a loadable folder.
+temporary name and renamed, so a run killed at any moment leaves a loadable folder, and a resumed
+run ends with exactly the metrics of one that was never interrupted.
 
 Data stay whole tensors in memory and batches are index selections: no per-sample Python, no
 worker processes.
@@ -12,6 +14,7 @@ worker processes.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import random
@@ -31,12 +34,18 @@ from mskt.metrics import compute_metrics, format_metrics
 from mskt.model import KTMulT, build_model
 from mskt.presets import MODALITIES
 
+log = logging.getLogger(__name__)
+
 # ----------------------------------------------------------------------------------------------
 # Device, seeds, files
 
 
 def resolve_device(name: str = "auto") -> torch.device:
-    """The one place a device is chosen: "auto" is CUDA when present, else CPU."""
+    """The one place a device is chosen: "auto" is CUDA when present, else CPU. Under torchrun,
+    "auto" and "cuda" mean this process's own GPU, cuda:LOCAL_RANK."""
+    local_rank = os.environ.get("LOCAL_RANK")
+    if name in ("auto", "cuda") and local_rank is not None and torch.cuda.is_available():
+        return torch.device(f"cuda:{int(local_rank)}")
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -106,12 +115,27 @@ class Tensors:
             "labels": self.labels.index_select(0, index),
         }
 
-    def batches(self, batch_size: int, generator: torch.Generator | None = None):
+    def batch_indices(self, batch_size: int, generator: torch.Generator | None = None):
+        """Index tensors of consecutive batches: shuffled by ``generator``, else in order."""
         n = len(self)
         order = torch.randperm(n, generator=generator) if generator is not None else torch.arange(n)
         order = order.to(self.labels.device)
         for start in range(0, n, batch_size):
-            yield self.batch(order[start : start + batch_size])
+            yield order[start : start + batch_size]
+
+    def batches(self, batch_size: int, generator: torch.Generator | None = None):
+        for index in self.batch_indices(batch_size, generator):
+            yield self.batch(index)
+
+    def shard(self, rank: int, world: int) -> "Tensors":
+        """The ``rank``-th of ``world`` contiguous parts (sizes differ by at most one)."""
+        if world == 1:
+            return self
+        index = torch.arange(len(self), device=self.labels.device).tensor_split(world)[rank]
+        batch = self.batch(index)
+        lengths = batch.pop("lengths")
+        labels = batch.pop("labels")
+        return Tensors(features=batch, lengths=lengths, labels=labels, ids=self.ids[index.cpu().numpy()])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -135,20 +159,28 @@ def predict(model: KTMulT, data: Tensors, batch_size: int = 256, return_internal
 
 
 @torch.inference_mode()
-def evaluate(model: KTMulT, data: Tensors, batch_size: int = 256) -> dict:
+def evaluate(model: KTMulT, data: Tensors, batch_size: int = 256, dist=None) -> dict:
     """Metrics (mskt.metrics names) and the mean task loss on a split. Audio is not given to the
-    model unless the variant reads it (full), so kt is evaluated with audio missing, as at test time."""
+    model unless the variant reads it (full), so kt is evaluated with audio missing, as at test time.
+
+    Under DDP (``dist``), each rank predicts its part and every rank gets the metrics of the whole
+    split, so all ranks select the same epoch.
+    """
+    from mskt.model import task_loss
+
     model.eval()
-    preds, loss_sum = [], 0.0
-    for batch in data.batches(batch_size):
+    world, rank = (dist.world, dist.rank) if dist is not None else (1, 0)
+    preds = []
+    for batch in data.shard(rank, world).batches(batch_size):
         if model.cfg.variant != "full":
             batch = {**batch, "audio": None}
-        out = model(batch)
-        loss_sum += float(model.loss(out, batch["labels"])["task"]) * len(batch["labels"])
-        preds.append(out.pred.float().cpu())
-    pred = torch.cat(preds).numpy()
-    metrics = compute_metrics(model.cfg.task, pred, data.labels.cpu().numpy())
-    metrics["loss"] = loss_sum / max(1, len(data))
+        preds.append(model(batch).pred.float().cpu())
+    pred = torch.cat(preds) if preds else torch.empty((0,) + tuple(data.labels.shape[1:]) + ((2,) if model.cfg.task != "regression" else ()))
+    if world > 1:
+        pred = torch.cat(dist.gather(pred))  # rank order = split order: the parts are contiguous
+    labels = data.labels.cpu()
+    metrics = compute_metrics(model.cfg.task, pred.numpy(), labels.numpy())
+    metrics["loss"] = float(task_loss(pred, labels, model.cfg.task))
     return metrics
 
 
@@ -227,32 +259,75 @@ def load_checkpoint(path: Path) -> dict:
         raise MsktError(f"{path}: not a loadable mskt checkpoint ({type(e).__name__}: {e})") from None
 
 
+def _restore_rng(state: dict, generator: torch.Generator) -> None:
+    generator.set_state(state["generator"])
+    torch.set_rng_state(state["torch_rng"])
+    if state.get("cuda_rng") and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
+
+
+def _training_state(model, optimizer, scheduler, generator, epoch, history, best) -> dict:
+    """Everything an interrupted run needs to continue exactly as if it had never stopped."""
+    return {
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict() if scheduler is not None else None,
+        "generator": generator.get_state(),
+        "torch_rng": torch.get_rng_state(),
+        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "epoch": epoch,
+        # JSON: weights_only loading accepts plain containers of str/float only, no numpy scalars.
+        "history": json.dumps(history),
+        "best_score": best["score"],
+        "best_epoch": best["epoch"],
+        "best_state": best["state"],
+    }
+
+
 def train(
     cfg: Config,
     out_dir: str | Path | None = None,
     dataset: MultimodalDataset | None = None,
     save: bool = True,
+    resume: bool = False,
 ) -> RunResult:
     """Train ``cfg`` and evaluate its best-on-validation checkpoint on test.
 
     ``out_dir`` defaults to ``runs/<dataset>-<variant>-seed<seed>-<time>``; ``save=False`` keeps
-    everything in memory (tests). ``dataset`` skips loading ``cfg.data``.
+    everything in memory (tests). ``dataset`` skips loading ``cfg.data``. ``resume=True`` continues
+    the run in ``out_dir`` from its last completed epoch (``last.pt``: weights, optimizer, scheduler
+    and every RNG state), so it ends with exactly the metrics of a run that was never interrupted.
+
+    Under torchrun (``WORLD_SIZE`` > 1) this is DistributedDataParallel training: each rank takes
+    its share of every global batch of ``batch_size``, validation and test predictions are gathered
+    over the whole split, and only rank 0 writes the run folder.
     """
     import pandas as pd
     from tqdm.auto import tqdm
 
+    from mskt.distributed import Dist, weighted_share
     from mskt.paths import runs_dir
     from mskt.readers import load_dataset
 
     if dataset is None:
         dataset = load_dataset(cfg.data, scale=cfg.data_scale, seed=cfg.data_seed)
     cfg = model_config_for(cfg, dataset)
+    dist = Dist.from_env()
     device = resolve_device(cfg.device)
+    dist.init(device)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    save = save and dist.is_main
     run_dir = None
-    if save:
+    if save or resume:
         run_dir = Path(out_dir) if out_dir is not None else runs_dir() / default_run_name(cfg, dataset)
+    state = None
+    if resume:
+        if run_dir is None or not (run_dir / "config.json").exists():
+            raise MsktError(f"{run_dir}: not a run folder (no config.json), nothing to resume")
+        if (run_dir / "last.pt").exists():
+            state = load_checkpoint(run_dir / "last.pt")
+    if save:
         run_dir.mkdir(parents=True, exist_ok=True)
         cfg.save(run_dir / "config.json")
 
@@ -263,62 +338,82 @@ def train(
         load_teacher_audio_encoder(model, cfg.teacher_run)
     if cfg.variant == "kt" and cfg.kt_target == "raw":
         model.set_audio_statistics(*audio_statistics(data["train"]))
+    if dist.world > 1:
+        torch.manual_seed(cfg.seed + dist.rank)  # each rank its own dropout masks; the weights come from rank 0
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = None
     if cfg.scheduler == "plateau":
         scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="min", patience=20, factor=0.1)
-    generator = torch.Generator().manual_seed(cfg.seed)
+    generator = torch.Generator().manual_seed(cfg.seed)  # the same on every rank: one global order per epoch
 
-    history, best_score, best_epoch, best_state = [], math.inf, 0, None
+    history, best = [], {"score": math.inf, "epoch": 0, "state": None}
+    first_epoch = 1
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        if scheduler is not None:
+            scheduler.load_state_dict(state["scheduler"])
+        _restore_rng(state, generator)
+        history = json.loads(state["history"])
+        best = {"score": state["best_score"], "epoch": state["best_epoch"], "state": state["best_state"]}
+        first_epoch = state["epoch"] + 1
+        log.info("resuming %s after epoch %d of %d", run_dir, state["epoch"], cfg.epochs)
+    trained = dist.wrap(model)
+
     started = time.perf_counter()
-    epochs = tqdm(range(1, cfg.epochs + 1), desc=f"{cfg.variant}", disable=not _progress_enabled(cfg.progress))
+    show = _progress_enabled(cfg.progress) and dist.is_main
+    epochs = tqdm(range(first_epoch, cfg.epochs + 1), desc=f"{cfg.variant}", disable=not show)
     for epoch in epochs:
         model.train()
-        sums, n_seen, t0 = {}, 0, time.perf_counter()
-        for batch in data["train"].batches(cfg.batch_size, generator):
-            out = model(batch)
+        sums, t0 = {}, time.perf_counter()
+        for index in data["train"].batch_indices(cfg.batch_size, generator):
+            index, weight = weighted_share(index, dist)  # (b,) this rank's samples of the global batch
+            batch = data["train"].batch(index)
+            out = trained(batch)
             terms = model.loss(out, batch["labels"])
-            if not torch.isfinite(terms["total"]):
+            optimizer.zero_grad(set_to_none=True)
+            (terms["total"] * weight).backward()
+            # The norm of the (all-reduced) gradient is the same on every rank, so a NaN anywhere stops
+            # every rank at the same step, before the optimizer can spread it into the weights.
+            norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
+            if not (torch.isfinite(terms["total"]) and torch.isfinite(norm)):
                 raise MsktError(
                     f"epoch {epoch}: the training loss became {float(terms['total'].detach())} "
-                    f"({', '.join(f'{k}={float(v.detach()):.4g}' for k, v in terms.items())}); "
+                    f"(gradient norm {float(norm)}; {', '.join(f'{k}={float(v.detach()):.4g}' for k, v in terms.items())}); "
                     f"the last good checkpoint is {run_dir / 'checkpoint.pt' if run_dir else 'not saved'}"
                 )
-            optimizer.zero_grad(set_to_none=True)
-            terms["total"].backward()
-            if cfg.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
             optimizer.step()
-            b = len(batch["labels"])
-            n_seen += b
+            n = len(index) * (weight > 0)
+            sums["n"] = sums.get("n", 0.0) + n
             for k, v in terms.items():
-                sums[k] = sums.get(k, 0.0) + float(v.detach()) * b
+                sums[k] = sums.get(k, 0.0) + float(v.detach()) * n
+        sums = dist.sum(sums)
         train_seconds = time.perf_counter() - t0
-        valid = evaluate(model, data["valid"], cfg.eval_batch_size)
+        valid = evaluate(model, data["valid"], cfg.eval_batch_size, dist)
         if scheduler is not None:
             scheduler.step(valid["loss"])
-        row = {"epoch": epoch, **{f"train_{k}": v / n_seen for k, v in sums.items()}}
-        row.update({f"valid_{k}": v for k, v in valid.items()})
-        row.update(lr=optimizer.param_groups[0]["lr"], train_samples_per_s=n_seen / train_seconds)
+        row = {"epoch": epoch, **{f"train_{k}": v / sums["n"] for k, v in sums.items() if k != "n"}}
+        row.update({f"valid_{k}": float(v) for k, v in valid.items()})
+        row.update(lr=optimizer.param_groups[0]["lr"], train_samples_per_s=sums["n"] / train_seconds)
         score = selection_score(valid, cfg.task, cfg.select_on)
-        row["selected"] = score < best_score
+        row["selected"] = bool(score < best["score"])
         history.append(row)
-        if score < best_score:
-            best_score, best_epoch = score, epoch
-            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        if score < best["score"]:
+            best = {"score": score, "epoch": epoch, "state": {k: v.detach().clone() for k, v in model.state_dict().items()}}
             if save:
-                atomic_torch_save({"model": best_state, "config": cfg.to_dict(), "epoch": epoch}, run_dir / "checkpoint.pt")
+                atomic_torch_save({"model": best["state"], "config": cfg.to_dict(), "epoch": epoch}, run_dir / "checkpoint.pt")
         if save:
             atomic_write_text(run_dir / "history.csv", pd.DataFrame(history).to_csv(index=False))
-        epochs.set_postfix(valid_loss=f"{valid['loss']:.4f}", best=best_epoch)
+            atomic_torch_save(_training_state(model, optimizer, scheduler, generator, epoch, history, best), run_dir / "last.pt")
+        epochs.set_postfix(valid_loss=f"{valid['loss']:.4f}", best=best["epoch"])
 
-    model.load_state_dict(best_state)
-    test = evaluate(model, data["test"], cfg.eval_batch_size)
+    model.load_state_dict(best["state"])
+    test = evaluate(model, data["test"], cfg.eval_batch_size, dist)
     metrics = {
         "test": test,
-        "valid": {k.removeprefix("valid_"): v for k, v in history[best_epoch - 1].items() if k.startswith("valid_")},
-        "best_epoch": best_epoch,
+        "valid": {k.removeprefix("valid_"): v for k, v in history[best["epoch"] - 1].items() if k.startswith("valid_")},
+        "best_epoch": best["epoch"],
         "epochs": cfg.epochs,
         "variant": cfg.variant,
         "data": dataset.meta.source,
@@ -326,10 +421,20 @@ def train(
         "aligned": dataset.meta.aligned,
         "seed": cfg.seed,
         "seconds": time.perf_counter() - started,
+        "world_size": dist.world,
     }
     if save:
         atomic_write_text(run_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
     return RunResult(dir=run_dir, config=cfg, history=pd.DataFrame(history), metrics=metrics, model=model)
+
+
+def resume(run_dir, dataset: MultimodalDataset | None = None) -> RunResult:
+    """Continue the run in ``run_dir`` from its last completed epoch (``mskt train --resume DIR``)."""
+    run_dir = Path(run_dir)
+    cfg = Config.load(run_dir / "config.json") if (run_dir / "config.json").exists() else None
+    if cfg is None:
+        raise MsktError(f"{run_dir}: not a run folder (no config.json), nothing to resume")
+    return train(cfg, out_dir=run_dir, dataset=dataset, resume=True)
 
 
 def load_run(run_dir) -> tuple[Config, KTMulT]:

@@ -104,7 +104,7 @@ def test_run_folder_round_trip(tiny_mosi, tmp_path):
     run = tmp_path / "run"
     result = train(tiny_run_config(variant="kt"), out_dir=run, dataset=tiny_mosi)
     assert result.dir == run
-    assert {p.name for p in run.iterdir()} == {"config.json", "history.csv", "metrics.json", "checkpoint.pt"}
+    assert {p.name for p in run.iterdir()} == {"config.json", "history.csv", "metrics.json", "checkpoint.pt", "last.pt"}
 
     assert Config.load(run / "config.json") == result.config
     history = pd.read_csv(run / "history.csv")

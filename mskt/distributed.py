@@ -1,0 +1,90 @@
+"""DistributedDataParallel under torchrun: one process per device, PyTorch's own engine.
+
+``torchrun --nproc_per_node N -m mskt train ...`` sets RANK / WORLD_SIZE / LOCAL_RANK / MASTER_*;
+:class:`Dist` reads them, starts the process group (nccl on CUDA, gloo on CPU) and offers the three
+collectives training needs. Without torchrun it is a world of one and every method is a no-op, so
+the training loop has one code path.
+
+How a global batch is shared: every rank draws the same permutation (same seed), cuts the same
+global batch of ``batch_size`` samples and takes its own contiguous part. DDP averages gradients
+over ranks, so each rank's loss is weighted by its share (``weighted_share``); the update is then
+that of the whole global batch, as in single-process training, even when the last batch does not
+divide evenly.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @classmethod
+    def from_env(cls) -> "Dist":
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world <= 1:
+            return cls()
+        return cls(rank=int(os.environ["RANK"]), world=world, local_rank=int(os.environ.get("LOCAL_RANK", "0")))
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def init(self, device: torch.device) -> None:
+        """Start the process group once per process (nccl for CUDA devices, gloo otherwise)."""
+        if self.world == 1 or torch.distributed.is_initialized():
+            return
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        torch.distributed.init_process_group(backend=backend, device_id=device if device.type == "cuda" else None)
+
+    def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
+        """The module to call in training: DDP around ``model`` when there is more than one rank."""
+        if self.world == 1:
+            return model
+        from torch.nn.parallel import DistributedDataParallel
+
+        device = next(model.parameters()).device
+        return DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+
+    def sum(self, values: dict) -> dict:
+        """``{key: float}`` summed over ranks (same keys on every rank)."""
+        if self.world == 1:
+            return values
+        keys = sorted(values)
+        device = torch.device("cuda", torch.cuda.current_device()) if torch.distributed.get_backend() == "nccl" else "cpu"
+        t = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=device)
+        torch.distributed.all_reduce(t)
+        return dict(zip(keys, t.tolist()))
+
+    def gather(self, tensor: torch.Tensor) -> list[torch.Tensor]:
+        """Every rank's CPU ``tensor`` (first dims may differ), in rank order, on every rank."""
+        if self.world == 1:
+            return [tensor]
+        parts = [None] * self.world
+        torch.distributed.all_gather_object(parts, tensor.cpu())
+        return parts
+
+
+def weighted_share(index: torch.Tensor, dist: Dist) -> tuple[torch.Tensor, float]:
+    """This rank's part of a global batch ``index`` and the weight of its mean loss.
+
+    DDP divides the summed gradient by the world size; weighting each rank's mean loss by
+    ``world * n_rank / n_global`` makes the result the gradient of the global batch's mean loss. A
+    rank left without samples (a last batch smaller than the world) runs one sample at weight 0,
+    because every rank must take part in every gradient all-reduce.
+    """
+    if dist.world == 1:
+        return index, 1.0
+    part = index.tensor_split(dist.world)[dist.rank]
+    if len(part) == 0:
+        return index[:1], 0.0
+    return part, dist.world * len(part) / len(index)
