@@ -5,6 +5,7 @@
     mskt data convert IN OUT.h5             any supported file -> the mskt feature store
     mskt data align --text T.csd --audio A.csd --vision V.csd --labels L.csd --out OUT.h5
     mskt train --data PATH --variant V [--epochs N] [--seed S] [--out DIR] [--<any config key> VALUE]
+    mskt train --resume DIR                 continue an interrupted run; torchrun ... -m mskt train: DDP
     mskt evaluate --run DIR [--data PATH] [--out FILE.json]
     mskt grid --data PATH --variants full,kt,... --seeds 3 --out DIR [--<any config key> VALUE]
     mskt notebooks [--smoke] [--only 03] [--param key=value]
@@ -114,10 +115,19 @@ def cmd_data_align(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from mskt.train import describe, train
+    from mskt.train import describe, resume, train
 
-    cfg = _config_from_args(args)
-    result = train(cfg, out_dir=args.out)
+    if args.resume:
+        given = sorted(k[4:] for k, v in vars(args).items() if k.startswith("cfg_") and v is not None)
+        if given or args.preset or args.out:
+            raise MsktError(f"--resume {args.resume} continues that run with its own config.json; drop {given or '--preset/--out'}")
+        result = resume(args.resume)
+        cfg = result.config
+    else:
+        cfg = _config_from_args(args)
+        result = train(cfg, out_dir=args.out)
+    if result.dir is None:  # a torchrun rank other than 0: rank 0 reports
+        return 0
     print(f"run folder: {result.dir}")
     print(f"best epoch {result.metrics['best_epoch']} of {cfg.epochs} (validation); test: {describe(result.metrics['test'])}")
     return 0
@@ -175,8 +185,9 @@ def cmd_notebooks(args) -> int:
     only = [o.strip() for o in args.only.split(",")] if args.only else None
     results = run_notebooks(smoke=args.smoke, only=only, params=parse_params(args.param), out_dir=args.out)
     failed = [r for r in results if r.status != "ok"]
-    print(f"executed notebooks in {results[0].output.parent}")
-    if failed:
+    out = results[0].output.parent
+    print(f"executed notebooks in {out} (summary: {out / 'summary.json'})")
+    if failed:  # exit 2, one line: the notebook, the cell, where to look
         raise MsktError(f"{failed[0].notebook} failed at {failed[0].error}; the executed copy is {failed[0].output}")
     return 0
 
@@ -216,6 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     tr = sub.add_parser("train", help="train one variant; writes runs/<name>/")
     tr.add_argument("--out", default=None, help="run folder (default runs/<dataset>-<variant>-seed<S>-<time>)")
+    tr.add_argument("--resume", default=None, metavar="DIR", help="continue an interrupted run from its last completed epoch")
     _add_config_options(tr)
     tr.set_defaults(func=cmd_train)
 

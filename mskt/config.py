@@ -2,7 +2,9 @@
 
 It round-trips through a papermill parameters cell (``Config.from_dict(params)``), JSON
 (``config.json`` in every run folder) and the CLI (``--key value`` for every field). Unknown keys,
-wrong types and disallowed values are errors that say what is allowed.
+wrong types and disallowed values are errors (``ConfigError``) that name the field and say what is
+allowed: every numeric field has a range (``RANGES``; kernels must be odd), every float must be
+finite, and the string fields are choices (or, for ``device``, a name torch can parse).
 
 Presets (``preset(name)``) give each dataset's defaults and say where each one comes from.
 """
@@ -11,6 +13,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import numbers
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,23 +45,61 @@ class Config(ModelConfig):
     progress: str = "auto"  # tqdm bars: "auto" (only on an interactive terminal, never under CI), "on", "off"
 
     def check(self) -> None:
+        """Every field's type, then its range (beyond ModelConfig's checks, which run after these so
+        that, e.g., heads=0 is a clear error rather than a division by zero), then the choices."""
+        self._check_types()
+        self._check_ranges()
         super().check()
         allowed = {"scheduler": ("none", "plateau"), "select_on": ("valid_loss", "valid_metric"), "progress": ("auto", "on", "off")}
         for key, values in allowed.items():
             if getattr(self, key) not in values:
                 raise ConfigError(f"{key}={getattr(self, key)!r} is not allowed; choose one of {', '.join(values)}")
-        for key in ("epochs", "batch_size", "eval_batch_size"):
-            if getattr(self, key) < 1:
-                raise ConfigError(f"{key} must be at least 1, found {getattr(self, key)}")
-        if not self.lr > 0:
-            raise ConfigError(f"lr must be positive, found {self.lr}")
-        if not self.data_scale > 0:
-            raise ConfigError(f"data_scale must be positive, found {self.data_scale}")
-        for key in ("attn_dropout", "attn_dropout_audio", "attn_dropout_vision", "relu_dropout", "res_dropout", "embed_dropout", "out_dropout"):
-            if not 0.0 <= getattr(self, key) < 1.0:
-                raise ConfigError(f"{key} must be in [0, 1), found {getattr(self, key)}")
+        if not self.data.strip():
+            raise ConfigError("data must be a file path (.pkl, .h5) or synthetic:<preset>, found ''")
+        if self.device != "auto":
+            import torch
+
+            try:
+                torch.device(self.device)
+            except RuntimeError:
+                raise ConfigError(f"device={self.device!r} is not a device; use auto, cpu, cuda or cuda:N") from None
         if self.variant == "kt" and self.kt_target == "teacher" and not self.teacher_run:
             raise ConfigError("kt_target='teacher' needs teacher_run: the folder of a finished `full` run")
+
+    def _check_types(self) -> None:
+        """A Config built directly (not through from_dict) gets the same type errors as from_dict."""
+        for name, f in self.fields().items():
+            value = getattr(self, name)
+            kind = _TYPES[f.type if isinstance(f.type, str) else f.type.__name__]
+            if kind is bool:
+                ok = isinstance(value, bool)
+            elif kind is float:
+                ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+            elif kind is int:
+                ok = isinstance(value, int) and not isinstance(value, bool)
+            else:
+                ok = isinstance(value, kind)
+            if not ok:
+                raise ConfigError(f"{name} must be {'true or false' if kind is bool else kind.__name__}, found {value!r}")
+
+    def _check_ranges(self) -> None:
+        for name, f in self.fields().items():
+            value = getattr(self, name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"{name} must be a finite number, found {value!r}")
+        for name, (low, high, note) in RANGES.items():
+            value = getattr(self, name)
+            low_ok = low is None or (value > low[0] if low[1] == "(" else value >= low[0])
+            high_ok = high is None or (value < high[0] if high[1] == ")" else value <= high[0])
+            if not (low_ok and high_ok):
+                raise ConfigError(f"{name} must be in {_interval(low, high)}{note}, found {value!r}")
+        for name in ("text_kernel", "audio_kernel", "vision_kernel"):
+            value = getattr(self, name)
+            if value < 1 or value % 2 == 0:
+                raise ConfigError(
+                    f"{name} must be an odd integer >= 1 (the Conv1d projection pads (k-1)//2 per side, so an even "
+                    f"kernel would change the number of steps), found {value}"
+                )
 
     # -- round trips ---------------------------------------------------------------------------
 
@@ -103,6 +145,49 @@ class Config(ModelConfig):
 
 _TYPES = {"int": int, "float": float, "str": str, "bool": bool}
 
+# The allowed range of every numeric field, checked by Config.check: (low, high, note), each bound
+# (value, "[" or "(") for inclusive or exclusive, None for unbounded. Kernels (odd, >= 1) are checked
+# separately; every float must also be finite.
+_SEED_MAX = 2**63 - 1  # torch.manual_seed takes 64 bits; the headroom keeps seed + i (grid, ranks) in range
+RANGES = {
+    "text_dim": ((1, "["), None, ""),
+    "audio_dim": ((1, "["), None, ""),
+    "vision_dim": ((1, "["), None, ""),
+    "text_steps": ((1, "["), None, ""),
+    "d_model": ((1, "["), None, ""),
+    "heads": ((1, "["), None, " (and must divide d_model)"),
+    "encoder_layers": ((0, "["), None, " (0: no self-attention in the modality encoders)"),
+    "kt_layers": ((1, "["), None, ""),
+    "crossmodal_layers": ((1, "["), None, ""),
+    "memory_layers": ((1, "["), None, ""),
+    "attn_dropout": ((0.0, "["), (1.0, ")"), ""),
+    "attn_dropout_audio": ((0.0, "["), (1.0, ")"), ""),
+    "attn_dropout_vision": ((0.0, "["), (1.0, ")"), ""),
+    "relu_dropout": ((0.0, "["), (1.0, ")"), ""),
+    "res_dropout": ((0.0, "["), (1.0, ")"), ""),
+    "embed_dropout": ((0.0, "["), (1.0, ")"), ""),
+    "out_dropout": ((0.0, "["), (1.0, ")"), ""),
+    "lambda_vision": ((0.0, "["), None, " (a loss weight; 0 turns the term off)"),
+    "lambda_language": ((0.0, "["), None, " (a loss weight; 0 turns the term off)"),
+    "lambda_fused": ((0.0, "["), None, " (a loss weight; 0 turns the term off)"),
+    "lambda_aux": ((0.0, "["), None, " (a loss weight; 0 turns the term off)"),
+    "data_scale": ((0.0, "("), (100.0, "]"), " (a multiple of the synthetic preset's split sizes; 100x MOSEI would not fit in memory)"),
+    "data_seed": ((0, "["), (_SEED_MAX, "]"), ""),
+    "epochs": ((1, "["), None, ""),
+    "batch_size": ((1, "["), None, ""),
+    "lr": ((0.0, "("), None, ""),
+    "weight_decay": ((0.0, "["), None, " (0: none)"),
+    "grad_clip": ((0.0, "["), None, " (0: no clipping)"),
+    "seed": ((0, "["), (_SEED_MAX, "]"), ""),
+    "eval_batch_size": ((1, "["), None, ""),
+    "threads": ((0, "["), (1024, "]"), " (0: torch's default)"),
+}
+
+
+def _interval(low, high) -> str:
+    """``[1, inf)``, ``(0.0, 100.0]``: the allowed range, as the error message prints it."""
+    return f"{low[1]}{low[0]}, " + (f"{high[0]}{high[1]}" if high is not None else "inf)")
+
 
 def coerce(key: str, value, type_name) -> object:
     """``value`` as the field's type; strings from a CLI are parsed, anything else must already fit."""
@@ -115,8 +200,13 @@ def coerce(key: str, value, type_name) -> object:
         raise ConfigError(f"{key} must be true or false, found {value!r}")
     if isinstance(value, bool):  # bool is an int subclass: refuse it where a number is meant
         raise ConfigError(f"{key} must be {kind.__name__}, found {value!r}")
-    if kind is float and isinstance(value, int):
-        return float(value)
+    if kind is int and isinstance(value, numbers.Integral):  # numpy integers too
+        return int(value)
+    if kind is float and isinstance(value, numbers.Real):  # ints and numpy floats
+        try:
+            return float(value)
+        except OverflowError:
+            raise ConfigError(f"{key} must be a finite float, found {value!r}") from None
     if isinstance(value, kind):
         return value
     if isinstance(value, str):

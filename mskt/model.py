@@ -114,11 +114,14 @@ class ModelConfig:
                 raise ConfigError(f"{key}={getattr(self, key)!r} is not allowed; choose one of {', '.join(values)}")
         if self.targets != "all" and self.targets not in VARIANT_MODALITIES[self.variant]:
             raise ConfigError(f"targets={self.targets!r} is not an input of variant {self.variant!r}")
-        if self.d_model % self.heads:
-            raise ConfigError(f"d_model={self.d_model} must be divisible by heads={self.heads}")
         for key in ("d_model", "heads", "kt_layers", "crossmodal_layers", "memory_layers", "text_dim", "audio_dim", "vision_dim", "text_steps"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"{key} must be at least 1, found {getattr(self, key)}")
+        if self.d_model % self.heads:
+            raise ConfigError(f"d_model={self.d_model} must be divisible by heads={self.heads}")
+        for key in ("text_kernel", "audio_kernel", "vision_kernel"):
+            if getattr(self, key) < 1 or getattr(self, key) % 2 == 0:  # "same" padding needs an odd kernel
+                raise ConfigError(f"{key} must be an odd number >= 1, found {getattr(self, key)}")
         if self.encoder_layers < 0:
             raise ConfigError(f"encoder_layers must be >= 0, found {self.encoder_layers}")
 

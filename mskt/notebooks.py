@@ -3,29 +3,66 @@
 Each run executes ``notebooks/NN_*.ipynb`` in order into ``runs/notebooks-<time>/`` (the committed
 notebooks stay clean), passes shared parameters (``smoke``, ``run_dir`` of the model that
 02_training trains and 03/04 analyse, ``figures_dir``, and any ``--param key=value``) to the
-notebooks that declare them, and prints a summary. A
-failing notebook stops the run with a non-zero exit naming the notebook and the failing cell.
+notebooks that declare them, and prints a summary. Parameters are checked before anything runs: a
+key no notebook declares, or a value whose type differs from the declared default (``smoke=yes``
+where the notebook declares ``smoke = False``), is an error that says what is expected.
+
+**A run never leaves figures that look complete from a notebook that failed.** Notebooks save
+figures with ``mskt.plots.save_figure``; while the runner executes a notebook it sets
+``$MSKT_FIGURE_STAGING`` (the kernel inherits it) to ``<out>/.staging/<notebook>/``, and
+save_figure writes there instead, recording each figure's final path in a manifest. Only when the
+notebook has run to its last cell does the runner move the staged figures into place (``figures/``,
+or the ``figures_dir`` the notebook was given), each by an atomic rename. When a notebook fails or
+the run is interrupted, its staged figures are never moved: they are kept, for debugging, in
+``<out>/<notebook>.failed-figures/`` beside a ``FAILED`` file saying why, and the final figures
+folder holds only figures of notebooks that succeeded (in this run or an earlier one). Figures
+written by other means than save_figure are not covered.
+
+Every run folder gets a ``summary.json`` (rewritten atomically after each notebook): the run's
+status (``running``, ``ok``, ``failed``, ``interrupted``) and, per notebook, its status, seconds,
+error (the failing cell, as ``In [N]`` of the executed copy, with its first source line), executed
+copy and the figures it put in place. A failing notebook stops the run; ``mskt notebooks`` then
+exits with code 2, naming the notebook and the failing cell.
 """
 
 from __future__ import annotations
 
+import ast
+import contextlib
+import errno
 import json
+import logging
+import math
+import os
+import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
 from mskt.errors import MsktError
 from mskt.paths import project_root, runs_dir
+from mskt.plots import STAGING_ENV, STAGING_MANIFEST
 
 
 @dataclass
 class NotebookResult:
     notebook: str
     seconds: float
-    status: str  # "ok" or "failed"
+    status: str  # "ok", "failed" or "interrupted"
     output: Path
     error: str = ""
+    figures: list = field(default_factory=list)  # final paths of the figures moved into place
+
+    def to_dict(self) -> dict:
+        return {
+            "notebook": self.notebook,
+            "status": self.status,
+            "seconds": round(self.seconds, 3),
+            "error": self.error,
+            "output": str(self.output),
+            "figures": [str(f) for f in self.figures],
+        }
 
 
 def notebook_paths(only=None) -> list[Path]:
@@ -55,16 +92,157 @@ def parse_params(items) -> dict:
     return params
 
 
-def declared_parameters(path: Path) -> set:
-    """Names assigned in the notebook's cell tagged 'parameters'."""
-    import ast
+_NO_DEFAULT = object()  # a parameter whose default is not a literal: any value is accepted
 
+
+def declared_defaults(path: Path) -> dict:
+    """Name -> default value of each assignment in the notebook's cell tagged 'parameters'."""
     nb = json.loads(path.read_text())
     for cell in nb["cells"]:
         if "parameters" in cell.get("metadata", {}).get("tags", []):
             tree = ast.parse("".join(cell["source"]))
-            return {t.id for node in tree.body if isinstance(node, ast.Assign) for t in node.targets if isinstance(t, ast.Name)}
+            defaults = {}
+            for node in tree.body:
+                if isinstance(node, ast.Assign):
+                    try:
+                        value = ast.literal_eval(node.value)
+                    except ValueError:
+                        value = _NO_DEFAULT
+                    for t in node.targets:
+                        if isinstance(t, ast.Name):
+                            defaults[t.id] = value
+            return defaults
     raise MsktError(f"{path.name}: no cell tagged 'parameters'")
+
+
+def declared_parameters(path: Path) -> set:
+    """Names assigned in the notebook's cell tagged 'parameters'."""
+    return set(declared_defaults(path))
+
+
+_KINDS = {  # declared default's type -> (accepts a value?, what to give)
+    bool: (lambda v: isinstance(v, bool), "true or false"),
+    int: (lambda v: isinstance(v, int) and not isinstance(v, bool), "an integer"),
+    float: (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v), "a finite number"),
+    str: (lambda v: isinstance(v, str), "a string"),
+    list: (lambda v: isinstance(v, (list, tuple)), "a JSON list such as [0, 1]"),
+    tuple: (lambda v: isinstance(v, (list, tuple)), "a JSON list such as [0, 1]"),
+    dict: (lambda v: isinstance(v, dict), 'a JSON object such as {"key": 1}'),
+}
+
+
+def check_params(params: dict, defaults_by_path: dict) -> None:
+    """Every parameter is declared by some notebook, with a value of its declared default's type."""
+    declared = set().union(*(set(d) for d in defaults_by_path.values()))
+    unknown = sorted(set(params) - declared)
+    if unknown:
+        raise MsktError(f"--param {unknown}: no notebook declares it; parameters: {', '.join(sorted(declared))}")
+    for key, value in params.items():
+        for path, defaults in defaults_by_path.items():
+            default = defaults.get(key, _NO_DEFAULT)
+            if default is _NO_DEFAULT or default is None or type(default) not in _KINDS:
+                continue
+            accepts, wanted = _KINDS[type(default)]
+            if not accepts(value):
+                hint = ""
+                if type(default) is str and not isinstance(value, str):
+                    hint = f"; a value that parses as JSON is read as JSON, so quote it: --param '{key}=\"{value}\"'"
+                raise MsktError(
+                    f"--param {key}={value!r}: {path.name} declares {key} = {default!r}, so give {wanted}{hint}"
+                )
+
+
+# -- the run --------------------------------------------------------------------------------------
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+@contextlib.contextmanager
+def _environ(key: str, value: str):
+    """``os.environ[key] = value`` for the block (papermill's kernel inherits the environment)."""
+    before = os.environ.get(key)
+    os.environ[key] = value
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = before
+
+
+def _move_into_place(src: Path, dst: Path) -> None:
+    """Rename ``src`` to ``dst`` atomically, also across file systems (copy beside dst, then rename)."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.replace(src, dst)
+    except OSError as e:
+        if e.errno != errno.EXDEV:
+            raise
+        tmp = dst.with_name(f".{dst.name}.tmp")
+        shutil.copyfile(src, tmp)
+        os.replace(tmp, dst)
+        src.unlink()
+
+
+def staged_figures(stage: Path) -> dict:
+    """Final path -> staged file, from the stage's manifest (a figure saved twice: its last save)."""
+    manifest = stage / STAGING_MANIFEST
+    if not manifest.is_file():
+        return {}
+    staged = {}
+    for line in manifest.read_text().splitlines():
+        try:
+            entry = json.loads(line)
+        except ValueError:  # a line cut short by a kill: that figure is not complete
+            continue
+        staged[Path(entry["final"])] = stage / entry["staged"]
+    return staged
+
+
+def commit_figures(stage: Path) -> list[Path]:
+    """Move a succeeded notebook's staged figures into place; remove the stage. The final paths."""
+    figures = staged_figures(stage)
+    missing = [str(staged) for staged in figures.values() if not staged.is_file()]
+    if missing:  # checked before anything moves: all of a notebook's figures go into place, or none
+        raise MsktError(f"staged figure(s) {missing} are missing")
+    moved = []
+    for final, staged in figures.items():
+        _move_into_place(staged, final)
+        moved.append(final)
+    shutil.rmtree(stage, ignore_errors=True)
+    return moved
+
+
+def quarantine_figures(stage: Path, dest: Path, notebook: str, reason: str) -> Path | None:
+    """Keep a failed notebook's staged figures in ``dest`` with a FAILED file; None if it staged none."""
+    if not staged_figures(stage):
+        shutil.rmtree(stage, ignore_errors=True)
+        return None
+    shutil.rmtree(dest, ignore_errors=True)
+    os.replace(stage, dest)
+    finals = sorted(str(f) for f in staged_figures(dest))
+    (dest / "FAILED").write_text(
+        f"{notebook} did not finish ({reason}).\n"
+        f"These figures were saved before it stopped and were NOT moved into place; they may be stale or partial.\n"
+        "They were meant for:\n" + "".join(f"  {f}\n" for f in finals)
+    )
+    return dest
+
+
+def _cell_description(index, exec_count, source: str, ename: str, evalue: str) -> str:
+    first = next((line.strip() for line in (source or "").splitlines() if line.strip()), "")
+    first = first if len(first) <= 80 else first[:77] + "..."
+    where = f"cell In [{exec_count}]" if exec_count is not None else f"cell {index}"
+    return f"{where} `{first}` ({ename}: {_one_line(evalue)[:200]})"
+
+
+def _one_line(text) -> str:
+    return " ".join(str(text).split())
 
 
 def _failing_cell(output: Path) -> str:
@@ -75,11 +253,24 @@ def _failing_cell(output: Path) -> str:
     for i, cell in enumerate(nb.get("cells", [])):
         for out in cell.get("outputs", []):
             if out.get("output_type") == "error":
-                return f"cell {i} ({out.get('ename')}: {out.get('evalue', '')[:200]})"
+                source = "".join(cell.get("source", "")) if isinstance(cell.get("source"), list) else cell.get("source", "")
+                return _cell_description(i, cell.get("execution_count"), source, out.get("ename"), out.get("evalue", ""))
     return "unknown cell"
 
 
 def run_notebooks(smoke: bool = False, only=None, params: dict | None = None, out_dir=None, log=print) -> list[NotebookResult]:
+    """Execute the numbered notebooks (or ``only`` those) in order; stop at the first failure.
+
+    Returns one result per notebook that ran; ``<out_dir>/summary.json`` holds the same. See the
+    module docstring for where figures go and what happens to those of a failing notebook.
+    """
+    if not isinstance(smoke, bool):
+        raise MsktError(f"smoke must be true or false, found {smoke!r}")
+    params = dict(params or {})
+    paths = notebook_paths(only)
+    defaults_by_path = {path: declared_defaults(path) for path in paths}
+    check_params(params, defaults_by_path)
+
     import papermill as pm
 
     # Absolute: the notebooks run with notebooks/ as their working directory.
@@ -91,33 +282,89 @@ def run_notebooks(smoke: bool = False, only=None, params: dict | None = None, ou
         "run_dir": str(out_dir / "kt-run"),
         "out_dir": str(out_dir),
         "figures_dir": str(out_dir / "figures") if smoke else "",
-        **(params or {}),
+        **params,
     }
-    paths = notebook_paths(only)
-    declared_by = {path: declared_parameters(path) for path in paths}
-    unknown = sorted(set(params or {}) - set().union(*declared_by.values()))
-    if unknown:
-        allowed = sorted(set().union(*declared_by.values()))
-        raise MsktError(f"--param {unknown}: no notebook declares it; parameters: {', '.join(allowed)}")
+    summary = {
+        "status": "running",
+        "smoke": smoke,
+        "started": datetime.now().isoformat(timespec="seconds"),
+        "out_dir": str(out_dir),
+        "notebooks": [],
+        "not_run": [p.name for p in paths],
+    }
+    summary_path = out_dir / "summary.json"
+
+    def write_summary():
+        _atomic_write_text(summary_path, json.dumps(summary, indent=2) + "\n")
+
+    write_summary()
+    with _quiet("papermill"):  # the runner prints one line per notebook; papermill's INFO lines repeat them
+        results = _run_each(pm, paths, defaults_by_path, shared, out_dir, summary, write_summary, log)
+    with contextlib.suppress(OSError):
+        (out_dir / ".staging").rmdir()  # empty by now
+    return results
+
+
+@contextlib.contextmanager
+def _quiet(logger_name: str):
+    logger = logging.getLogger(logger_name)
+    level = logger.level
+    logger.setLevel(max(level, logging.WARNING))
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def _run_each(pm, paths, defaults_by_path, shared, out_dir, summary, write_summary, log) -> list[NotebookResult]:
+    """The loop of run_notebooks: execute, then commit or quarantine the figures, then summarise."""
     results = []
     for path in paths:
-        declared = declared_by[path]
+        declared = defaults_by_path[path]
         given = {k: v for k, v in shared.items() if k in declared}
         output = out_dir / path.name
+        stage = out_dir / ".staging" / path.stem
+        shutil.rmtree(stage, ignore_errors=True)
+        stage.mkdir(parents=True)
         start = time.perf_counter()
+        figures = []
+        interrupted = False
         try:
-            pm.execute_notebook(
-                str(path), str(output), parameters=given, cwd=str(path.parent), progress_bar=False,
-                kernel_name="python3", log_output=False,
-            )
+            with _environ(STAGING_ENV, str(stage)):
+                pm.execute_notebook(
+                    str(path), str(output), parameters=given, cwd=str(path.parent), progress_bar=False,
+                    kernel_name="python3", log_output=False,
+                )
             status, error = "ok", ""
         except pm.PapermillExecutionError as e:
-            status, error = "failed", f"cell {e.exec_count} ({e.ename}: {str(e.evalue)[:200]})"
+            status, error = "failed", _cell_description(e.cell_index, e.exec_count, e.source, e.ename, e.evalue)
+        except KeyboardInterrupt:
+            status, error, interrupted = "interrupted", "interrupted", True
         except Exception as e:  # the kernel died, a timeout, a missing kernel
-            status, error = "failed", f"{_failing_cell(output)}; {type(e).__name__}: {e}"
+            status, error = "failed", f"{_failing_cell(output)}; {type(e).__name__}: {_one_line(e)[:300]}"
+        if status == "ok":
+            try:
+                figures = commit_figures(stage)
+            except (OSError, MsktError) as e:
+                status, error = "failed", f"its figures could not be moved into place ({e})"
+        if status != "ok":
+            kept = quarantine_figures(stage, out_dir / f"{path.stem}.failed-figures", path.name, error)
+            if kept is not None:
+                error += f"; the figures it saved are in {kept}, not in place"
         seconds = time.perf_counter() - start
-        results.append(NotebookResult(path.name, seconds, status, output, error))
+        result = NotebookResult(path.name, seconds, status, output, error, figures)
+        results.append(result)
+        summary["notebooks"].append(result.to_dict())
+        summary["not_run"].remove(path.name)
+        summary["status"] = "running" if status == "ok" else status
+        write_summary()
         log(f"{path.name:<32} {seconds:7.1f}s  {status}{'  ' + error if error else ''}")
+        if interrupted:
+            raise KeyboardInterrupt
         if status != "ok":
             break
+    if summary["status"] == "running":
+        summary["status"] = "ok"
+    summary["seconds"] = round(sum(r.seconds for r in results), 3)
+    write_summary()
     return results

@@ -7,6 +7,8 @@ module changes no global state: ``theme()`` is a context manager the notebooks e
 from __future__ import annotations
 
 import contextlib
+import json
+import os
 from pathlib import Path
 
 # Column width of a two-column paper is ~3.4 in; full width ~7 in.
@@ -39,23 +41,52 @@ def theme():
         yield
 
 
+# Set by ``mskt notebooks`` for each notebook it runs (see mskt.notebooks): a folder where
+# save_figure stages the figures instead of writing them in place. The runner moves them into place
+# only after the whole notebook succeeded, so a failing notebook never leaves figures that look done.
+STAGING_ENV = "MSKT_FIGURE_STAGING"
+STAGING_MANIFEST = "manifest.jsonl"  # one {"staged": file name, "final": absolute path} per line
+
+
 def save_figure(fig, name: str, folder=None) -> list[Path]:
-    """Save ``fig`` as ``<folder>/<name>.pdf`` and ``.png`` (default folder: the repo's figures/)."""
+    """Save ``fig`` as ``<folder>/<name>.pdf`` and ``.png`` (default folder: the repo's figures/).
+
+    Each file is written to a temporary name and renamed into place, so no file is ever half a
+    figure. Under ``mskt notebooks`` (``$MSKT_FIGURE_STAGING`` set) the files go to that staging
+    folder instead, and the runner moves them to ``<folder>`` once the notebook has run to the end;
+    the returned paths are always the final ones.
+    """
     import matplotlib as mpl
 
     from mskt.paths import figures_dir
 
     folder = Path(folder) if folder is not None else figures_dir()
-    folder.mkdir(parents=True, exist_ok=True)
+    staging = os.environ.get(STAGING_ENV)
+    if not staging:
+        folder.mkdir(parents=True, exist_ok=True)
     paths = []
     with mpl.rc_context(_RC):
         for ext in ("pdf", "png"):
             path = folder / f"{name}.{ext}"
-            tmp = path.with_name(f".{path.name}.tmp.{ext}")  # renamed into place: never half a figure
+            target = _staged_path(Path(staging), path) if staging else path
+            tmp = target.with_name(f".{target.name}.tmp.{ext}")  # renamed into place: never half a figure
             fig.savefig(tmp, format=ext)
-            tmp.replace(path)
+            tmp.replace(target)
+            if staging:
+                with open(Path(staging) / STAGING_MANIFEST, "a") as manifest:
+                    manifest.write(json.dumps({"staged": target.name, "final": str(path.resolve())}) + "\n")
             paths.append(path)
     return paths
+
+
+def _staged_path(staging: Path, final: Path) -> Path:
+    """Where the staged copy of ``final`` lives: one file per final path (a figure saved twice keeps
+    its last version), named so that two folders' figures of the same name never collide."""
+    import hashlib
+
+    final = final.resolve()
+    staging.mkdir(parents=True, exist_ok=True)
+    return staging / f"{hashlib.sha1(str(final).encode()).hexdigest()[:12]}-{final.name}"
 
 
 def _legend_below(fig, *axes, ncol=4):

@@ -251,12 +251,28 @@ def load_teacher_audio_encoder(model: KTMulT, teacher_dir: str) -> None:
 
 
 def load_checkpoint(path: Path) -> dict:
+    """A checkpoint's contents, loaded with ``weights_only=True``: tensors and plain containers
+    only, so a file from the internet cannot run code. Any refusal is one line naming the file."""
+    import pickle
+    import re
+    import warnings
+
+    path = Path(path)
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch's pickle-protocol notes: the refusal below says it all
+            return torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise MsktError(f"{path}: no checkpoint here") from None
-    except Exception as e:  # weights_only refuses anything but tensors and plain containers
-        raise MsktError(f"{path}: not a loadable mskt checkpoint ({type(e).__name__}: {e})") from None
+    except pickle.UnpicklingError as e:
+        found = re.search(r"(?:Unsupported global: GLOBAL|global) ([\w.]+)", str(e))
+        what = f"it holds the global {found.group(1)}, which could run code" if found else str(e).splitlines()[0]
+        raise MsktError(
+            f"{path}: refused to load: {what}; only tensors and plain containers are loaded (weights_only=True)"
+        ) from None
+    except Exception as e:  # truncated, not a zip, not a pickle at all
+        first_line = (str(e).strip().splitlines() or [""])[0]
+        raise MsktError(f"{path}: not a loadable mskt checkpoint ({type(e).__name__}: {first_line})") from None
 
 
 def _restore_rng(state: dict, generator: torch.Generator) -> None:
@@ -441,9 +457,17 @@ def load_run(run_dir) -> tuple[Config, KTMulT]:
     """The config and best model of a finished run folder (weights loaded with weights_only=True)."""
     run_dir = Path(run_dir)
     cfg = Config.load(run_dir / "config.json")
-    ckpt = load_checkpoint(run_dir / "checkpoint.pt")
+    path = run_dir / "checkpoint.pt"
+    ckpt = load_checkpoint(path)
+    if not isinstance(ckpt, dict) or not {"model", "config"} <= set(ckpt):
+        found = sorted(ckpt) if isinstance(ckpt, dict) else type(ckpt).__name__
+        raise MsktError(f"{path}: not an mskt checkpoint: expected a dict with 'model' and 'config', found {found}")
     model = build_model(Config.from_dict(ckpt["config"]))
-    model.load_state_dict(ckpt["model"])
+    try:
+        model.load_state_dict(ckpt["model"])
+    except (RuntimeError, TypeError, AttributeError) as e:
+        first_line = (str(e).strip().splitlines() or [""])[0]
+        raise MsktError(f"{path}: its weights do not fit the model its config describes ({first_line})") from None
     model.eval()
     return cfg, model
 

@@ -91,3 +91,143 @@ def test_a_failing_notebook_is_named_with_its_cell(tmp_path):
     results = run_notebooks(smoke=True, only=["01"], params={"data": str(tmp_path / "missing.pkl")}, out_dir=tmp_path, log=lambda line: None)
     assert results[0].status == "failed"
     assert "cell" in results[0].error and "DataError" in results[0].error
+
+
+# ----------------------------------------------------------------------------------------------
+# Parameters are type-checked against the notebooks' declared defaults before anything runs.
+
+
+@pytest.mark.parametrize(
+    "params, needle",
+    [
+        ({"smoke": "yes"}, "--param smoke='yes': 01_data_exploration.ipynb declares smoke = False, so give true or false"),
+        ({"smoke": 1}, "give true or false"),
+        ({"epochs": "ten"}, "declares epochs = 10, so give an integer"),
+        ({"epochs": 2.5}, "give an integer"),
+        ({"data_scale": "half"}, "give a finite number"),
+        ({"data": 123}, "give a string; a value that parses as JSON is read as JSON, so quote it"),
+        ({"samples": 3}, "give a JSON list"),
+        ({"overrides": "consistency=l1"}, "give a JSON object"),
+    ],
+)
+def test_parameters_of_the_wrong_type_are_refused_before_anything_runs(tmp_path, params, needle):
+    out = tmp_path / "out"
+    with pytest.raises(MsktError) as err:
+        run_notebooks(params=params, out_dir=out, log=lambda line: None)
+    assert needle in str(err.value)
+    assert not out.exists()
+
+
+def test_cli_strings_are_parsed_to_the_declared_types():
+    from mskt.notebooks import check_params, declared_defaults, parse_params
+
+    params = parse_params(["smoke=true", "epochs=3", "data_scale=1", "data=mosi_data.pkl", "samples=[2, 3]", 'overrides={"consistency": "l1"}'])
+    assert params == {"smoke": True, "epochs": 3, "data_scale": 1, "data": "mosi_data.pkl", "samples": [2, 3], "overrides": {"consistency": "l1"}}
+    check_params(params, {p: declared_defaults(p) for p in notebook_paths()})  # no error
+
+
+# ----------------------------------------------------------------------------------------------
+# A failing notebook: exit 2 naming notebook and cell, summary.json, and no figure of it in place.
+
+
+def _notebook(cells: list[str]) -> dict:
+    import nbformat
+
+    nb = nbformat.v4.new_notebook()
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    params = nbformat.v4.new_code_cell('smoke = False\nfigures_dir = ""')
+    params.metadata["tags"] = ["parameters"]
+    nb.cells = [params] + [nbformat.v4.new_code_cell(src) for src in cells]
+    return nb
+
+
+SAVE = (
+    "from matplotlib.figure import Figure\n"
+    "from mskt.plots import save_figure\n"
+    "fig = Figure(figsize=(1, 1))\n"
+    "fig.add_subplot().plot([0, 1])\n"
+    "save_figure(fig, {name!r}, figures_dir or None)"
+)
+
+
+@pytest.fixture
+def failing_project(tmp_path):
+    """A project (MSKT_HOME) whose 01 saves a figure and succeeds, 02 saves one and then raises."""
+    import nbformat
+
+    root = tmp_path / "project"
+    (root / "notebooks").mkdir(parents=True)
+    nbformat.write(_notebook([SAVE.format(name="good")]), root / "notebooks" / "01_good.ipynb")
+    nbformat.write(_notebook([SAVE.format(name="broken"), 'raise RuntimeError("deliberate failure")']), root / "notebooks" / "02_broken.ipynb")
+    (root / "figures").mkdir()
+    (root / "figures" / "broken.png").write_bytes(b"an older, complete figure")  # must survive untouched
+    return root
+
+
+def test_a_failing_notebook_exits_2_and_leaves_no_figure_looking_complete(failing_project):
+    import os
+    import subprocess
+    import sys
+
+    root, out = failing_project, failing_project / "out"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MSKT_HOME": str(root)}
+    env.pop("MSKT_FIGURE_STAGING", None)
+    proc = subprocess.run([sys.executable, "-m", "mskt", "notebooks", "--out", str(out)], capture_output=True, text=True, cwd=root, env=env, timeout=240)
+
+    # Exit 2 and one error line, the last, naming the notebook, the cell and the error; no traceback.
+    # (The kernel itself may print a warning to stderr before it; the runner's own lines go to stdout.)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("mskt: error:")]
+    assert len(errors) == 1 and proc.stderr.strip().splitlines()[-1] == errors[0], proc.stderr
+    assert "02_broken.ipynb failed at cell In [" in errors[0]
+    assert '`raise RuntimeError("deliberate failure")`' in errors[0] and "RuntimeError: deliberate failure" in errors[0]
+    assert "01_good.ipynb" in proc.stdout and "02_broken.ipynb" in proc.stdout and "summary.json" in proc.stdout
+
+    # The notebook that succeeded has its figure in place; the failed one's never got there, and the
+    # older figure of the same name is untouched. No temporary or staging files are left in place.
+    figures = root / "figures"
+    assert sorted(p.name for p in figures.iterdir()) == ["broken.png", "good.pdf", "good.png"]
+    assert (figures / "good.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (figures / "broken.png").read_bytes() == b"an older, complete figure"
+    assert not (out / ".staging").exists()
+
+    # What the failed notebook saved is kept aside, marked FAILED, saying where it was meant to go.
+    kept = out / "02_broken.failed-figures"
+    assert "did not finish" in (kept / "FAILED").read_text() and str(figures / "broken.png") in (kept / "FAILED").read_text()
+    assert len(list(kept.glob("*-broken.png"))) == 1
+
+    # summary.json: per notebook status, seconds, error; the run failed.
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "failed" and summary["not_run"] == []
+    good, broken = summary["notebooks"]
+    assert (good["notebook"], good["status"], good["error"]) == ("01_good.ipynb", "ok", "")
+    assert sorted(good["figures"]) == [str(figures / "good.pdf"), str(figures / "good.png")]
+    assert broken["notebook"] == "02_broken.ipynb" and broken["status"] == "failed" and broken["figures"] == []
+    assert "cell In [" in broken["error"] and "RuntimeError: deliberate failure" in broken["error"]
+    assert good["seconds"] > 0 and broken["seconds"] > 0
+    assert not list(out.glob(".*.tmp"))  # summary.json was written through a temporary file
+
+
+def test_outside_the_runner_save_figure_writes_in_place(tmp_path, monkeypatch):
+    from matplotlib.figure import Figure
+
+    from mskt.plots import STAGING_ENV, save_figure
+
+    monkeypatch.delenv(STAGING_ENV, raising=False)
+    fig = Figure(figsize=(1, 1))
+    fig.add_subplot().plot([0, 1])
+    paths = save_figure(fig, "direct", tmp_path / "figs")
+    assert paths == [tmp_path / "figs" / "direct.pdf", tmp_path / "figs" / "direct.png"]
+    assert sorted(p.name for p in (tmp_path / "figs").iterdir()) == ["direct.pdf", "direct.png"]
+
+    # Under the runner it stages instead, and commit_figures puts the files where they were meant to go.
+    from mskt.notebooks import commit_figures
+
+    stage = tmp_path / "stage"
+    monkeypatch.setenv(STAGING_ENV, str(stage))
+    paths = save_figure(fig, "staged", tmp_path / "later")
+    assert not (tmp_path / "later").exists()
+    assert sorted(commit_figures(stage)) == sorted(p.resolve() for p in paths)
+    assert sorted(p.name for p in (tmp_path / "later").iterdir()) == ["staged.pdf", "staged.png"]
+    assert not stage.exists()
