@@ -6,8 +6,9 @@
     mskt data align --text T.csd --audio A.csd --vision V.csd --labels L.csd --out OUT.h5
     mskt train --data PATH --variant V [--epochs N] [--seed S] [--out DIR] [--<any config key> VALUE]
     mskt train --resume DIR                 continue an interrupted run; torchrun ... -m mskt train: DDP
-    mskt evaluate --run DIR [--data PATH] [--out FILE.json]
+    mskt evaluate --run DIR [--data PATH] [--out FILE.json] [--missing audio,vision] [--missing-rate R] [--missing-mode sample|step] [--missing-seed S]
     mskt grid --data PATH --variants full,kt,... --seeds 3 --out DIR [--<any config key> VALUE]
+    mskt bench [--presets mosi,mosi-unaligned] [--variants full,kt] [--config paper|mult] [--json PATH]
     mskt notebooks [--smoke] [--only 03] [--param key=value]
 
 Expected errors (bad files, bad options) print one line and exit 2; no traceback.
@@ -55,7 +56,9 @@ def _dataset_report(ds) -> str:
     lines.append(summary[cols].to_string(index=False, float_format=lambda v: f"{v:.1f}"))
     for s, sp in ds.splits.items():
         labels = sp.labels
-        if ds.meta.task == "regression":
+        if len(sp) == 0:
+            lines.append(f"  {s}: 0 samples")
+        elif ds.meta.task == "regression":
             lines.append(
                 f"  {s}: {len(sp)} samples, labels in [{labels.min():.2f}, {labels.max():.2f}], mean {labels.mean():.3f}, "
                 f"std {labels.std():.3f}, {int((labels == 0).sum())} exactly zero"
@@ -133,10 +136,67 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    import torch
+
+    from mskt.bench import PRESET_NAMES, run_bench, to_markdown
+    from mskt.model import VARIANTS
+    from mskt.train import atomic_write_text, resolve_device
+
+    presets = [p.strip() for p in args.presets.split(",") if p.strip()]
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    for name, given, allowed in (("--presets", presets, PRESET_NAMES), ("--variants", variants, VARIANTS)):
+        unknown = [g for g in given if g not in allowed]
+        if unknown or not given:
+            raise MsktError(f"{name} {unknown or given}: allowed {', '.join(allowed)}")
+    if args.steps < 1:
+        raise MsktError(f"--steps must be at least 1, found {args.steps}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = resolve_device(args.device)
+    records = run_bench(presets, variants, args.config, args.steps, device=device, precision=args.precision, compile=args.compile)
+    print(to_markdown(records))
+    if args.json:
+        path = Path(args.json)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, json.dumps(records, indent=2) + "\n")
+        print(f"wrote {path}")
+    return 0
+
+
+def _missing_options(args) -> dict:
+    """The evaluate command's missing-modality options, checked before anything loads; {} = none given
+    (the default protocol). Any one given switches to explicit masks: nothing else is missing."""
+    from mskt import missing
+
+    given = any(v is not None for v in (args.missing, args.missing_rate, args.missing_mode, args.missing_seed))
+    if not given:
+        return {}
+    try:
+        rate = float(args.missing_rate) if args.missing_rate is not None else 0.0
+    except ValueError:
+        raise missing.MissingError(f"--missing-rate must be a number in [0, 1), found {args.missing_rate!r}") from None
+    try:
+        seed = int(args.missing_seed) if args.missing_seed is not None else 0
+    except ValueError:
+        raise missing.MissingError(f"--missing-seed must be an integer, found {args.missing_seed!r}") from None
+    if seed < 0:
+        raise missing.MissingError(f"--missing-seed must be >= 0, found {seed}")
+    options = {
+        "missing": missing.parse_missing(args.missing),
+        "missing_rate": missing.check_rate(rate),
+        "missing_mode": missing.check_mode(args.missing_mode or "sample"),
+        "missing_seed": seed,
+    }
+    return options
+
+
 def cmd_evaluate(args) -> int:
+    from mskt import missing
     from mskt.readers import load_dataset
     from mskt.train import Tensors, atomic_write_text, describe, evaluate, load_run, model_config_for, resolve_device
 
+    options = _missing_options(args)
     cfg, model = load_run(args.run)
     data_source = args.data or cfg.data
     ds = load_dataset(data_source, scale=cfg.data_scale, seed=cfg.data_seed)
@@ -148,12 +208,14 @@ def cmd_evaluate(args) -> int:
             )
     device = resolve_device(cfg.device)
     model.to(device)
-    metrics = evaluate(model, Tensors.from_split(ds["test"], ds.meta.task, device), cfg.eval_batch_size)
-    print(f"{args.run} on {data_source} (test, {len(ds['test'])} samples): {describe(metrics)}")
+    metrics = evaluate(model, Tensors.from_split(ds["test"], ds.meta.task, device), cfg.eval_batch_size, **options)
+    protocol = missing.describe(options.get("missing"), options.get("missing_rate", 0.0), options.get("missing_mode", "sample"), options.get("missing_seed", 0))
+    print(f"{args.run} on {data_source} (test, {len(ds['test'])} samples, {protocol}): {describe(metrics)}")
     if args.out:
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(out, json.dumps({"run": str(args.run), "data": data_source, "test": metrics}, indent=2) + "\n")
+        record = {"run": str(args.run), "data": data_source, "protocol": protocol, **({"missing": {**options, "missing": list(options["missing"])}} if options else {})}
+        atomic_write_text(out, json.dumps({**record, "test": metrics}, indent=2) + "\n")
     return 0
 
 
@@ -235,6 +297,11 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--run", required=True)
     ev.add_argument("--data", default=None)
     ev.add_argument("--out", default=None, help="write the metrics as JSON here")
+    ev.add_argument("--missing", default=None, metavar="M[,M]",
+                    help="modalities missing for every test sample: audio, vision, language (text), or two joined by a comma; none = nothing")
+    ev.add_argument("--missing-rate", default=None, metavar="R", help="each other modality of each sample missing with probability R in [0, 1)")
+    ev.add_argument("--missing-mode", default=None, metavar="sample|step", help="sample (default): whole modalities; step: each time step zeroed with probability R")
+    ev.add_argument("--missing-seed", default=None, metavar="S", help="seed of the random masks (default 0)")
     ev.set_defaults(func=cmd_evaluate)
 
     gr = sub.add_parser("grid", help="variants x seeds, with a mean/std results table")
@@ -244,6 +311,17 @@ def build_parser() -> argparse.ArgumentParser:
     gr.add_argument("--jobs", type=int, default=1, help="runs trained at once, one torch thread each (use the number of cores on a CPU)")
     _add_config_options(gr, skip=("variant",))
     gr.set_defaults(func=cmd_grid)
+    be = sub.add_parser("bench", help="train / inference throughput, memory and FLOPs at each dataset's real shapes")
+    be.add_argument("--presets", default="mosi,mosi-unaligned", help="comma-separated: mosi, mosi-unaligned, mosei, mosei-unaligned, iemocap, iemocap-unaligned")
+    be.add_argument("--variants", default="full,kt")
+    be.add_argument("--config", default="mult", choices=("paper", "mult"), help="this project's defaults, or the public MulT code's (d=30, 5 layers, 5 heads, batch 24)")
+    be.add_argument("--steps", type=int, default=10, help="timed training steps per record (after 3 warm-up steps)")
+    be.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    be.add_argument("--device", default="auto")
+    be.add_argument("--precision", default="fp32", choices=("fp32", "bf16"))
+    be.add_argument("--compile", action="store_true", help="torch.compile the training forward")
+    be.add_argument("--json", default=None, metavar="PATH", help="write the records as a JSON list")
+    be.set_defaults(func=cmd_bench)
     nb = sub.add_parser("notebooks", help="execute the numbered notebooks with papermill into runs/notebooks-<time>/")
     nb.add_argument("--smoke", action="store_true", help="tiny data and models: a check that every notebook runs")
     nb.add_argument("--only", default=None, help="comma-separated notebook numbers, e.g. 03 or 01,02")

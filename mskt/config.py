@@ -43,6 +43,9 @@ class Config(ModelConfig):
     eval_batch_size: int = 256
     threads: int = 0  # torch intra-op threads; 0 keeps torch's default
     progress: str = "auto"  # tqdm bars: "auto" (only on an interactive terminal, never under CI), "on", "off"
+    precision: str = "fp32"  # "fp32", or "bf16": autocast to bfloat16 on CUDA (weights and optimizer stay fp32)
+    compile: bool = False  # torch.compile the training forward (eager fallback); helps on CUDA, not on small CPUs
+    lazy: bool = False  # read an .h5 store's features batch by batch from disk: datasets larger than memory
 
     def check(self) -> None:
         """Every field's type, then its range (beyond ModelConfig's checks, which run after these so
@@ -50,7 +53,7 @@ class Config(ModelConfig):
         self._check_types()
         self._check_ranges()
         super().check()
-        allowed = {"scheduler": ("none", "plateau"), "select_on": ("valid_loss", "valid_metric"), "progress": ("auto", "on", "off")}
+        allowed = {"scheduler": ("none", "plateau"), "select_on": ("valid_loss", "valid_metric"), "progress": ("auto", "on", "off"), "precision": ("fp32", "bf16")}
         for key, values in allowed.items():
             if getattr(self, key) not in values:
                 raise ConfigError(f"{key}={getattr(self, key)!r} is not allowed; choose one of {', '.join(values)}")
@@ -171,6 +174,8 @@ RANGES = {
     "lambda_language": ((0.0, "["), None, " (a loss weight; 0 turns the term off)"),
     "lambda_fused": ((0.0, "["), None, " (a loss weight; 0 turns the term off)"),
     "lambda_aux": ((0.0, "["), None, " (a loss weight; 0 turns the term off)"),
+    "lambda_any": ((0.0, "["), None, " (a loss weight; 0 turns the term off)"),
+    "modality_dropout": ((0.0, "["), (1.0, "]"), " (kt_any: the share of training samples given a random missing pattern)"),
     "data_scale": ((0.0, "("), (100.0, "]"), " (a multiple of the synthetic preset's split sizes; 100x MOSEI would not fit in memory)"),
     "data_seed": ((0, "["), (_SEED_MAX, "]"), ""),
     "epochs": ((1, "["), None, ""),

@@ -153,6 +153,8 @@ def _check_video(where: str, key: str, f_shape, i_shape, dim_ref: tuple | None) 
             "expected one interval per feature row"
         )
     d = int(f_shape[1])
+    if d < 1:
+        raise DataError(f"{where}: key '{key}/features': expected at least one feature column (n, D), found shape {tuple(f_shape)}")
     if dim_ref is not None and dim_ref[1] != d:
         raise DataError(
             f"{where}: key '{key}/features': feature dim {d} differs from dim {dim_ref[1]} of video {dim_ref[0]!r}"
@@ -195,6 +197,32 @@ def _as_intervals(x) -> np.ndarray:
     return x if x.dtype.kind == "f" else x.astype(np.float64)
 
 
+def _kind(dtype) -> str:
+    """'numeric' or 'text' (the bytes of a words sequence): every video of a sequence holds one kind."""
+    return "numeric" if dtype.kind in "biuf" else "text"
+
+
+def _check_kinds(where: str, key: str, f_dtype, i_dtype, kind_ref: tuple | None) -> None:
+    if i_dtype.kind not in "biuf":
+        raise DataError(f"{where}: key '{key}/intervals': expected numbers (seconds), found dtype {i_dtype}")
+    if kind_ref is not None and _kind(f_dtype) != kind_ref[1]:
+        raise DataError(
+            f"{where}: key '{key}/features': {_kind(f_dtype)} values (dtype {f_dtype}) where video {kind_ref[0]!r} "
+            f"holds {kind_ref[1]} values"
+        )
+
+
+def _check_intervals(where: str, key: str, iv: np.ndarray) -> np.ndarray:
+    if iv.size and not np.isfinite(iv).all():
+        raise DataError(f"{where}: key '{key}/intervals': expected finite start / end seconds, found {int((~np.isfinite(iv)).sum())} non-finite")
+    return iv
+
+
+# What h5py raises on a damaged file: a truncated or corrupt object header, B-tree or heap gives
+# OSError, RuntimeError or KeyError, a wrong shape or type ValueError or TypeError.
+_H5_ERRORS = (OSError, RuntimeError, KeyError, ValueError, TypeError)
+
+
 class _FileSource:
     """A ``.csd`` file opened and its layout checked (shapes only): videos are read on demand."""
 
@@ -203,12 +231,21 @@ class _FileSource:
         self.where = str(path)
         if not self.path.exists():
             raise DataError(f"{path}: file not found")
+        if self.path.is_file() and self.path.stat().st_size == 0:
+            raise DataError(f"{path}: the file is empty")
         try:
             self.h5 = h5py.File(self.path, "r")
-        except OSError as e:
+        except _H5_ERRORS as e:
             raise DataError(f"{path}: not a readable HDF5 computational sequence (.csd) file: {e}") from None
+        self._key = "/"
         try:
             self._open()
+        except DataError:
+            self.h5.close()
+            raise
+        except _H5_ERRORS as e:
+            self.h5.close()
+            raise DataError(f"{self.where}: corrupt or unreadable .csd file at key '{self._key}' ({type(e).__name__}: {e})") from None
         except BaseException:
             self.h5.close()
             raise
@@ -232,15 +269,17 @@ class _FileSource:
         self.data = root["data"]
         self.metadata = {}
         for k, item in root["metadata"].items():
+            self._key = f"/{self.name}/metadata/{k}"
             if isinstance(item, h5py.Dataset):
                 self.metadata[k] = _decode_metadata_value(item[()])
             else:
-                log.warning("%s: metadata entry '/%s/metadata/%s' is a group; ignored", self.where, self.name, k)
+                log.warning("%s: metadata entry '%s' is not a dataset; ignored", self.where, self._key)
+        self._key = f"/{self.name}/data"
         self.videos = list(self.data.keys())
-        dim_ref = None
+        dim_ref = kind_ref = None
         self.dtype = None
         for vid in self.videos:
-            key = f"/{self.name}/data/{vid}"
+            key = self._key = f"/{self.name}/data/{vid}"
             g = self.data[vid]
             if not isinstance(g, h5py.Group):
                 raise DataError(f"{self.where}: key '{key}': expected a group with 'features' and 'intervals'")
@@ -250,15 +289,25 @@ class _FileSource:
                         f"{self.where}: key '{key}/{part}' is missing; each video needs 'features' and 'intervals', "
                         f"found {list(g.keys())}"
                     )
-            d = _check_video(self.where, key, g["features"].shape, g["intervals"].shape, dim_ref)
+                if not isinstance(g[part], h5py.Dataset):
+                    raise DataError(f"{self.where}: key '{key}/{part}': expected a dataset, found {type(g[part]).__name__}")
+            feats, iv = g["features"], g["intervals"]
+            d = _check_video(self.where, key, feats.shape, iv.shape, dim_ref)
+            _check_kinds(self.where, key, feats.dtype, iv.dtype, kind_ref)
             if dim_ref is None:
                 dim_ref = (vid, d)
-                self.dtype = g["features"].dtype
+                kind_ref = (vid, _kind(feats.dtype))
+                self.dtype = feats.dtype
         self.dim = dim_ref[1] if dim_ref else None
 
     def get(self, vid):
-        g = self.data[vid]
-        return _as_features(g["features"][()]), _as_intervals(g["intervals"][()])
+        key = f"/{self.name}/data/{vid}"
+        try:
+            g = self.data[vid]
+            feats, iv = _as_features(g["features"][()]), _as_intervals(g["intervals"][()])
+        except _H5_ERRORS as e:
+            raise DataError(f"{self.where}: corrupt or unreadable .csd file at key '{key}' ({type(e).__name__}: {e})") from None
+        return feats, _check_intervals(self.where, key, iv)
 
     def close(self):
         self.h5.close()
@@ -273,22 +322,27 @@ class _MemorySource:
         self.where = where or f"<in-memory CsdSequence {seq.name!r}>"
         self.metadata = dict(seq.metadata)
         self.videos = list(seq.data.keys())
-        dim_ref = None
+        dim_ref = kind_ref = None
         self.dtype = None
         for vid, pair in seq.data.items():
             key = f"/{seq.name}/data/{vid}"
             if not isinstance(pair, (tuple, list)) or len(pair) != 2:
                 raise DataError(f"{self.where}: key '{key}': expected a (features, intervals) pair")
-            feats, iv = np.asarray(pair[0]), np.asarray(pair[1])
+            try:
+                feats, iv = np.asarray(pair[0]), np.asarray(pair[1])
+            except (ValueError, TypeError) as e:  # ragged nested lists
+                raise DataError(f"{self.where}: key '{key}': features and intervals must be rectangular arrays ({e})") from None
             d = _check_video(self.where, key, feats.shape, iv.shape, dim_ref)
+            _check_kinds(self.where, key, feats.dtype, iv.dtype, kind_ref)
             if dim_ref is None:
                 dim_ref = (vid, d)
+                kind_ref = (vid, _kind(feats.dtype))
                 self.dtype = feats.dtype
         self.dim = dim_ref[1] if dim_ref else None
 
     def get(self, vid):
         feats, iv = self.seq.data[vid]
-        return _as_features(feats), _as_intervals(iv)
+        return _as_features(feats), _check_intervals(self.where, f"/{self.name}/data/{vid}", _as_intervals(iv))
 
     def close(self):
         pass
@@ -312,9 +366,13 @@ def _source(x, stack: contextlib.ExitStack | None = None):
 def read_csd(path) -> CsdSequence:
     """Read a whole ``.csd`` file into a :class:`CsdSequence`, checking its layout.
 
-    Raises :class:`DataError` naming the file and the HDF5 key when the file is not HDF5, has
-    other than one root group, lacks ``data`` / ``metadata``, or a video lacks ``features`` /
-    ``intervals``, has row counts that disagree, or a feature dim unlike the other videos'.
+    Raises :class:`DataError` naming the file and the HDF5 key when the file is not HDF5 (empty,
+    truncated, garbage), is corrupt, has other than one root group, lacks ``data`` / ``metadata``,
+    or a video lacks ``features`` / ``intervals``, has row counts that disagree, no feature column,
+    a feature dim or value kind (numbers / words) unlike the other videos', or intervals that are
+    not finite numbers. A video with zero rows is legitimate and kept. (One damage no reader can
+    catch: libhdf5 itself can loop forever on a damaged global heap, where the metadata strings
+    live; HDFGroup/hdf5#1707.)
     """
     src = _FileSource(path)
     try:

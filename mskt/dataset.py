@@ -179,7 +179,13 @@ def replace_nonfinite(dataset: MultimodalDataset) -> str | None:
 def validate(dataset: MultimodalDataset, shape: DataShape | None = None) -> None:
     """Check the dataset's internal consistency (and against a preset's dims); raise DataError.
 
-    Every message names the file, split, key, what was expected and what was found.
+    Every message names the file, split, key, what was expected and what was found. Refused: a
+    missing split or modality, an empty *train* split, arrays that are not (N, T >= 1, D >= 1)
+    float32, sample counts that disagree, a feature dim that differs between splits (or from the
+    preset), lengths that are not integers in [0, T], non-numeric or non-finite labels, sentiment
+    outside [-3, 3], emotions other than 0/1 (N, 4). Allowed: an empty valid or test split (word
+    alignment can produce one; training needs samples and must refuse it there) and a sample of
+    length 0 (all padding: the model's key mask keeps one padded step, so attention stays finite).
     """
     src = dataset.meta.source
     missing = [s for s in SPLITS if s not in dataset.splits]
@@ -190,9 +196,12 @@ def validate(dataset: MultimodalDataset, shape: DataShape | None = None) -> None
     ref_dims: dict = {}
     for s in SPLITS:
         sp = dataset.splits[s]
-        n = sp.labels.shape[0] if hasattr(sp.labels, "shape") else None
-        if n is None:
-            raise DataError(f"{src}: split {s!r} key 'labels' is not an array")
+        label_shape = getattr(sp.labels, "shape", None)
+        if label_shape is None or len(label_shape) == 0:
+            raise DataError(f"{src}: split {s!r} key 'labels': expected an array with one row per sample, found {type(sp.labels).__name__} of shape {label_shape}")
+        n = int(label_shape[0])
+        if n == 0 and s == "train":
+            raise DataError(f"{src}: split 'train' has 0 samples; expected at least one to train on")
         for m in MODALITIES:
             if m not in sp.features:
                 raise DataError(f"{src}: split {s!r} has no key {m!r}")
@@ -203,6 +212,10 @@ def validate(dataset: MultimodalDataset, shape: DataShape | None = None) -> None
                 raise DataError(f"{src}: split {s!r} key {m!r}: expected N={n} samples (as labels), found {x.shape[0]}")
             if x.dtype != np.float32:
                 raise DataError(f"{src}: split {s!r} key {m!r}: expected float32, found {x.dtype}")
+            if x.shape[1] < 1 or x.shape[2] < 1:
+                raise DataError(
+                    f"{src}: split {s!r} key {m!r}: expected at least one time step and one feature (N, T, D), found shape {tuple(x.shape)}"
+                )
             d = int(x.shape[2])
             if m in ref_dims and ref_dims[m][1] != d:
                 raise DataError(
@@ -218,13 +231,17 @@ def validate(dataset: MultimodalDataset, shape: DataShape | None = None) -> None
                 found = None if ln is None else tuple(ln.shape)
                 raise DataError(f"{src}: split {s!r} lengths of {m!r}: expected shape ({n},), found {found}")
             ln = np.asarray(ln)
+            if ln.dtype.kind not in "iu":
+                raise DataError(f"{src}: split {s!r} lengths of {m!r}: expected integers, found dtype {ln.dtype}")
             if ln.size and (ln.min() < 0 or ln.max() > x.shape[1]):
                 raise DataError(
                     f"{src}: split {s!r} lengths of {m!r}: expected values in [0, {x.shape[1]}], found [{ln.min()}, {ln.max()}]"
                 )
-        if sp.ids.shape != (n,):
-            raise DataError(f"{src}: split {s!r} key 'ids': expected shape ({n},), found {tuple(sp.ids.shape)}")
+        if tuple(np.shape(sp.ids)) != (n,):
+            raise DataError(f"{src}: split {s!r} key 'ids': expected shape ({n},), found {tuple(np.shape(sp.ids))}")
         labels = np.asarray(sp.labels)
+        if labels.dtype.kind not in "biuf":
+            raise DataError(f"{src}: split {s!r} key 'labels': expected numbers, found dtype {labels.dtype}")
         if dataset.meta.task == "regression":
             if labels.shape != (n,):
                 raise DataError(f"{src}: split {s!r} key 'labels': expected shape ({n},) for regression, found {labels.shape}")

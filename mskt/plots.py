@@ -421,3 +421,170 @@ def plot_results(table, metrics=("acc2_nonzero", "f1_nonzero", "mae", "corr"), p
     if paper:
         _legend_below(fig, np.atleast_1d(axes)[0], ncol=2)
     return fig
+
+
+# ----------------------------------------------------------------------------------------------
+# 06 robustness to missing modalities
+
+
+def _metric_axis(metric: str) -> tuple[float, str]:
+    """(scale, axis label) of a metric: accuracies and F1 in percent; MAE, Corr and loss as they are."""
+    scale = 1 if metric in ("mae", "corr", "loss") else 100
+    arrow = " ↓" if metric in ("mae", "loss") else " ↑"
+    return scale, metric.replace("_", " ") + ("" if scale == 1 else " (%)") + arrow
+
+
+def _sweep_metrics(frame, metrics):
+    from mskt.robustness import metric_columns
+
+    return list(metrics) if metrics else [m for m in metric_columns(frame) if m != "loss" and frame[m].notna().any()]
+
+
+def _seed_counts(frame) -> str:
+    runs = frame.groupby("label")["run_seed"].nunique()
+    masks = frame.loc[frame["mask_seed"] >= 0, "mask_seed"].nunique()
+    text = f"{'/'.join(map(str, sorted(set(runs))))} training seed(s)"
+    return text + (f" × {masks} mask seed(s)" if masks else "")
+
+
+def plot_robustness(frame, metrics=None, labels=None, title: str | None = None):
+    """Every metric against the missing rate (``mskt.robustness.sweep`` rows with protocol "rate"):
+    one panel per metric, one line per label (variant), mean over training and mask seeds with a
+    ±1 std band."""
+    import math
+
+    import seaborn as sns
+
+    rates = frame[frame["protocol"] == "rate"]
+    metrics = _sweep_metrics(rates, metrics)
+    labels = labels or list(dict.fromkeys(rates["label"]))
+    ncols = min(4, len(metrics))
+    nrows = math.ceil(len(metrics) / ncols)
+    fig, axes = _fig(FULL_WIDTH, 1.75 * nrows + 0.6, ncols=ncols, nrows=nrows, squeeze=False)
+    for ax in axes.flat[len(metrics):]:
+        ax.set_visible(False)
+    for ax, m in zip(axes.flat, metrics):
+        scale, label = _metric_axis(m)
+        sns.lineplot(rates.assign(value=rates[m] * scale), x="rate", y="value", hue="label", hue_order=labels,
+                     errorbar="sd", marker="o", markersize=3, linewidth=1, ax=ax)
+        ax.set_xlabel("missing rate")
+        ax.set_ylabel(label)
+    _legend_below(fig, *axes.flat[: len(metrics)], ncol=len(labels))
+    mode = "time step" if set(rates["mode"]) == {"step"} else "sample and modality"
+    fig.suptitle(title or f"Test metrics against the missing rate (per {mode}), mean ± std over {_seed_counts(rates)}", fontsize=9)
+    return fig
+
+
+def _condition_name(condition: str) -> str:
+    if condition in ("none", "rate 0"):
+        return "nothing missing"
+    return ", ".join(SYMBOL[m] for m in condition.split(",")) + " missing"
+
+
+def plot_conditions(frame, metrics=None, labels=None, title: str | None = None):
+    """Every metric under each fixed missing condition (MMIN's six; ``sweep`` rows with protocol
+    "condition"), with "nothing missing" (rate 0) on top when the frame has it: one panel per metric,
+    one dot per label, mean ± std over training seeds. Dots, not bars: the axes do not start at zero."""
+    import math
+
+    import seaborn as sns
+
+    rows = frame[(frame["protocol"] == "condition") | ((frame["protocol"] == "rate") & (frame["rate"] == 0.0))]
+    metrics = _sweep_metrics(rows, metrics)
+    labels = labels or list(dict.fromkeys(rows["label"]))
+    rows = rows.assign(where=rows["condition"].map(_condition_name))
+    order = list(dict.fromkeys(rows.sort_values("protocol", ascending=False, kind="stable")["where"]))  # "rate 0" first
+    ncols = min(4, len(metrics))
+    nrows = math.ceil(len(metrics) / ncols)
+    fig, axes = _fig(FULL_WIDTH, (0.25 * len(order) + 0.7) * nrows + 0.5, ncols=ncols, nrows=nrows, squeeze=False, sharey=True)
+    for ax in axes.flat[len(metrics):]:
+        ax.set_visible(False)
+    for ax, m in zip(axes.flat, metrics):
+        scale, label = _metric_axis(m)
+        sns.pointplot(rows.assign(value=rows[m] * scale), x="value", y="where", hue="label", hue_order=labels, order=order,
+                      errorbar="sd", dodge=0.5, linestyle="none", markers="o", markersize=3, err_kws={"linewidth": 1}, capsize=0, ax=ax)
+        ax.set_xlabel(label)
+        ax.set_ylabel("")
+        ax.margins(x=0.15)
+    _legend_below(fig, *axes.flat[: len(metrics)], ncol=len(labels))
+    fig.suptitle(title or f"Test metrics per fixed missing condition, mean ± std over {_seed_counts(rows)}", fontsize=9)
+    return fig
+
+
+def plot_sample_view(view: dict, max_features: int = 40):
+    """One sample under one missing pattern (``mskt.explorer.sample_view``): the prediction with the
+    pattern and with nothing missing against the label; for each reconstructed modality its real and
+    reconstructed standardised features (features × real steps; at most ``max_features`` rows, those
+    of largest variance); and the cross-modal attention of the last layer, mean over heads."""
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    views, attention, lengths, missing = view["views"], view["attention"], view["lengths"], set(view["missing"])
+
+    def symbol(m):
+        if m in views:
+            return SYMBOL[m] + "′"
+        return SYMBOL[m] + ("=0" if m in missing else "")
+
+    fig = plt.figure(figsize=(FULL_WIDTH, 4.8), layout="constrained")
+    top, bottom = fig.subfigures(2, 1, height_ratios=[1.0, 1.0])
+    ncols = 1 + 2 * len(views)
+    axes = top.subplots(1, ncols, squeeze=False, gridspec_kw={"width_ratios": [1.3] + [1] * (ncols - 1)})[0]
+
+    ax = axes[0]  # the prediction
+    if view["task"] == "regression":
+        values = [float(view["label"]), float(view["pred"]), float(view["pred_full"])]
+        names = ["label", "prediction", "nothing missing"]
+        ax.barh(range(3), values, color=["0.3", "C0", "C1"], height=0.6)
+        ax.set_yticks(range(3), names)
+        ax.set_xlim(-3, 3)
+        ax.axvline(0, color="k", lw=0.5)
+        ax.invert_yaxis()
+        ax.set_xlabel("sentiment")
+    else:
+        from mskt.presets import EMOTIONS
+
+        def prob(logits):
+            z = np.asarray(logits, dtype=float)  # (4, 2)
+            e = np.exp(z - z.max(axis=1, keepdims=True))
+            return (e / e.sum(axis=1, keepdims=True))[:, 1]
+
+        y = np.arange(len(EMOTIONS))
+        ax.barh(y - 0.2, prob(view["pred"]), height=0.4, label="prediction")
+        ax.barh(y + 0.2, prob(view["pred_full"]), height=0.4, label="nothing missing")
+        ax.plot(np.asarray(view["label"], dtype=float), y, "kD", ms=3, label="label")
+        ax.set_yticks(y, EMOTIONS)
+        ax.set_xlim(0, 1)
+        ax.invert_yaxis()
+        ax.set_xlabel("P(emotion)")
+        ax.legend(frameon=False, fontsize=6)
+    ax.set_title("Prediction")
+
+    for i, (m, v) in enumerate(views.items()):
+        real, rec = v["real"], v["reconstructed"]  # (n, D)
+        keep = np.sort(np.argsort(-real.var(axis=0))[:max_features])
+        span = float(np.percentile(np.abs(real[:, keep]), 99)) or 1.0
+        for ax, x, what in ((axes[1 + 2 * i], real, f"{SYMBOL[m]} real"), (axes[2 + 2 * i], rec, f"{SYMBOL[m]}′ reconstructed, R² {v['r2']:.2f}")):
+            ax.imshow(x[:, keep].T, aspect="auto", cmap="vlag", vmin=-span, vmax=span, interpolation="nearest")
+            ax.grid(False)
+            ax.set_title(what)
+            ax.set_xlabel("real step")
+            ax.set_ylabel(f"{m} feature" if x is real else "")
+            ax.set_yticks([])
+
+    directions = [k for k in attention if k.split("->")[0] != k.split("->")[1]]
+    if directions:
+        axes = bottom.subplots(1, len(directions), squeeze=False)[0]
+        for ax, key in zip(axes, directions):
+            s, t = key.split("->")
+            w = attention[key].mean(axis=0)  # (T_t, S)
+            nt, ns = max(1, min(w.shape[0], lengths[t])), max(1, min(w.shape[1], lengths[s]))
+            ax.imshow(w[-nt:, -ns:], aspect="auto", cmap="magma", vmin=0, interpolation="nearest")
+            ax.grid(False)
+            ax.set_title(f"{symbol(s)} → {symbol(t)}")
+            ax.set_xlabel(f"{symbol(s)} step")
+            ax.set_ylabel(f"{symbol(t)} step" if ax is axes[0] else "")
+        bottom.suptitle("Cross-modal attention (queries: target, keys: source), last layer, mean over heads", fontsize=8)
+    gone = ", ".join(sorted(view["missing"], key=list(SYMBOL).index)) or "nothing"
+    fig.suptitle(f"{view['variant']}, test sample {view['index']}, missing: {gone}", fontsize=9)
+    return fig

@@ -2,14 +2,19 @@
 
 Pickles come from the internet and a pickle can run arbitrary code while loading, so every pickle
 goes through ``safe_load_pickle``: it admits only plain containers and numpy's array
-reconstruction, and refuses any other global *before* it is called.
+reconstruction, and refuses any other global *before* it is called. It also checks the states
+numpy trusts blindly (a dtype's flags, an object array's items), since a damaged or tampered
+state there crashes the process rather than raising.
 """
 
 from __future__ import annotations
 
+import _compat_pickle
 import io
+import math
 import pickle
 import re
+import struct
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +42,7 @@ _SAFE_GLOBALS = {
     ("builtins", "tuple"),
     ("builtins", "set"),
     ("builtins", "frozenset"),
+    ("builtins", "bytes"),  # protocol <= 2 writes b"" as bytes()
     ("builtins", "bytearray"),
     ("builtins", "complex"),
     ("builtins", "slice"),
@@ -53,18 +59,113 @@ _SAFE_GLOBALS = {
 }
 
 
-class _RestrictedUnpickler(pickle.Unpickler):
+def _from_content(kind):
+    """``bytes`` / ``bytearray`` that refuse a size argument: ``bytearray(10**11)`` in a pickle
+    would zero-fill 100 GB; pickles only ever build them from content."""
+
+    def build(*args):
+        if args and not isinstance(args[0], (str, bytes, bytearray)):
+            raise pickle.UnpicklingError(f"refused {kind.__name__}() of a {type(args[0]).__name__}: only of str or bytes content")
+        return kind(*args)
+
+    return build
+
+
+_SIZED = {"bytes": _from_content(bytes), "bytearray": _from_content(bytearray)}
+
+
+def _check_dtype_state(dtype: np.dtype, state, source: str) -> None:
+    """Refuse a pickled dtype state other than the plain one of that type (byte order aside).
+
+    ``np.dtype.__setstate__`` trusts its argument: a state with other flags, item size or fields
+    makes a float32 dtype that claims to hold Python objects, and freeing its arrays then reads
+    garbage pointers (a crashed kernel). numpy writes the plain state, so nothing legitimate is lost.
+    """
+    plain = dtype.__reduce__()[2]  # the state of the freshly built dtype, before BUILD changes it
+    if isinstance(state, tuple) and len(state) == 8 and (state[3] is not None or state[4] is not None):
+        raise DataError(f"{source}: refused a numpy array of structured dtype (fields {state[3]!r}): data files hold plain arrays")
+    ok = (
+        isinstance(state, tuple)
+        and len(state) == len(plain)
+        and state[0] == plain[0]
+        and state[2:] == plain[2:]
+        and (state[1] == plain[1] or (plain[1] != "|" and state[1] in ("<", ">", "=")))
+    )
+    if not ok:
+        raise DataError(
+            f"{source}: refused a numpy dtype {dtype.str!r} with the pickled state {state!r}; "
+            f"expected {plain!r} (a tampered or corrupt pickle)"
+        )
+
+
+def _check_array_state(array: np.ndarray, state, source: str) -> None:
+    """Refuse an array state numpy would not check itself: an object array's list of items must
+    hold exactly one per element (a shorter list makes ``ndarray.__setstate__`` read past it: a
+    segmentation fault), and only a fresh array from ``_reconstruct`` takes a state."""
+    if not (array.base is None and array.flags.owndata):
+        raise DataError(f"{source}: refused to set the state of an array that is a view (a tampered or corrupt pickle)")
+    if not isinstance(state, tuple) or len(state) not in (4, 5):
+        raise DataError(f"{source}: refused a numpy array state that is not (version, shape, dtype, is_fortran, data)")
+    shape, dtype, data = state[-4], state[-3], state[-1]
+    if not (isinstance(shape, tuple) and all(isinstance(d, int) and d >= 0 for d in shape) and isinstance(dtype, np.dtype)):
+        raise DataError(f"{source}: refused a numpy array state with shape {shape!r} and dtype {dtype!r}")
+    if dtype.fields is not None or dtype.subdtype is not None:
+        raise DataError(f"{source}: refused a numpy array of structured dtype {dtype}: data files hold plain arrays")
+    n = math.prod(shape)
+    if dtype.hasobject:
+        if not isinstance(data, list) or len(data) != n:
+            found = f"{len(data)} items" if isinstance(data, list) else type(data).__name__
+            raise DataError(f"{source}: refused a numpy object array of shape {shape} whose pickled items are {found}, expected {n}")
+    elif not isinstance(data, (bytes, bytearray, str)) or len(data) != n * dtype.itemsize:
+        found = f"{len(data)} bytes" if isinstance(data, (bytes, bytearray, str)) else type(data).__name__
+        raise DataError(f"{source}: refused a numpy array of shape {shape} and dtype {dtype} whose pickled data are {found}, expected {n * dtype.itemsize} bytes")
+
+
+class _RestrictedUnpickler(pickle._Unpickler):
+    """The pure-Python unpickler, so that BUILD (``obj.__setstate__(state)``) can be checked too:
+    only arrays and dtypes take a state, and numpy trusts both (see the two checks above). Arrays
+    are a few large opcodes each, so the Python loop costs little."""
+
     def __init__(self, file, source: str):
         # latin1 lets numpy arrays pickled under Python 2 load (the encoding numpy documents).
         super().__init__(file, encoding="latin1")
         self.source = source
 
+    def load_build(self):
+        inst, state = self.stack[-2], self.stack[-1]
+        if isinstance(inst, np.dtype):
+            _check_dtype_state(inst, state, self.source)
+        elif isinstance(inst, np.ndarray):
+            _check_array_state(inst, state, self.source)
+        else:
+            raise DataError(f"{self.source}: refused to set the state of a {type(inst).__name__}: only numpy arrays and dtypes take one")
+        super().load_build()
+
+    def load_bytearray8(self):
+        # pickle.py allocates the declared size before reading: a corrupt length would zero-fill
+        # gigabytes; reading first caps it at what the file holds.
+        (n,) = struct.unpack("<Q", self.read(8))
+        data = self.read(n)
+        if len(data) != n:
+            raise pickle.UnpicklingError(f"pickle data was truncated (BYTEARRAY8 of {n} bytes)")
+        self.append(bytearray(data))
+
+    dispatch = {**pickle._Unpickler.dispatch, pickle.BUILD[0]: load_build, pickle.BYTEARRAY8[0]: load_bytearray8}
+
     def find_class(self, module, name):
+        found = (module, name)
+        if self.proto < 3:  # Python 2 names (and protocol <= 2 from Python 3): __builtin__.bytes, ...
+            if found in _compat_pickle.NAME_MAPPING:
+                module, name = _compat_pickle.NAME_MAPPING[found]
+            else:
+                module = _compat_pickle.IMPORT_MAPPING.get(module, module)
         if (module, name) not in _SAFE_GLOBALS:
             raise DataError(
-                f"{self.source}: refused to unpickle the global '{module}.{name}': only plain containers "
+                f"{self.source}: refused to unpickle the global '{found[0]}.{found[1]}': only plain containers "
                 "and numpy arrays are allowed (a pickle can run code while it loads)"
             )
+        if module == "builtins" and name in ("bytes", "bytearray"):
+            return _SIZED[name]
         if module.startswith("numpy.core") and int(np.__version__.split(".")[0]) >= 2:
             module = module.replace("numpy.core", "numpy._core", 1)
         return super().find_class(module, name)
@@ -120,15 +221,23 @@ def _split_dict(obj, path, required) -> dict:
 def _features(sp, key, path, split) -> np.ndarray:
     x = sp[key]
     if not isinstance(x, np.ndarray) or x.dtype.kind not in "fiu":
-        raise DataError(f"{path}: split {split!r} key {key!r}: expected a numeric array, found {type(x).__name__}")
+        found = f"array of dtype {x.dtype}" if isinstance(x, np.ndarray) else type(x).__name__
+        raise DataError(f"{path}: split {split!r} key {key!r}: expected a numeric array (N, T, D), found {found}")
     if x.ndim != 3:
         raise DataError(f"{path}: split {split!r} key {key!r}: expected a 3-D array (N, T, D), found shape {x.shape}")
+    if x.shape[1] < 1 or x.shape[2] < 1:
+        raise DataError(
+            f"{path}: split {split!r} key {key!r}: expected at least one time step and one feature (N, T, D), found shape {x.shape}"
+        )
     return np.array(x, dtype=np.float32)  # a copy: replacing -inf must not touch the caller's object
 
 
 def _numeric(sp, key, path, split) -> np.ndarray:
     """``sp[key]`` as a numeric array of at least one dimension; DataError otherwise."""
-    x = np.asarray(sp[key])
+    try:
+        x = np.asarray(sp[key])
+    except (ValueError, TypeError) as e:  # ragged nested lists
+        raise DataError(f"{path}: split {split!r} key {key!r}: expected a numeric array, found {type(sp[key]).__name__} ({e})") from None
     if x.ndim == 0 or x.dtype.kind not in "fiub":
         raise DataError(
             f"{path}: split {split!r} key {key!r}: expected a numeric array, found {type(sp[key]).__name__} of dtype {x.dtype} and shape {x.shape}"
@@ -136,17 +245,33 @@ def _numeric(sp, key, path, split) -> np.ndarray:
     return x
 
 
+def _lengths(sp, key, path, split, n) -> np.ndarray:
+    """``sp[key]`` as int64 true lengths (n,): finite whole numbers; DataError otherwise."""
+    x = _numeric(sp, key, path, split).reshape(-1)
+    if x.shape != (n,):
+        raise DataError(f"{path}: split {split!r} key {key!r}: expected shape ({n},), found {x.shape}")
+    if x.dtype.kind == "f" and not (np.isfinite(x).all() and (x == np.round(x)).all()):
+        raise DataError(f"{path}: split {split!r} key {key!r}: expected whole-number lengths, found e.g. {x[x != np.round(x)][:1]}")
+    return x.astype(np.int64)
+
+
 def _as_str(v) -> str:
     return v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v)
 
 
-def _ids(raw, n, split) -> np.ndarray:
+def _ids(raw, n, split, path) -> np.ndarray:
+    """Sample ids as str: absent -> "<split>_<i>" (n of them); (m,) values; MOSI's (m, k) byte triples joined by "_"."""
     if raw is None:
         return np.array([f"{split}_{i}" for i in range(n)])
-    raw = np.asarray(raw)
+    try:
+        raw = np.asarray(raw)
+    except (ValueError, TypeError) as e:
+        raise DataError(f"{path}: split {split!r} key 'id': expected {n} ids, found {type(raw).__name__} ({e})") from None
+    if raw.ndim not in (1, 2):  # the count is checked with the modalities' (_check_counts)
+        raise DataError(f"{path}: split {split!r} key 'id': expected shape ({n},) or ({n}, k), found shape {raw.shape}")
     if raw.ndim == 2:  # MOSI: (video, start, end) per sample
-        return np.array(["_".join(_as_str(v) for v in row) for row in raw])
-    return np.array([_as_str(v) for v in raw.reshape(len(raw))])
+        return np.array(["_".join(_as_str(v) for v in row) for row in raw], dtype=str).reshape(len(raw))
+    return np.array([_as_str(v) for v in raw], dtype=str).reshape(len(raw))
 
 
 def read_mult_pickle(path, obj=None) -> MultimodalDataset:
@@ -155,13 +280,14 @@ def read_mult_pickle(path, obj=None) -> MultimodalDataset:
     obj = safe_load_pickle(path) if obj is None else obj
     splits = _split_dict(obj, path, ("vision", "text", "audio", "labels"))
     known = MULT_FILES.get(path.name)
-    first_labels = np.asarray(splits["train"]["labels"])
-    task = "emotions" if first_labels.ndim == 3 and first_labels.shape[1:] == (len(EMOTIONS), 2) else "regression"
-    if known:
+    if known:  # a file under its MulT name holds that dataset's task, whatever its labels look like
         name, aligned = known
+        task = data_shape(name).task
     else:
         name = path.stem
         aligned = "noalign" not in path.name
+        first_labels = _numeric(splits["train"], "labels", path, "train")
+        task = "emotions" if first_labels.ndim == 3 and first_labels.shape[1:] == (len(EMOTIONS), 2) else "regression"
     out = {}
     for s, sp in splits.items():
         feats = {m: _features(sp, m, path, s) for m in MODALITIES}
@@ -170,12 +296,19 @@ def read_mult_pickle(path, obj=None) -> MultimodalDataset:
         if task == "emotions":
             if labels.shape != (n, len(EMOTIONS), 2):
                 raise DataError(f"{path}: split {s!r} key 'labels': expected ({n}, 4, 2) one-hot emotions, found {labels.shape}")
+            one_hot = np.isin(labels, (0, 1)).all(axis=-1) & (labels.sum(axis=-1) == 1)  # (N, 4); False for NaN
+            if not one_hot.all():
+                i, e = np.argwhere(~one_hot)[0]
+                raise DataError(
+                    f"{path}: split {s!r} key 'labels': expected a one-hot pair [absent, present] per emotion, "
+                    f"found {labels[i, e].tolist()} for sample {i}, emotion {EMOTIONS[e]!r} ({int((~one_hot).sum())} such pairs)"
+                )
             labels = labels.argmax(axis=-1).astype(np.int64)  # (N, 4): 1 = emotion present
         else:
             if labels.size != n:
                 raise DataError(f"{path}: split {s!r} key 'labels': expected one sentiment per sample ({n}), found shape {labels.shape}")
             labels = labels.reshape(n).astype(np.float32)
-        out[s] = Split(features=feats, lengths={}, labels=labels, ids=_ids(sp.get("id"), n, s))
+        out[s] = Split(features=feats, lengths={}, labels=labels, ids=_ids(sp.get("id"), n, s, path))
     ds = MultimodalDataset(
         splits=out,
         meta=DatasetMeta(name=name, task=task, aligned=aligned, source=str(path), format="mult-pickle"),
@@ -221,8 +354,11 @@ def read_mmsa_pickle(path, obj=None) -> MultimodalDataset:
     out = {}
     for s, sp in splits.items():
         feats = {m: _features(sp, m, path, s) for m in MODALITIES}
-        labels = _numeric(sp, "regression_labels", path, s).astype(np.float32).reshape(-1)
+        labels = _numeric(sp, "regression_labels", path, s)
         n = labels.shape[0]
+        if labels.shape not in ((n,), (n, 1)):
+            raise DataError(f"{path}: split {s!r} key 'regression_labels': expected shape ({n},) or ({n}, 1), found {labels.shape}")
+        labels = labels.astype(np.float32).reshape(n)
         for m in MODALITIES:  # N must agree before lengths index the arrays
             if feats[m].shape[0] != n:
                 raise DataError(f"{path}: split {s!r} key {m!r}: expected N={n} samples (as regression_labels), found {feats[m].shape[0]}")
@@ -231,16 +367,16 @@ def read_mmsa_pickle(path, obj=None) -> MultimodalDataset:
             tb = _numeric(sp, "text_bert", path, s)
             if tb.ndim != 3 or tb.shape[0] != n or tb.shape[1] != 3:
                 raise DataError(f"{path}: split {s!r} key 'text_bert': expected ({n}, 3, L), found {tb.shape}")
-            lengths["text"] = tb[:, 1, :].sum(axis=1).astype(np.int64)
+            mask = tb[:, 1, :]
+            if not np.isin(mask, (0, 1)).all():
+                raise DataError(f"{path}: split {s!r} key 'text_bert': expected an attention mask of 0/1 in [:, 1, :], found other values")
+            lengths["text"] = mask.sum(axis=1).astype(np.int64)
         else:
             lengths["text"] = _right_padded_lengths(feats["text"])
         for m in ("audio", "vision"):
             key = f"{m}_lengths"
             if key in sp:
-                ln = _numeric(sp, key, path, s).reshape(-1).astype(np.int64)
-                if ln.shape != (n,):
-                    raise DataError(f"{path}: split {s!r} key {key!r}: expected shape ({n},), found {ln.shape}")
-                lengths[m] = ln
+                lengths[m] = _lengths(sp, key, path, s, n)
             elif aligned:
                 lengths[m] = lengths["text"].copy()  # word-aligned to the text tokens
             else:
@@ -250,7 +386,7 @@ def read_mmsa_pickle(path, obj=None) -> MultimodalDataset:
             if lengths[m].size and (lengths[m].min() < 0 or lengths[m].max() > T):
                 raise DataError(f"{path}: split {s!r} lengths of {m!r}: expected values in [0, {T}], found [{lengths[m].min()}, {lengths[m].max()}]")
             feats[m] = right_to_left_padding(feats[m], lengths[m])
-        ids = _ids(sp.get("id"), n, s)
+        ids = _ids(sp.get("id"), n, s, path)
         out[s] = Split(features=feats, lengths=lengths, labels=labels, ids=ids)
     dims = tuple(out["train"].features[m].shape[2] for m in ("audio", "vision"))
     name = {(5, 20): "mosi", (74, 35): "mosei", (33, 709): "sims"}.get(dims, path.parent.name.lower() or path.stem)

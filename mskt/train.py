@@ -29,7 +29,7 @@ import torch
 
 from mskt.config import Config
 from mskt.dataset import MultimodalDataset, Split
-from mskt.errors import ConfigError, MsktError
+from mskt.errors import ConfigError, DataError, MsktError
 from mskt.metrics import compute_metrics, format_metrics
 from mskt.model import KTMulT, build_model
 from mskt.presets import MODALITIES
@@ -87,30 +87,58 @@ def _progress_enabled(setting: str) -> bool:
 
 @dataclass
 class Tensors:
-    """One split as tensors on a device: features {m: (N, T, D)}, lengths {m: (N,)}, labels."""
+    """One split as tensors on a device: features {m: (N, T, D)}, lengths {m: (N,)}, labels.
 
-    features: dict
+    Lazy (``from_split(..., lazy=True)`` on a lazily read ``.h5`` store): the features stay on disk
+    as h5py datasets and each batch reads just its rows, into pinned memory when the device is a
+    GPU, so a dataset larger than memory trains. Batches are the same either way.
+    """
+
+    features: dict  # {m: tensor on device}, or {m: h5py dataset} when lazy
     lengths: dict
     labels: torch.Tensor
     ids: np.ndarray
+    lazy: bool = False
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
 
     @classmethod
-    def from_split(cls, split: Split, task: str, device) -> "Tensors":
-        split = split.load()
+    def from_split(cls, split: Split, task: str, device, lazy: bool = False) -> "Tensors":
+        lazy = lazy and not all(isinstance(x, np.ndarray) for x in split.features.values())
+        features = dict(split.features) if lazy else {m: torch.as_tensor(np.asarray(x), device=device) for m, x in split.features.items()}
         label_dtype = torch.float32 if task == "regression" else torch.long
         return cls(
-            features={m: torch.as_tensor(split.features[m], device=device) for m in MODALITIES},
-            lengths={m: torch.as_tensor(split.lengths[m], dtype=torch.long, device=device) for m in MODALITIES},
-            labels=torch.as_tensor(split.labels, dtype=label_dtype, device=device),
-            ids=split.ids,
+            features={m: features[m] for m in MODALITIES},
+            lengths={m: torch.as_tensor(np.asarray(split.lengths[m]), dtype=torch.long, device=device) for m in MODALITIES},
+            labels=torch.as_tensor(np.asarray(split.labels), dtype=label_dtype, device=device),
+            ids=np.asarray(split.ids),
+            lazy=lazy,
         )
 
+    def _read(self, m: str, index: torch.Tensor) -> torch.Tensor:
+        """Rows ``index`` of a lazy modality, in ``index``'s order, on the device."""
+        rows = index.cpu().numpy()
+        order = np.argsort(rows)  # h5py reads increasing indices only
+        source = self.features[m]
+        x = np.empty((len(rows),) + source.shape[1:], dtype=np.float32)
+        try:
+            x[order] = source[rows[order]]
+        except (OSError, RuntimeError, ValueError) as e:  # a damaged chunk shows up only when read
+            raise DataError(f"{source.file.filename}: {source.name}: cannot read rows of a lazy batch ({e})") from None
+        x = torch.from_numpy(x).nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)  # as an eager read does
+        device = self.labels.device
+        if device.type == "cuda":
+            return x.pin_memory().to(device, non_blocking=True)
+        return x
+
     def batch(self, index: torch.Tensor) -> dict:
+        if self.lazy:
+            features = {m: self._read(m, index) for m in self.features}
+        else:
+            features = {m: x.index_select(0, index) for m, x in self.features.items()}
         return {
-            **{m: x.index_select(0, index) for m, x in self.features.items()},
+            **features,
             "lengths": {m: x.index_select(0, index) for m, x in self.lengths.items()},
             "labels": self.labels.index_select(0, index),
         }
@@ -143,11 +171,13 @@ class Tensors:
 
 
 @torch.inference_mode()
-def predict(model: KTMulT, data: Tensors, batch_size: int = 256, return_internals: bool = False) -> dict:
-    """Predictions (numpy) for a whole split, in order; with internals, also f_* and A' tensors."""
+def predict(model: KTMulT, data: Tensors, batch_size: int = 256, return_internals: bool = False, missing=None,
+            missing_rate: float = 0.0, missing_mode: str = "sample", missing_seed: int = 0) -> dict:
+    """Predictions (numpy) for a whole split, in order; with internals, also f_* and A' tensors.
+    By default every modality is given as it is; ``missing`` etc. as in :func:`evaluate`."""
     model.eval()
     preds, internals = [], {}
-    for batch in data.batches(batch_size):
+    for batch in _missing_batches(model, data, batch_size, missing, missing_rate, missing_mode, missing_seed, default_protocol=False):
         out = model(batch, return_internals=return_internals)
         preds.append(out.pred.float().cpu())
         for key, value in out.internals.items():
@@ -158,10 +188,47 @@ def predict(model: KTMulT, data: Tensors, batch_size: int = 256, return_internal
     return result
 
 
+def _missing_batches(model, data: Tensors, batch_size, missing, rate, mode, seed, rank=0, world=1, default_protocol=True):
+    """The batches of this rank's part of ``data``, in order, with what the protocol removes.
+
+    Masks are built once for the whole split (``mskt.missing.evaluation_masks``), so they do not
+    depend on batch size or the number of ranks. No protocol asked (``missing`` None, rate 0) and
+    ``default_protocol``: audio is missing for every variant but ``full`` (kt_any gets the mask and
+    reconstructs it; the others get no audio at all).
+    """
+    from mskt.missing import evaluation_masks
+
+    masks = evaluation_masks(len(data), {m: x.shape[1] for m, x in data.features.items()}, missing, rate, mode, seed)
+    if masks is None and default_protocol and model.cfg.variant == "kt_any":
+        masks = evaluation_masks(len(data), {}, ("audio",))
+    whole = torch.arange(len(data))
+    mine = whole.tensor_split(world)[rank] if world > 1 else whole  # the same contiguous parts as Tensors.shard
+    part = data.shard(rank, world)
+    for index in part.batch_indices(batch_size):
+        batch = part.batch(index)
+        if masks is not None:
+            batch = masks.apply(batch, mine[index.cpu()])
+        elif default_protocol and model.cfg.variant != "full":
+            batch = {**batch, "audio": None}
+        yield batch
+
+
 @torch.inference_mode()
-def evaluate(model: KTMulT, data: Tensors, batch_size: int = 256, dist=None) -> dict:
-    """Metrics (mskt.metrics names) and the mean task loss on a split. Audio is not given to the
-    model unless the variant reads it (full), so kt is evaluated with audio missing, as at test time.
+def evaluate(model: KTMulT, data: Tensors, batch_size: int = 256, dist=None, missing=None, missing_rate: float = 0.0,
+             missing_mode: str = "sample", missing_seed: int = 0) -> dict:
+    """Metrics (mskt.metrics names) and the mean task loss on a split.
+
+    By default (the paper's test setting) audio is missing and every other modality present: it is
+    not given to the model unless the variant reads it (full), so kt is evaluated with audio
+    missing; kt_any gets audio marked missing for every sample and reconstructs it.
+
+    Missing modalities (``mskt.missing``): ``missing`` names modalities missing for every sample
+    ("audio,vision" or a tuple; ``()`` = nothing missing); ``missing_rate`` r makes each other
+    modality of each sample missing with probability r (``missing_mode="sample"``; a sample left with
+    nothing is drawn again) or zeroes each of its time steps with probability r
+    (``missing_mode="step"``), from a generator seeded by ``missing_seed``. Given either, every
+    variant gets every modality that is not missing; missing ones are zero-filled (kt_any
+    reconstructs them instead; kt never reads audio, language_vision ignores it).
 
     Under DDP (``dist``), each rank predicts its part and every rank gets the metrics of the whole
     split, so all ranks select the same epoch.
@@ -171,9 +238,7 @@ def evaluate(model: KTMulT, data: Tensors, batch_size: int = 256, dist=None) -> 
     model.eval()
     world, rank = (dist.world, dist.rank) if dist is not None else (1, 0)
     preds = []
-    for batch in data.shard(rank, world).batches(batch_size):
-        if model.cfg.variant != "full":
-            batch = {**batch, "audio": None}
+    for batch in _missing_batches(model, data, batch_size, missing, missing_rate, missing_mode, missing_seed, rank, world):
         preds.append(model(batch).pred.float().cpu())
     pred = torch.cat(preds) if preds else torch.empty((0,) + tuple(data.labels.shape[1:]) + ((2,) if model.cfg.task != "regression" else ()))
     if world > 1:
@@ -219,16 +284,30 @@ def model_config_for(cfg: Config, dataset: MultimodalDataset) -> Config:
     )
 
 
-def audio_statistics(data: Tensors) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean and std per audio feature over the real (unpadded) steps of a split. Each (D_a,)."""
+def feature_statistics(data: Tensors, modality: str, chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and std per feature of ``modality`` over the real (unpadded) steps of a split, each (D_m,).
+
+    Read in chunks of samples (in float64), so a lazy split is never loaded whole.
+    """
     from mskt.model import key_mask
 
-    audio = data.features["audio"]  # (N, T, D)
-    mask = key_mask(data.lengths["audio"], audio.shape[1])[..., None].to(audio.dtype)  # (N, T, 1)
-    n = mask.sum().clamp(min=1)
-    mean = (audio * mask).sum(dim=(0, 1)) / n
-    var = (((audio - mean) * mask) ** 2).sum(dim=(0, 1)) / n
-    return mean, var.sqrt()
+    total = sum_x = sum_xx = 0.0
+    for index in data.batch_indices(chunk):
+        x = data.batch(index)[modality].double()  # (n, T, D)
+        real = key_mask(data.lengths[modality].index_select(0, index), x.shape[1])[..., None]  # (n, T, 1)
+        x = torch.where(real, x, 0.0)
+        total = total + real.sum()
+        sum_x = sum_x + x.sum(dim=(0, 1))
+        sum_xx = sum_xx + (x * x).sum(dim=(0, 1))
+    n = torch.as_tensor(total).clamp(min=1)
+    mean = sum_x / n
+    var = (sum_xx / n - mean * mean).clamp(min=0)
+    return mean.float(), var.sqrt().float()
+
+
+def audio_statistics(data: Tensors) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and std per audio feature over the real steps of a split: kt's standardisation."""
+    return feature_statistics(data, "audio")
 
 
 def load_teacher_audio_encoder(model: KTMulT, teacher_dir: str) -> None:
@@ -273,6 +352,80 @@ def load_checkpoint(path: Path) -> dict:
     except Exception as e:  # truncated, not a zip, not a pickle at all
         first_line = (str(e).strip().splitlines() or [""])[0]
         raise MsktError(f"{path}: not a loadable mskt checkpoint ({type(e).__name__}: {first_line})") from None
+
+
+class NonFiniteLoss(MsktError):
+    pass
+
+
+def make_optimizer(model: KTMulT, cfg: Config) -> torch.optim.Optimizer:
+    """Adam over the trainable parameters; fused (one kernel for all tensors rather than a dozen
+    small ops per tensor, the same update) where this torch supports it for the device."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    try:
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
+    except RuntimeError:  # a device without a fused kernel
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def autocast(cfg: Config, device: torch.device):
+    """bf16 autocast on CUDA when ``cfg.precision == "bf16"``; otherwise a no-op context."""
+    import contextlib
+
+    if cfg.precision == "bf16":
+        if device.type != "cuda":
+            raise ConfigError(f"precision='bf16' is for CUDA devices; this run is on {device} (use fp32)")
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+class CompiledOrEager:
+    """``torch.compile(module)``, falling back to the eager module (with one warning) if compiling
+    fails, e.g. on a machine without a C++ compiler: a run never dies of an optimisation."""
+
+    def __init__(self, module: torch.nn.Module):
+        self.module = module
+        self.compiled = torch.compile(module)
+        self.failed = False
+
+    def __call__(self, *args, **kwargs):
+        if not self.failed:
+            try:
+                return self.compiled(*args, **kwargs)
+            except Exception as e:  # noqa: BLE001 -- any compiler failure: the eager module computes the same
+                self.failed = True
+                log.warning("torch.compile failed (%s: %s); training continues in eager mode", type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+        return self.module(*args, **kwargs)
+
+
+def training_step(model: KTMulT, optimizer: torch.optim.Optimizer, cfg: Config, forward=None):
+    """``step(batch, weight=1.0) -> loss terms``: forward (``forward``, default the model: a DDP or
+    compiled wrapper of it), loss, backward of ``weight`` x total, gradient clipping, optimizer step.
+
+    The gradient norm is checked before the step: a NaN or inf loss raises :class:`NonFiniteLoss`
+    and the weights stay as they were. Under DDP the norm is taken of the all-reduced gradient, the
+    same on every rank, so every rank stops at the same step.
+    """
+    forward = forward if forward is not None else model
+    if cfg.compile:
+        forward = CompiledOrEager(forward)
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    device = next(model.parameters()).device
+    max_norm = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
+
+    def step(batch: dict, weight: float = 1.0) -> dict:
+        with autocast(cfg, device):
+            terms = model.loss(forward(batch), batch["labels"])
+        optimizer.zero_grad(set_to_none=True)
+        (terms["total"] * weight).backward()
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        if not (torch.isfinite(terms["total"]) and torch.isfinite(norm)):
+            detail = ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in terms.items())
+            raise NonFiniteLoss(f"the training loss became {float(terms['total'].detach())} (gradient norm {float(norm)}; {detail})")
+        optimizer.step()
+        return terms
+
+    return step
 
 
 def _restore_rng(state: dict, generator: torch.Generator) -> None:
@@ -326,8 +479,11 @@ def train(
     from mskt.readers import load_dataset
 
     if dataset is None:
-        dataset = load_dataset(cfg.data, scale=cfg.data_scale, seed=cfg.data_seed)
+        dataset = load_dataset(cfg.data, scale=cfg.data_scale, seed=cfg.data_seed, lazy=cfg.lazy)
     cfg = model_config_for(cfg, dataset)
+    empty = [s for s in ("train", "valid", "test") if len(dataset.splits[s]) == 0]
+    if empty:
+        raise DataError(f"{dataset.meta.source}: the {', '.join(empty)} split(s) have no samples; training needs all three")
     dist = Dist.from_env()
     device = resolve_device(cfg.device)
     dist.init(device)
@@ -348,16 +504,18 @@ def train(
         cfg.save(run_dir / "config.json")
 
     set_seed(cfg.seed)
-    data = {s: Tensors.from_split(sp, cfg.task, device) for s, sp in dataset.splits.items()}
+    data = {s: Tensors.from_split(sp, cfg.task, device, lazy=cfg.lazy) for s, sp in dataset.splits.items()}
     model = build_model(cfg).to(device)
     if cfg.variant == "kt" and cfg.kt_target == "teacher":
         load_teacher_audio_encoder(model, cfg.teacher_run)
     if cfg.variant == "kt" and cfg.kt_target == "raw":
         model.set_audio_statistics(*audio_statistics(data["train"]))
+    if cfg.variant == "kt_any":  # its consistency targets: every modality, standardised per feature
+        for m in MODALITIES:
+            model.set_statistics(m, *feature_statistics(data["train"], m))
     if dist.world > 1:
         torch.manual_seed(cfg.seed + dist.rank)  # each rank its own dropout masks; the weights come from rank 0
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = make_optimizer(model, cfg)
     scheduler = None
     if cfg.scheduler == "plateau":
         scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="min", patience=20, factor=0.1)
@@ -375,7 +533,7 @@ def train(
         best = {"score": state["best_score"], "epoch": state["best_epoch"], "state": state["best_state"]}
         first_epoch = state["epoch"] + 1
         log.info("resuming %s after epoch %d of %d", run_dir, state["epoch"], cfg.epochs)
-    trained = dist.wrap(model)
+    step = training_step(model, optimizer, cfg, forward=dist.wrap(model))
 
     started = time.perf_counter()
     show = _progress_enabled(cfg.progress) and dist.is_main
@@ -386,20 +544,12 @@ def train(
         for index in data["train"].batch_indices(cfg.batch_size, generator):
             index, weight = weighted_share(index, dist)  # (b,) this rank's samples of the global batch
             batch = data["train"].batch(index)
-            out = trained(batch)
-            terms = model.loss(out, batch["labels"])
-            optimizer.zero_grad(set_to_none=True)
-            (terms["total"] * weight).backward()
-            # The norm of the (all-reduced) gradient is the same on every rank, so a NaN anywhere stops
-            # every rank at the same step, before the optimizer can spread it into the weights.
-            norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
-            if not (torch.isfinite(terms["total"]) and torch.isfinite(norm)):
+            try:
+                terms = step(batch, weight)
+            except NonFiniteLoss as e:
                 raise MsktError(
-                    f"epoch {epoch}: the training loss became {float(terms['total'].detach())} "
-                    f"(gradient norm {float(norm)}; {', '.join(f'{k}={float(v.detach()):.4g}' for k, v in terms.items())}); "
-                    f"the last good checkpoint is {run_dir / 'checkpoint.pt' if run_dir else 'not saved'}"
-                )
-            optimizer.step()
+                    f"epoch {epoch}: {e}; the last good checkpoint is {run_dir / 'checkpoint.pt' if run_dir else 'not saved'}"
+                ) from None
             n = len(index) * (weight > 0)
             sums["n"] = sums.get("n", 0.0) + n
             for k, v in terms.items():

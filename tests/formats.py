@@ -208,3 +208,27 @@ class PopenPayload:
 def global_only_pickle(module: str, name: str) -> bytes:
     """A protocol-2 pickle that only looks up ``module.name`` (the GLOBAL opcode), then stops."""
     return b"\x80\x02c" + module.encode() + b"\n" + name.encode() + b"\n."
+
+
+# ----------------------------------------------------------------------------------------------
+# Any shape (for the property and bad-input tests): the MulT layout with chosen sizes, steps, dims.
+
+
+def custom_mult_object(sizes, steps, dims, *, emotions=False, seed=0, min_length=0):
+    """A MulT-layout dict with any split sizes, steps {m: T} and dims {m: D}, left zero-padded, and
+    its true lengths drawn in [min_length, T] (0 is an all-padding sample): (obj, {split: {m: lengths}}).
+    Regression labels are (N, 1, 1) in [-3, 3]; emotions (N, 4, 2) one-hot [absent, present]."""
+    rng = np.random.default_rng(seed)
+    obj, true_lengths = {}, {}
+    for s in SPLIT_NAMES:
+        n = sizes[s]
+        lens = {m: rng.integers(min_length, steps[m] + 1, size=n).astype(np.int64) for m in MODS}
+        sp = {m: left_padded(rng, lens[m], steps[m], dims[m]) for m in MODS}
+        if emotions:
+            sp["labels"] = np.eye(2, dtype=np.float32)[rng.integers(0, 2, size=(n, 4))]
+        else:
+            sp["labels"] = rng.uniform(-3, 3, size=(n, 1, 1)).astype(np.float32)
+        sp["id"] = np.array([f"{s}-{i}" for i in range(n)])
+        obj[s] = sp
+        true_lengths[s] = lens
+    return obj, true_lengths

@@ -22,6 +22,7 @@ EXPECTED_FIGURES = {
     "03_reconstruction_quality.ipynb": ["03_reconstruction_quality", "03_error_breakdown", "03_examples", "03_projection", "03_error_relation"],
     "04_attention_maps.ipynb": ["04_attention_sample0_layer1", "04_attention_average"],
     "05_ablations.ipynb": ["05_results", "05_ablations"],
+    "06_robustness.ipynb": ["06_robustness_rates", "06_robustness_conditions", "06_robustness_steps", "06_explorer_sample0_missing_audio"],
 }
 
 
@@ -70,6 +71,7 @@ def test_smoke_runs_write_only_into_their_own_folder(smoke_run):
     out, _, before, after = smoke_run
     assert (out / "figures").is_dir() and (out / "kt-run" / "metrics.json").is_file()
     assert (out / "ablations" / "variants" / "results.csv").is_file()
+    assert (out / "robustness" / "sweep.csv").is_file() and (out / "robustness" / "kt_any-seed1111" / "metrics.json").is_file()
     assert after == before, "a smoke run wrote into the repository's runs/ or figures/"
 
 

@@ -85,6 +85,8 @@ OUT_OF_RANGE = {
     "lambda_language": [-1.0],
     "lambda_fused": [-1e-3],
     "lambda_aux": [-2.0],
+    "lambda_any": [-0.1],
+    "modality_dropout": [-0.1, 1.5],
     "data_scale": [0.0, -1.0, 1e6],
     "data_seed": [-1],
     "epochs": [0, -5],
@@ -99,7 +101,7 @@ OUT_OF_RANGE = {
 # The boundary values that must stay allowed.
 ALLOWED = {
     "encoder_layers": 0, "text_kernel": 3, "audio_kernel": 5, "vision_kernel": 1, "attn_dropout": 0.0,
-    "out_dropout": 0.99, "lambda_vision": 0.0, "lambda_fused": 2.5, "lambda_aux": 0.0, "data_scale": 100.0,
+    "out_dropout": 0.99, "lambda_vision": 0.0, "lambda_fused": 2.5, "lambda_aux": 0.0, "modality_dropout": 1.0, "lambda_any": 0.0, "data_scale": 100.0,
     "data_seed": 0, "weight_decay": 0.0, "grad_clip": 0.0, "seed": 0, "threads": 0, "lr": 1e-7, "epochs": 1,
 }
 

@@ -1,0 +1,251 @@
+"""``mskt bench``: training and inference throughput at each dataset's real shapes.
+
+For every preset (full feature dims and sequence lengths of MOSI, MOSEI, IEMOCAP, aligned and
+unaligned; synthetic values) and variant, one process measures: train samples/s (forward, loss,
+backward, clipping, optimizer step), inference samples/s, peak memory, training FLOPs per sample
+(``torch.utils.flop_counter``) and, in the same run, a matrix-multiply peak, so the achieved
+fraction of it says how far the model is from what the hardware can do.
+
+``--config paper`` is this project's defaults (d=40, 3 layers per stack, 4 heads, one encoder
+layer per modality); ``--config mult`` is the public MulT code's (d=30, 5 cross-modal and memory
+layers, 5 heads, batch 24, no modality encoders), for a like-for-like comparison with it.
+
+Timing is noisy on shared machines: compare numbers from one run, never across runs.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import threading
+import time
+from dataclasses import dataclass
+
+import torch
+
+from mskt.presets import DATA_SHAPES, MODALITIES
+
+CONFIGS = {
+    "paper": {},
+    # MulT's public code (main.py defaults): nlevels 5, num_heads 5, d 30 per modality, batch 24.
+    # Its self-attention after the concatenation has max(nlevels, 3) = 5 layers; it has no
+    # modality encoders (a kernel-1 Conv1d projection only).
+    "mult": {"d_model": 30, "heads": 5, "crossmodal_layers": 5, "memory_layers": 5, "encoder_layers": 0, "batch_size": 24},
+}
+PRESET_NAMES = tuple(f"{n}{suffix}" for n in DATA_SHAPES for suffix in ("", "-unaligned"))
+RECORD_KEYS = ("preset", "variant", "config", "train_samples_per_s", "infer_samples_per_s", "peak_mem_mb", "train_flops_per_sample")
+
+
+@dataclass
+class Shapes:
+    dims: dict
+    steps: dict
+    task: str
+
+
+def shapes_for(preset: str) -> Shapes:
+    from mskt.errors import ConfigError
+
+    name, _, rest = preset.partition("-")
+    if name not in DATA_SHAPES or rest not in ("", "unaligned"):
+        raise ConfigError(f"bench preset {preset!r} unknown; allowed: {', '.join(PRESET_NAMES)}")
+    shape = DATA_SHAPES[name]
+    steps = dict(shape.unaligned_lens) if rest else {m: shape.aligned_len for m in MODALITIES}
+    return Shapes(dims=dict(shape.dims), steps=steps, task=shape.task)
+
+
+def synthetic_batch(shapes: Shapes, batch: int, device, seed: int = 0) -> dict:
+    """A full-length batch of random features at the preset's shapes (every step real)."""
+    g = torch.Generator().manual_seed(seed)
+    out = {m: torch.randn(batch, shapes.steps[m], shapes.dims[m], generator=g).to(device) for m in MODALITIES}
+    out["lengths"] = {m: torch.full((batch,), shapes.steps[m], dtype=torch.long, device=device) for m in MODALITIES}
+    if shapes.task == "regression":
+        out["labels"] = (torch.rand(batch, generator=g) * 6 - 3).to(device)
+    else:
+        out["labels"] = torch.randint(0, 2, (batch, 4), generator=g).to(device)
+    return out
+
+
+class PeakMemory:
+    """Peak memory while the block runs: CUDA's allocator peak, or on CPU the process's peak
+    resident set sampled every few milliseconds above what it was on entry."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.peak_mb = 0.0
+
+    @staticmethod
+    def _rss_mb() -> float:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            return self
+        self._base = self._rss_mb()
+        self._top = self._base
+        self._stop = threading.Event()
+
+        def sample():
+            while not self._stop.wait(0.005):
+                self._top = max(self._top, self._rss_mb())
+
+        self._thread = threading.Thread(target=sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.peak_mb = torch.cuda.max_memory_allocated(self.device) / 2**20
+        else:
+            self._stop.set()
+            self._thread.join()
+            self.peak_mb = max(self._top, self._rss_mb()) - self._base
+        return False
+
+
+def matmul_peak_flops(device: torch.device, size: int = 1024, seconds: float = 1.0, dtype=torch.float32) -> float:
+    """FLOP/s of a large square matmul: what the matrix units deliver here, with these threads."""
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    _sync(device)
+    n, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        a @ b
+        n += 1
+    _sync(device)
+    return 2 * size**3 * n / (time.perf_counter() - start)
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def train_flops_per_sample(model, batch: dict) -> float:
+    """FLOPs of one training step (forward + backward) over the batch size. Counted on the explicit
+    attention path (``return_attention=True``): the same function as the fused kernel, whose
+    CPU implementation the FLOP counter does not know."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model.train()
+    with FlopCounterMode(display=False) as counter:
+        out = model(batch, return_attention=True)
+        model.loss(out, batch["labels"])["total"].backward()
+    model.zero_grad(set_to_none=True)
+    return counter.get_total_flops() / len(batch["labels"])
+
+
+def bench_one(preset: str, variant: str, config: str = "mult", steps: int = 10, warmup: int = 3, device=None,
+              precision: str = "fp32", compile: bool = False, peak: float | None = None) -> dict:
+    """One record: ``preset`` at its real shapes, ``variant``, ``config`` ("paper" or "mult")."""
+    from mskt.config import Config, PRESETS
+    from mskt.model import build_model
+    from mskt.train import make_optimizer, resolve_device, training_step
+
+    device = resolve_device("auto") if device is None else torch.device(device)
+    shapes = shapes_for(preset)
+    base_name = preset.split("-")[0] + ("-unaligned" if preset.endswith("-unaligned") else "")
+    values = {**PRESETS.get(base_name, {}), **CONFIGS[config], "variant": variant}
+    values.update(text_dim=shapes.dims["text"], audio_dim=shapes.dims["audio"], vision_dim=shapes.dims["vision"],
+                  text_steps=shapes.steps["text"], task=shapes.task, precision=precision, compile=compile)
+    values.pop("data", None)
+    cfg = Config.from_dict(values)
+    torch.manual_seed(0)
+    model = build_model(cfg).to(device)
+    # FLOPs grow linearly with the batch; two samples keep the explicit attention maps small.
+    flops = train_flops_per_sample(model, synthetic_batch(shapes, 2, device, seed=2))
+    batch = synthetic_batch(shapes, cfg.batch_size, device)
+    optimizer = make_optimizer(model, cfg)
+    step = training_step(model, optimizer, cfg)
+
+    with PeakMemory(device) as mem:
+        for _ in range(warmup):
+            step(batch)
+        _sync(device)
+        start = time.perf_counter()
+        for _ in range(steps):
+            step(batch)
+        _sync(device)
+        train_seconds = time.perf_counter() - start
+
+    eval_batch = synthetic_batch(shapes, cfg.eval_batch_size, device, seed=1)
+    if variant != "full":
+        eval_batch["audio"] = None
+    model.eval()
+    with torch.inference_mode():
+        for _ in range(2):
+            model(eval_batch)
+        _sync(device)
+        start = time.perf_counter()
+        n_infer = 0
+        while n_infer < max(steps * cfg.batch_size, cfg.eval_batch_size):
+            model(eval_batch)
+            n_infer += cfg.eval_batch_size
+        _sync(device)
+        infer_seconds = time.perf_counter() - start
+
+    train_rate = steps * cfg.batch_size / train_seconds
+    record = {
+        "preset": preset,
+        "variant": variant,
+        "config": config,
+        "train_samples_per_s": train_rate,
+        "infer_samples_per_s": n_infer / infer_seconds,
+        "peak_mem_mb": mem.peak_mb,
+        "train_flops_per_sample": flops,
+        "batch_size": cfg.batch_size,
+        "device": str(device),
+        "threads": torch.get_num_threads(),
+        "precision": precision,
+    }
+    if peak:
+        record["matmul_peak_gflops"] = peak / 1e9
+        record["achieved_gflops"] = flops * train_rate / 1e9
+        record["peak_fraction"] = flops * train_rate / peak
+    return record
+
+
+def run_bench(presets=("mosi", "mosi-unaligned"), variants=("full", "kt"), config: str = "mult", steps: int = 10,
+              device=None, precision: str = "fp32", compile: bool = False, log=None) -> list[dict]:
+    """Every preset x variant (see :func:`bench_one`), with one matmul peak measured first."""
+    from mskt.train import resolve_device
+
+    log = log or (lambda line: print(line, flush=True))  # each line as soon as it is measured
+    device = resolve_device("auto") if device is None else torch.device(device)
+    peak_dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    peak = matmul_peak_flops(device, dtype=peak_dtype)
+    log(f"matmul peak ({device}, {torch.get_num_threads()} threads, {precision}): {peak / 1e9:.1f} GFLOP/s")
+    records = []
+    for preset in presets:
+        for variant in variants:
+            record = bench_one(preset, variant, config, steps, device=device, precision=precision, compile=compile, peak=peak)
+            records.append(record)
+            log(format_record(record))
+    return records
+
+
+def format_record(r: dict) -> str:
+    return (
+        f"{r['preset']:<16} {r['variant']:<16} {r['config']:<6} train {r['train_samples_per_s']:8.1f}/s  "
+        f"infer {r['infer_samples_per_s']:8.1f}/s  peak mem {r['peak_mem_mb']:7.1f} MB  "
+        f"{r['train_flops_per_sample'] / 1e6:8.1f} MFLOP/sample  {100 * r.get('peak_fraction', math.nan):5.1f}% of matmul peak"
+    )
+
+
+def to_markdown(records: list[dict]) -> str:
+    lines = [
+        "| preset | variant | config | train samples/s | infer samples/s | peak mem MB | train MFLOP/sample | % of matmul peak |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in records:
+        lines.append(
+            f"| {r['preset']} | {r['variant']} | {r['config']} | {r['train_samples_per_s']:.1f} | {r['infer_samples_per_s']:.1f} | "
+            f"{r['peak_mem_mb']:.0f} | {r['train_flops_per_sample'] / 1e6:.1f} | {100 * r.get('peak_fraction', math.nan):.1f} |"
+        )
+    return "\n".join(lines)

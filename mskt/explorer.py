@@ -1,0 +1,114 @@
+"""An interactive robustness explorer: pick a sample, switch modalities off, and see the prediction,
+the reconstructed features against the real ones, and the cross-modal attention, live.
+
+``sample_view`` computes one view (numbers only); ``mskt.plots.plot_sample_view`` draws it; and
+``explorer`` wires both into an ipywidgets control for JupyterLab. Headless (papermill), notebooks
+draw ``plot_sample_view`` for a few samples and patterns instead.
+
+Reconstructions are shown for ``kt_any`` (any missing modality) and ``kt`` (audio, always
+reconstructed); for other variants a missing modality is zero-filled and only the prediction and
+attention change. The real features of a missing modality are read here for display only: the
+model's forward pass never sees them (``batch["missing"]``).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from mskt.missing import parse_missing
+from mskt.model import MODALITIES, KTMulT, key_mask, resample
+from mskt.train import Tensors
+
+
+def _r2(pred: np.ndarray, target: np.ndarray) -> float:
+    """1 - SSE / SST about zero (the training mean of standardised features)."""
+    return float(1.0 - ((pred - target) ** 2).sum() / max(float((target**2).sum()), 1e-12))
+
+
+@torch.inference_mode()
+def sample_view(model: KTMulT, data: Tensors, index: int, missing=()) -> dict:
+    """One sample of ``data`` with the modalities ``missing`` (names, or "audio,vision") missing.
+
+    Returns {"index", "missing", "variant", "task", "label", "pred" (with the pattern), "pred_full"
+    (nothing missing), "views" {modality: {"real", "reconstructed" (T, D) standardised features on
+    the reconstruction's real steps, "r2"}}, "attention" {"s->t": (heads, T_t, S) of the last layer},
+    "lengths" {modality: real steps of the grid its features live on}}.
+    """
+    model.eval()
+    cfg = model.cfg
+    missing = parse_missing(missing)
+    if cfg.variant == "kt":  # kt reconstructs audio whatever is given
+        missing = tuple(m for m in MODALITIES if m in missing or m == "audio")
+    idx = torch.as_tensor([int(index)], device=data.labels.device)
+    batch = data.batch(idx)
+    mask = torch.tensor([[m in missing for m in MODALITIES]], device=data.labels.device)
+    out = model({**batch, "missing": mask}, return_attention=True, return_internals=True)
+    full = model({**batch, "missing": torch.zeros_like(mask)})
+
+    grid = dict(batch["lengths"])
+    if model.ctc is not None:  # every modality aligned onto the text grid
+        grid = {m: batch["lengths"]["text"] for m in MODALITIES}
+    views = {}
+    for m in missing:
+        if cfg.variant == "kt_any":
+            rec = model.readout[m](out.internals[f"reconstruction_{m}"])  # (1, T, D_m)
+            real = model.standardised(m, batch[m], batch["lengths"][m])  # (1, T_raw, D_m): display only
+            length = grid[m]
+        elif cfg.variant == "kt" and m == "audio" and cfg.kt_target == "raw":
+            rec = model.audio_readout(out.internals["audio_reconstruction"])  # (1, T_text, D_a): A' on the text grid
+            real = (batch["audio"] - model.audio_mean) / model.audio_std
+            real = torch.where(key_mask(batch["lengths"]["audio"], real.shape[1])[..., None], real, 0.0)
+            length = batch["lengths"]["text"]
+        else:
+            continue
+        T = rec.shape[1]
+        if real.shape[1] != T:
+            real = resample(real, batch["lengths"][m], T, length)
+        n = int(length.clamp(min=1, max=T)[0])
+        r, p = real[0, -n:].float().cpu().numpy(), rec[0, -n:].float().cpu().numpy()  # (n, D_m)
+        views[m] = {"real": r, "reconstructed": p, "r2": _r2(p, r)}
+    lengths = {m: int(grid[m][0]) for m in MODALITIES}
+    if cfg.variant == "kt":
+        lengths["audio"] = lengths["text"]
+    attention = {k: w[-1][0].float().cpu().numpy() for k, w in (out.attention or {}).items()}
+    label = batch["labels"][0].cpu().numpy()
+    return {
+        "index": int(index), "missing": missing, "variant": cfg.variant, "task": cfg.task,
+        "label": label, "pred": out.pred[0].float().cpu().numpy(), "pred_full": full.pred[0].float().cpu().numpy(),
+        "views": views, "attention": attention, "lengths": lengths,
+    }
+
+
+def explorer(model: KTMulT, data: Tensors, samples=None):
+    """An ipywidgets control: a sample picker and one toggle per modality; every change re-runs the
+    model on that sample and redraws ``plot_sample_view``. ``samples``: indices to offer (default all)."""
+    import ipywidgets as widgets
+    import matplotlib.pyplot as plt
+    from IPython.display import display
+
+    from mskt import plots
+
+    samples = list(range(len(data))) if samples is None else [int(s) for s in samples]
+    picker = widgets.Dropdown(options=[(f"test sample {s}", s) for s in samples], description="sample")
+    toggles = {m: widgets.ToggleButton(value=m != "audio", description=f"{plots.SYMBOL[m]} ({m})", tooltip=f"{m} present") for m in MODALITIES}
+    out = widgets.Output()
+
+    def redraw(*_):
+        missing = tuple(m for m in MODALITIES if not toggles[m].value)
+        with out:
+            out.clear_output(wait=True)
+            if len(missing) == len(MODALITIES):
+                print("At least one modality must be present.")
+                return
+            view = sample_view(model, data, picker.value, missing)
+            with plots.theme():
+                fig = plots.plot_sample_view(view)
+            display(fig)
+            plt.close(fig)
+
+    picker.observe(redraw, names="value")
+    for t in toggles.values():
+        t.observe(redraw, names="value")
+    redraw()
+    return widgets.VBox([widgets.HBox([picker, *toggles.values()]), out])

@@ -1,0 +1,266 @@
+"""Every fast path computes the same function as the plain one, on fresh random inputs.
+
+- fused attention (torch's SDPA) against the explicit softmax(QK^T/sqrt(d) + mask) V;
+- the cheaper CPU dropout against dropout's definition (rate, scale, gradient, reproducibility);
+- attention dropout on the explicit path against the same mask applied by hand;
+- the memory transformer's last-step-only last layer against the full computation;
+- fused Adam against torch's reference Adam;
+- torch.compile against eager, and the eager fallback when compiling fails;
+- whole-tensor batching against a reference per-sample loader (torch DataLoader + collate).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mskt.config import Config
+from mskt.errors import ConfigError
+from mskt.model import Attention, Transformer, build_model, dropout, dropout_mask, key_mask
+from mskt.presets import MODALITIES
+from mskt.train import CompiledOrEager, Tensors, autocast, make_optimizer, training_step
+
+try:
+    from conftest import NO_DROPOUT, TINY, make_batch_fn, tiny_model_config, tiny_run_config
+except ImportError:  # tests/ imported as a package
+    from tests.conftest import NO_DROPOUT, TINY, make_batch_fn, tiny_model_config, tiny_run_config
+
+
+def fresh_generator():
+    """A generator seeded from the OS: each run of the suite draws new inputs."""
+    seed = int(np.random.SeedSequence().entropy % 2**31)
+    return torch.Generator().manual_seed(seed), seed
+
+
+def random_attention_inputs(g, d=12, heads=3):
+    B = int(torch.randint(1, 6, (1,), generator=g))
+    T = int(torch.randint(1, 30, (1,), generator=g))
+    S = int(torch.randint(1, 40, (1,), generator=g))
+    x = torch.randn(B, T, d, generator=g)
+    source = torch.randn(B, S, d, generator=g)
+    lengths = torch.randint(0, S + 1, (B,), generator=g)  # 0 included: key_mask keeps one step
+    lengths[0] = S
+    return x, source, key_mask(lengths, S)
+
+
+@pytest.mark.parametrize("repeat", range(5))
+def test_fused_attention_equals_explicit_attention(repeat):
+    g, seed = fresh_generator()
+    x, source, mask = random_attention_inputs(g)
+    attn = Attention(12, 3, dropout=0.0)
+    fused, none = attn(x, source, mask)
+    explicit, weights = attn(x, source, mask, return_attention=True)
+    assert none is None
+    torch.testing.assert_close(fused, explicit, atol=1e-5, rtol=1e-5, msg=f"seed {seed}")
+    # And both equal attention written out from its definition.
+    B, T, d = x.shape
+    q = attn.q(x).view(B, T, 3, 4).transpose(1, 2)
+    k, v = attn.kv(source).view(B, -1, 2, 3, 4).permute(2, 0, 3, 1, 4)
+    scores = q @ k.transpose(-2, -1) / math.sqrt(4)
+    reference = scores.masked_fill(~mask[:, None, None, :], -math.inf).softmax(-1)
+    torch.testing.assert_close(weights, reference, atol=1e-6, rtol=1e-5, msg=f"seed {seed}")
+
+
+def test_fused_attention_gradients_equal_explicit_ones():
+    g, seed = fresh_generator()
+    x, source, mask = random_attention_inputs(g)
+    attn = Attention(12, 3, dropout=0.0)
+    grads = []
+    for explicit in (False, True):
+        xs = x.clone().requires_grad_()
+        out, _ = attn(xs, source, mask, return_attention=explicit)
+        (out * torch.arange(out.numel()).view_as(out).sin()).sum().backward()
+        grads.append(xs.grad)
+    torch.testing.assert_close(grads[0], grads[1], atol=1e-5, rtol=1e-4, msg=f"seed {seed}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Dropout
+
+
+def test_dropout_is_the_identity_when_not_training_or_p_is_zero():
+    x = torch.randn(4, 5, 6)
+    assert dropout(x, 0.3, training=False) is x
+    assert dropout(x, 0.0, training=True) is x
+
+
+@pytest.mark.parametrize("p", [0.1, 0.25, 0.5, 0.9])
+def test_cpu_dropout_has_the_right_rate_scale_and_gradient(p):
+    n = 400_000
+    x = torch.ones(n, requires_grad=True)
+    y = dropout(x, p, training=True)
+    kept = y != 0
+    rate = 1 - kept.float().mean().item()
+    assert abs(rate - p) < 5 * math.sqrt(p * (1 - p) / n)  # five binomial standard errors
+    effective = round(p * 65536) / 65536
+    assert abs(effective - p) <= 2**-17
+    assert torch.allclose(y[kept], torch.tensor(1 / (1 - effective)))  # the exact inverse keep rate
+    y.sum().backward()
+    torch.testing.assert_close(x.grad, y.detach())  # d(x * keep * scale)/dx = keep * scale
+
+
+def test_cpu_dropout_is_reproducible_by_seed_and_fresh_otherwise():
+    x = torch.randn(3, 50, 40)
+    torch.manual_seed(5)
+    a = dropout(x, 0.3, True)
+    b = dropout(x, 0.3, True)
+    torch.manual_seed(5)
+    assert torch.equal(dropout(x, 0.3, True), a)
+    assert not torch.equal(a, b)
+
+
+def test_cpu_dropout_masks_are_uniform_across_positions():
+    """Each of the four 16-bit parts of a 64-bit draw drops at the same rate (no biased lane)."""
+    keep, _ = dropout_mask((1_000_000,), 0.5)
+    lanes = keep.view(-1, 4).float().mean(0)
+    assert torch.all((lanes - 0.5).abs() < 0.005), lanes
+
+
+def test_attention_dropout_applies_one_mask_to_the_weights():
+    g, seed = fresh_generator()
+    x, source, mask = random_attention_inputs(g)
+    attn = Attention(12, 3, dropout=0.2).train()
+    torch.manual_seed(seed)
+    out, _ = attn(x, source, mask)
+    # By hand: the same weights, the same mask drawn from the same RNG state, dropout's scale.
+    attn.eval()
+    _, weights = attn(x, source, mask, return_attention=True)
+    torch.manual_seed(seed)
+    keep, scale = dropout_mask(weights.shape, 0.2)
+    B, T, d = x.shape
+    v = attn.kv(source).view(B, -1, 2, 3, 4).permute(2, 0, 3, 1, 4)[1]
+    y = (weights * keep * scale) @ v
+    torch.testing.assert_close(out, attn.out(y.transpose(1, 2).reshape(B, T, d)), atol=1e-5, rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------
+# The memory transformer's last layer on the last step only
+
+
+@pytest.mark.parametrize("layers", [1, 3])
+def test_last_only_equals_the_last_step_of_the_full_output(layers):
+    g, seed = fresh_generator()
+    stack = Transformer(12, 3, layers, 0.0, 0.0, 0.0, 0.0).eval()
+    x, _, _ = random_attention_inputs(g)
+    lengths = torch.randint(1, x.shape[1] + 1, (x.shape[0],), generator=g)
+    mask = key_mask(lengths, x.shape[1])
+    full, _ = stack(x, mask)
+    last, _ = stack(x, mask, last_only=True)
+    assert last.shape == (x.shape[0], 1, 12)
+    torch.testing.assert_close(last, full[:, -1:], atol=1e-5, rtol=1e-5, msg=f"seed {seed}")
+
+
+@pytest.mark.parametrize("variant", ["full", "kt", "language_vision"])
+def test_model_predictions_do_not_depend_on_the_last_only_shortcut(variant):
+    """return_attention=True computes every memory step (for the maps); the default path only the
+    last one. Both predict the same."""
+    cfg = tiny_model_config(variant=variant, **NO_DROPOUT)
+    model = build_model(cfg).eval()
+    batch = make_batch_fn(cfg, aligned=False, seed=int(fresh_generator()[1]))
+    with torch.no_grad():
+        torch.testing.assert_close(model(batch).pred, model(batch, return_attention=True).pred, atol=1e-5, rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------
+# Optimizer, compile, precision
+
+
+def test_fused_adam_takes_the_same_steps_as_reference_adam(tiny_mosi):
+    cfg = tiny_run_config(variant="full", **NO_DROPOUT, weight_decay=1e-4)
+    data = Tensors.from_split(tiny_mosi["train"], "regression", torch.device("cpu"))
+    batch = data.batch(torch.arange(8))
+    models = []
+    for fused in (True, False):
+        torch.manual_seed(0)
+        model = build_model(Config.from_dict({**cfg.to_dict(), "text_dim": 300, "audio_dim": 5, "vision_dim": 20}))
+        optimizer = make_optimizer(model, cfg) if fused else torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        if fused:
+            assert optimizer.defaults["fused"]
+        step = training_step(model, optimizer, cfg)
+        for _ in range(5):
+            step(batch)
+        models.append(model)
+    for (name, a), b in zip(models[0].state_dict().items(), models[1].state_dict().values()):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_compiled_forward_equals_eager():
+    """torch.compile of one transformer stack (the model's repeated unit), eval mode."""
+    g, seed = fresh_generator()
+    stack = Transformer(8, 2, 1, 0.0, 0.0, 0.0, 0.0).eval()
+    x = torch.randn(3, 7, 8, generator=g)
+    mask = key_mask(torch.tensor([7, 3, 1]), 7)
+    compiled = CompiledOrEager(stack)
+    with torch.no_grad():
+        got, _ = compiled(x, mask)
+        want, _ = stack(x, mask)
+    assert not compiled.failed, "torch.compile fell back to eager on this machine"
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5, msg=f"seed {seed}")
+
+
+def test_compile_failure_falls_back_to_eager(monkeypatch, caplog):
+    def broken_compile(module):
+        def fail(*args, **kwargs):
+            raise RuntimeError("no C++ compiler")
+        return fail
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    stack = Transformer(8, 2, 1, 0.0, 0.0, 0.0, 0.0).eval()
+    x, mask = torch.randn(2, 5, 8), key_mask(torch.tensor([5, 2]), 5)
+    wrapped = CompiledOrEager(stack)
+    with caplog.at_level("WARNING"):
+        out, _ = wrapped(x, mask)
+    assert wrapped.failed and "no C++ compiler" in caplog.text
+    torch.testing.assert_close(out, stack(x, mask)[0])
+
+
+def test_bf16_is_for_cuda_only():
+    cfg = tiny_run_config(precision="bf16")
+    with pytest.raises(ConfigError, match="bf16"):
+        autocast(cfg, torch.device("cpu"))
+    with pytest.raises(ConfigError, match="precision"):
+        tiny_run_config(precision="fp16")
+
+
+# ----------------------------------------------------------------------------------------------
+# Whole-tensor batching against a reference per-sample loader
+
+
+class PerSample(torch.utils.data.Dataset):
+    """What a conventional loader does: one sample at a time, from the split's numpy arrays."""
+
+    def __init__(self, split):
+        self.split = split
+
+    def __len__(self):
+        return len(self.split)
+
+    def __getitem__(self, i):
+        sp = self.split
+        return {
+            **{m: torch.from_numpy(np.asarray(sp.features[m][i])) for m in MODALITIES},
+            "lengths": {m: torch.tensor(int(sp.lengths[m][i])) for m in MODALITIES},
+            "labels": torch.tensor(sp.labels[i]),
+        }
+
+
+@pytest.mark.parametrize("dataset", ["tiny_mosi", "tiny_iemocap"])
+def test_batched_data_path_equals_a_per_sample_loader(dataset, request):
+    ds = request.getfixturevalue(dataset)
+    split = ds["train"]
+    data = Tensors.from_split(split, ds.meta.task, torch.device("cpu"))
+    g, seed = fresh_generator()
+    order = torch.randperm(len(split), generator=g)
+    sampler = torch.utils.data.BatchSampler(order.tolist(), batch_size=5, drop_last=False)
+    loader = torch.utils.data.DataLoader(PerSample(split), batch_sampler=sampler)
+    starts = range(0, len(split), 5)
+    for start, reference in zip(starts, loader, strict=True):
+        batch = data.batch(order[start : start + 5])
+        for m in MODALITIES:
+            assert torch.equal(batch[m], reference[m]), (m, seed)
+            assert torch.equal(batch["lengths"][m], reference["lengths"][m])
+        assert torch.equal(batch["labels"], reference["labels"].to(batch["labels"].dtype))
