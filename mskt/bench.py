@@ -157,14 +157,14 @@ def bench_one(preset: str, variant: str, config: str = "mult", steps: int = 10, 
     values.pop("data", None)
     cfg = Config.from_dict(values)
     torch.manual_seed(0)
-    model = build_model(cfg).to(device)
     # FLOPs grow linearly with the batch; two samples keep the explicit attention maps small.
-    flops = train_flops_per_sample(model, synthetic_batch(shapes, 2, device, seed=2))
-    batch = synthetic_batch(shapes, cfg.batch_size, device)
-    optimizer = make_optimizer(model, cfg)
-    step = training_step(model, optimizer, cfg)
+    flops = train_flops_per_sample(build_model(cfg).to(device), synthetic_batch(shapes, 2, device, seed=2))
 
-    with PeakMemory(device) as mem:
+    with PeakMemory(device) as mem:  # weights, optimizer state, batch and activations
+        model = build_model(cfg).to(device)
+        batch = synthetic_batch(shapes, cfg.batch_size, device)
+        optimizer = make_optimizer(model, cfg)
+        step = training_step(model, optimizer, cfg)
         for _ in range(warmup):
             step(batch)
         _sync(device)
@@ -212,8 +212,9 @@ def bench_one(preset: str, variant: str, config: str = "mult", steps: int = 10, 
 
 
 def run_bench(presets=("mosi", "mosi-unaligned"), variants=("full", "kt"), config: str = "mult", steps: int = 10,
-              device=None, precision: str = "fp32", compile: bool = False, log=None) -> list[dict]:
-    """Every preset x variant (see :func:`bench_one`), with one matmul peak measured first."""
+              device=None, precision: str = "fp32", compile: bool = False, log=None, isolate: bool = True) -> list[dict]:
+    """Every preset x variant (see :func:`bench_one`, each in its own process unless
+    ``isolate=False``), with one matmul peak measured first."""
     from mskt.train import resolve_device
 
     log = log or (lambda line: print(line, flush=True))  # each line as soon as it is measured
@@ -224,10 +225,26 @@ def run_bench(presets=("mosi", "mosi-unaligned"), variants=("full", "kt"), confi
     records = []
     for preset in presets:
         for variant in variants:
-            record = bench_one(preset, variant, config, steps, device=device, precision=precision, compile=compile, peak=peak)
+            kwargs = dict(preset=preset, variant=variant, config=config, steps=steps, device=str(device), precision=precision, compile=compile, peak=peak)
+            record = _isolated(kwargs, torch.get_num_threads()) if isolate else bench_one(**kwargs)
             records.append(record)
             log(format_record(record))
     return records
+
+
+def _bench_in_child(args) -> dict:
+    kwargs, threads = args
+    torch.set_num_threads(threads)
+    return bench_one(**kwargs)
+
+
+def _isolated(kwargs: dict, threads: int) -> dict:
+    """``bench_one`` in a fresh process: memory the allocator kept from an earlier record (the CPU
+    measure is resident memory) cannot hide this one's peak, and nothing warms up for the next."""
+    import multiprocessing as mp
+
+    with mp.get_context("spawn").Pool(1) as pool:
+        return pool.apply(_bench_in_child, ((kwargs, threads),))
 
 
 def format_record(r: dict) -> str:

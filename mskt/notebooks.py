@@ -65,6 +65,9 @@ class NotebookResult:
         }
 
 
+SMOKE_CELL_TIMEOUT_S = 300
+
+
 def notebook_paths(only=None) -> list[Path]:
     folder = project_root() / "notebooks"
     paths = sorted(p for p in folder.glob("[0-9][0-9]_*.ipynb"))
@@ -334,6 +337,8 @@ def _run_each(pm, paths, defaults_by_path, shared, out_dir, summary, write_summa
                 pm.execute_notebook(
                     str(path), str(output), parameters=given, cwd=str(path.parent), progress_bar=False,
                     kernel_name="python3", log_output=False,
+                    # A smoke cell takes seconds: one that hangs fails the run instead of stalling it.
+                    execution_timeout=SMOKE_CELL_TIMEOUT_S if shared["smoke"] else None,
                 )
             status, error = "ok", ""
         except pm.PapermillExecutionError as e:

@@ -1,0 +1,62 @@
+"""``mskt bench``: the records it writes, at the real shapes of each preset (timings are not tested:
+they are measured in the benchmark, never asserted)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from mskt.bench import CONFIGS, PRESET_NAMES, RECORD_KEYS, bench_one, shapes_for, synthetic_batch
+from mskt.errors import ConfigError
+from mskt.presets import DATA_SHAPES
+
+
+def test_every_preset_has_its_real_shapes():
+    assert set(PRESET_NAMES) == {f"{n}{s}" for n in DATA_SHAPES for s in ("", "-unaligned")}
+    mosi = shapes_for("mosi-unaligned")
+    assert mosi.steps == {"text": 50, "audio": 375, "vision": 500}
+    assert mosi.dims == {"text": 300, "audio": 5, "vision": 20}
+    assert shapes_for("iemocap").steps == {"text": 20, "audio": 20, "vision": 20}
+    batch = synthetic_batch(shapes_for("mosei"), 3, "cpu")
+    assert batch["audio"].shape == (3, 50, 74) and batch["labels"].shape == (3,)
+    with pytest.raises(ConfigError, match="mosi-unaligned"):
+        shapes_for("mosi-aligned")
+
+
+def test_the_mult_config_is_the_public_codes():
+    assert CONFIGS["mult"] == {"d_model": 30, "heads": 5, "crossmodal_layers": 5, "memory_layers": 5, "encoder_layers": 0, "batch_size": 24}
+
+
+@pytest.mark.parametrize("variant", ["full", "kt"])
+def test_a_record(variant):
+    record = bench_one("iemocap", variant, "mult", steps=1, warmup=1, peak=1e10)
+    assert set(RECORD_KEYS) <= set(record)
+    assert record["train_samples_per_s"] > 0 and record["infer_samples_per_s"] > 0
+    assert record["batch_size"] == 24
+    # FLOPs of one training step per sample: at least the forward's matmuls, thrice for backward.
+    assert 1e7 < record["train_flops_per_sample"] < 1e10
+    assert 0 < record["peak_fraction"]
+
+
+def test_cli_writes_the_json_records(tmp_path):
+    out = tmp_path / "bench.json"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "mskt", "bench", "--presets", "iemocap", "--variants", "full", "--steps", "1", "--threads", "1", "--json", str(out)],
+        capture_output=True, text=True, env=env, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    records = json.loads(out.read_text())
+    assert [(r["preset"], r["variant"], r["config"]) for r in records] == [("iemocap", "full", "mult")]
+    assert set(RECORD_KEYS) <= set(records[0])
+    assert "| iemocap | full | mult |" in proc.stdout
+
+
+def test_cli_refuses_unknown_presets_in_one_line():
+    proc = subprocess.run([sys.executable, "-m", "mskt", "bench", "--presets", "mosi,imdb"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "imdb" in proc.stderr and "Traceback" not in proc.stderr
