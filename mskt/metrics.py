@@ -82,9 +82,11 @@ def _pearson(p: np.ndarray, y: np.ndarray) -> float:
     # Computed by hand rather than with np.corrcoef, which warns (divide by zero) and
     # returns nan for constant inputs; a constant prediction is a normal early-training
     # outcome, not something to warn about.
+    if np.ptp(p) == 0 or np.ptp(y) == 0:  # constant: tested directly, since mean() rounding can leave residues
+        return float("nan")
     dp, dy = p - p.mean(), y - y.mean()
     ss_p, ss_y = float(dp @ dp), float(dy @ dy)
-    if ss_p == 0.0 or ss_y == 0.0:
+    if ss_p == 0.0 or ss_y == 0.0:  # deviations too small to square in float64
         return float("nan")
     r = float(dp @ dy) / (math.sqrt(ss_p) * math.sqrt(ss_y))  # not sqrt(ss_p * ss_y): that product can underflow to 0
     return min(1.0, max(-1.0, r))  # rounding can push |r| a hair past 1
