@@ -96,13 +96,6 @@ class Config(ModelConfig):
             high_ok = high is None or (value < high[0] if high[1] == ")" else value <= high[0])
             if not (low_ok and high_ok):
                 raise ConfigError(f"{name} must be in {_interval(low, high)}{note}, found {value!r}")
-        for name in ("text_kernel", "audio_kernel", "vision_kernel"):
-            value = getattr(self, name)
-            if value < 1 or value % 2 == 0:
-                raise ConfigError(
-                    f"{name} must be an odd integer >= 1 (the Conv1d projection pads (k-1)//2 per side, so an even "
-                    f"kernel would change the number of steps), found {value}"
-                )
 
     # -- round trips ---------------------------------------------------------------------------
 
@@ -150,7 +143,7 @@ _TYPES = {"int": int, "float": float, "str": str, "bool": bool}
 
 # The allowed range of every numeric field, checked by Config.check: (low, high, note), each bound
 # (value, "[" or "(") for inclusive or exclusive, None for unbounded. Kernels (odd, >= 1) are checked
-# separately; every float must also be finite.
+# by ModelConfig.check; every float must also be finite.
 _SEED_MAX = 2**63 - 1  # torch.manual_seed takes 64 bits; the headroom keeps seed + i (grid, ranks) in range
 RANGES = {
     "text_dim": ((1, "["), None, ""),

@@ -138,8 +138,11 @@ class ModelConfig:
         if self.d_model % self.heads:
             raise ConfigError(f"d_model={self.d_model} must be divisible by heads={self.heads}")
         for key in ("text_kernel", "audio_kernel", "vision_kernel"):
-            if getattr(self, key) < 1 or getattr(self, key) % 2 == 0:  # "same" padding needs an odd kernel
-                raise ConfigError(f"{key} must be an odd number >= 1, found {getattr(self, key)}")
+            if getattr(self, key) < 1 or getattr(self, key) % 2 == 0:
+                raise ConfigError(
+                    f"{key} must be an odd integer >= 1 (the Conv1d projection pads (k-1)//2 per side, so an even "
+                    f"kernel would change the number of steps), found {getattr(self, key)}"
+                )
         if self.encoder_layers < 0:
             raise ConfigError(f"encoder_layers must be >= 0, found {self.encoder_layers}")
         if self.variant == "kt_any" and self.kt_target != "raw":

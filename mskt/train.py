@@ -106,10 +106,9 @@ class Tensors:
     @classmethod
     def from_split(cls, split: Split, task: str, device, lazy: bool = False) -> "Tensors":
         lazy = lazy and not all(isinstance(x, np.ndarray) for x in split.features.values())
-        features = dict(split.features) if lazy else {m: torch.as_tensor(np.asarray(x), device=device) for m, x in split.features.items()}
         label_dtype = torch.float32 if task == "regression" else torch.long
         return cls(
-            features={m: features[m] for m in MODALITIES},
+            features={m: split.features[m] if lazy else torch.as_tensor(np.asarray(split.features[m]), device=device) for m in MODALITIES},
             lengths={m: torch.as_tensor(np.asarray(split.lengths[m]), dtype=torch.long, device=device) for m in MODALITIES},
             labels=torch.as_tensor(np.asarray(split.labels), dtype=label_dtype, device=device),
             ids=np.asarray(split.ids),
@@ -155,11 +154,15 @@ class Tensors:
         for index in self.batch_indices(batch_size, generator):
             yield self.batch(index)
 
+    def shard_index(self, rank: int, world: int) -> torch.Tensor:
+        """The rows of the ``rank``-th of ``world`` contiguous parts (sizes differ by at most one)."""
+        return torch.arange(len(self), device=self.labels.device).tensor_split(world)[rank]
+
     def shard(self, rank: int, world: int) -> "Tensors":
-        """The ``rank``-th of ``world`` contiguous parts (sizes differ by at most one)."""
+        """The ``rank``-th of ``world`` contiguous parts, as :meth:`shard_index` gives them."""
         if world == 1:
             return self
-        index = torch.arange(len(self), device=self.labels.device).tensor_split(world)[rank]
+        index = self.shard_index(rank, world)
         batch = self.batch(index)
         lengths = batch.pop("lengths")
         labels = batch.pop("labels")
@@ -201,8 +204,7 @@ def _missing_batches(model, data: Tensors, batch_size, missing, rate, mode, seed
     masks = evaluation_masks(len(data), {m: x.shape[1] for m, x in data.features.items()}, missing, rate, mode, seed)
     if masks is None and default_protocol and model.cfg.variant == "kt_any":
         masks = evaluation_masks(len(data), {}, ("audio",))
-    whole = torch.arange(len(data))
-    mine = whole.tensor_split(world)[rank] if world > 1 else whole  # the same contiguous parts as Tensors.shard
+    mine = data.shard_index(rank, world).cpu()  # rows of the whole split, for its masks
     part = data.shard(rank, world)
     for index in part.batch_indices(batch_size):
         batch = part.batch(index)
@@ -303,11 +305,6 @@ def feature_statistics(data: Tensors, modality: str, chunk: int = 1024) -> tuple
     mean = sum_x / n
     var = (sum_xx / n - mean * mean).clamp(min=0)
     return mean.float(), var.sqrt().float()
-
-
-def audio_statistics(data: Tensors) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean and std per audio feature over the real steps of a split: kt's standardisation."""
-    return feature_statistics(data, "audio")
 
 
 def load_teacher_audio_encoder(model: KTMulT, teacher_dir: str) -> None:
@@ -494,11 +491,8 @@ def train(
     if save or resume:
         run_dir = Path(out_dir) if out_dir is not None else runs_dir() / default_run_name(cfg, dataset)
     state = None
-    if resume:
-        if run_dir is None or not (run_dir / "config.json").exists():
-            raise MsktError(f"{run_dir}: not a run folder (no config.json), nothing to resume")
-        if (run_dir / "last.pt").exists():
-            state = load_checkpoint(run_dir / "last.pt")
+    if resume and (run_dir / "last.pt").exists():  # none yet: the run stopped in its first epoch
+        state = load_checkpoint(run_dir / "last.pt")
     if save:
         run_dir.mkdir(parents=True, exist_ok=True)
         cfg.save(run_dir / "config.json")
@@ -509,7 +503,7 @@ def train(
     if cfg.variant == "kt" and cfg.kt_target == "teacher":
         load_teacher_audio_encoder(model, cfg.teacher_run)
     if cfg.variant == "kt" and cfg.kt_target == "raw":
-        model.set_audio_statistics(*audio_statistics(data["train"]))
+        model.set_audio_statistics(*feature_statistics(data["train"], "audio"))
     if cfg.variant == "kt_any":  # its consistency targets: every modality, standardised per feature
         for m in MODALITIES:
             model.set_statistics(m, *feature_statistics(data["train"], m))
@@ -597,10 +591,9 @@ def train(
 def resume(run_dir, dataset: MultimodalDataset | None = None) -> RunResult:
     """Continue the run in ``run_dir`` from its last completed epoch (``mskt train --resume DIR``)."""
     run_dir = Path(run_dir)
-    cfg = Config.load(run_dir / "config.json") if (run_dir / "config.json").exists() else None
-    if cfg is None:
+    if not (run_dir / "config.json").exists():
         raise MsktError(f"{run_dir}: not a run folder (no config.json), nothing to resume")
-    return train(cfg, out_dir=run_dir, dataset=dataset, resume=True)
+    return train(Config.load(run_dir / "config.json"), out_dir=run_dir, dataset=dataset, resume=True)
 
 
 def load_run(run_dir) -> tuple[Config, KTMulT]:
