@@ -85,10 +85,8 @@ def _pearson(p: np.ndarray, y: np.ndarray) -> float:
     if np.ptp(p) == 0 or np.ptp(y) == 0:  # constant: tested directly, since mean() rounding can leave residues
         return float("nan")
     dp, dy = p - p.mean(), y - y.mean()
-    ss_p, ss_y = float(dp @ dp), float(dy @ dy)
-    if ss_p == 0.0 or ss_y == 0.0:  # deviations too small to square in float64
-        return float("nan")
-    r = float(dp @ dy) / (math.sqrt(ss_p) * math.sqrt(ss_y))  # not sqrt(ss_p * ss_y): that product can underflow to 0
+    dp, dy = dp / np.abs(dp).max(), dy / np.abs(dy).max()  # unit scale: tiny deviations cannot underflow when squared
+    r = float(dp @ dy) / math.sqrt(float(dp @ dp) * float(dy @ dy))
     return min(1.0, max(-1.0, r))  # rounding can push |r| a hair past 1
 
 
