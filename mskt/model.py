@@ -178,17 +178,22 @@ def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
         return x
     if x.device.type != "cpu":
         return F.dropout(x, p, training=True)
-    keep, scale = dropout_mask(x.shape, p)
-    return torch.where(keep, x, 0).mul_(scale)  # where, not a float x bool multiply: one vectorised pass
+    keep, scale = dropout_mask(x.shape, p, x.dtype)
+    # A float multiply, not ``where``: torch's CPU ``where`` with a scalar costs ~4x a same-dtype
+    # multiply, and the backward pass is one more multiply by the same mask.
+    return x * keep.mul_(scale)
 
 
-def dropout_mask(shape, p: float) -> tuple[torch.Tensor, float]:
-    """A CPU keep mask (bool, ``shape``) for dropout rate ``p`` and the scale of kept values."""
+def dropout_mask(shape, p: float, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, float]:
+    """A CPU keep mask for dropout rate ``p``: ``dtype`` 1.0 where kept, 0.0 where dropped, of
+    ``shape``; and the scale of kept values (the exact inverse of the keep rate)."""
     threshold = round(p * 65536)  # drop when the 16-bit uniform (0..65535) is below it
     n = math.prod(shape)
     bits = torch.empty((n + 3) // 4, dtype=torch.int64).random_(-(2**63), None)  # all 64 bits uniform
     uniform = bits.view(torch.int16)[:n].view(shape)  # uniform on -32768..32767
-    return uniform >= threshold - 32768, 65536 / (65536 - threshold)
+    # The comparison writes 0/1 straight into the float mask: one pass, no bool intermediate.
+    keep = torch.ge(uniform, threshold - 32768, out=torch.empty(shape, dtype=dtype))
+    return keep, 65536 / (65536 - threshold)
 
 
 @functools.lru_cache(maxsize=64)
@@ -206,12 +211,55 @@ def sinusoidal_table(steps: int, d: int) -> torch.Tensor:
     return table
 
 
+class DropoutAttention(torch.autograd.Function):
+    """softmax(q k^T * scale + bias) with dropout on the weights, times v, for training on CPU.
+
+    torch's fused CPU kernel has no dropout, and autograd's version of these steps materialises
+    more (T, S) tensors than it needs and computes two gradients in slow layouts. This one makes
+    each pass over the (B*h, T, S) weights count: the key mask is added inside the score GEMM,
+    dropout's 1/(1-p) goes onto the small (T, dh) output, only the weights and the 0/1 mask are kept
+    for backward, and the transposed products are taken as (dh, S) results.
+    Inputs: q (BH, T, dh), k and v (BH, S, dh), key_bias (BH, S): 0 at real keys and a large
+    negative number at masked ones (its softmax weight is exactly 0, as with -inf).
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, key_bias, p: float, scale: float):
+        # The key mask rides inside the score GEMM as one more channel: [q * scale, 1] . [k, bias]
+        # = q . k * scale + bias. A broadcast bias (``baddbmm``) would first be copied into the
+        # whole (T, S) output; this costs one column more of a (T, dh) and an (S, dh) matrix.
+        BH, T, _ = q.shape
+        q_aug = torch.cat([q * scale, q.new_ones(BH, T, 1)], dim=2)  # (BH, T, dh + 1)
+        k_aug = torch.cat([k, key_bias[..., None]], dim=2)  # (BH, S, dh + 1)
+        scores = torch.bmm(q_aug, k_aug.transpose(1, 2))  # (BH, T, S)
+        weights = scores.softmax(dim=-1)  # (BH, T, S)
+        keep, keep_scale = dropout_mask(weights.shape, p, weights.dtype)  # (BH, T, S), 0/1
+        dropped = torch.mul(weights, keep, out=scores)  # the scores are spent: reuse their memory
+        ctx.save_for_backward(q, k, v, weights, keep)
+        ctx.scale, ctx.keep_scale = scale, keep_scale
+        return torch.bmm(dropped, v).mul_(keep_scale)  # (BH, T, dh)
+
+    @staticmethod
+    def backward(ctx, grad):
+        q, k, v, weights, keep = ctx.saved_tensors
+        grad = grad * ctx.keep_scale  # (BH, T, dh)
+        dropped = weights * keep  # recomputed: one pass, and one (T, S) tensor fewer to keep
+        grad_v = torch.bmm(grad.transpose(1, 2), dropped).transpose(1, 2)  # (BH, S, dh)
+        del dropped
+        grad_weights = torch.bmm(grad, v.transpose(1, 2)).mul_(keep)  # (BH, T, S)
+        grad_scores = torch._softmax_backward_data(grad_weights, weights, -1, weights.dtype)  # (BH, T, S)
+        grad_q = torch.bmm(grad_scores, k).mul_(ctx.scale)  # (BH, T, dh)
+        grad_k = torch.bmm(q.transpose(1, 2), grad_scores).transpose(1, 2).mul_(ctx.scale)  # (BH, S, dh)
+        return grad_q, grad_k, grad_v, None, None, None
+
+
 class Attention(nn.Module):
     """Multi-head attention: queries from ``x`` (the target), keys and values from ``source``.
 
-    The default path is torch's fused ``scaled_dot_product_attention``; ``return_attention=True``
-    takes the explicit path, which computes the same function and also returns the weights (as
-    does attention dropout on CPU, where torch's fused kernel would take that path itself).
+    Three paths that compute the same function: torch's fused ``scaled_dot_product_attention`` (the
+    default, and any dropout on CUDA); :class:`DropoutAttention` for training with attention dropout
+    on CPU, where torch's fused kernel has none; and, for ``return_attention=True``, the explicit
+    steps, which also return the weights.
     """
 
     def __init__(self, d: int, heads: int, dropout: float):
@@ -230,22 +278,23 @@ class Attention(nn.Module):
         k, v = self.kv(source).view(B, S, 2, h, dh).permute(2, 0, 3, 1, 4)  # each (B, h, S, dh)
         mask = source_mask[:, None, None, :]  # (B, 1, 1, S), True = attend
         p = self.dropout if self.training else 0.0
-        # torch's CPU kernel has no dropout: with dropout it runs these same steps with a slower mask.
-        explicit = return_attention or (p > 0 and x.device.type == "cpu")
-        if explicit:
-            # Scale the (T, dh) queries rather than the (T, S) scores and mask with a broadcast bias:
-            # on long unaligned sequences every pass over (B, h, T, S) counts.
+        weights = None
+        if return_attention:
             bias = torch.zeros(B, 1, 1, S, dtype=q.dtype, device=q.device).masked_fill_(~mask, float("-inf"))
-            scores = (q * dh**-0.5) @ k.transpose(-2, -1) + bias  # (B, h, T, S)
-            weights = scores.softmax(dim=-1)
-            if p > 0:  # dropout's 1 / (1 - p) goes onto the (S, dh) values rather than the (T, S) weights
-                keep, scale = dropout_mask(weights.shape, p) if x.device.type == "cpu" else (torch.rand_like(weights) >= p, 1 / (1 - p))
-                y = torch.where(keep, weights, 0) @ (v * scale)  # (B, h, T, dh)
-            else:
-                y = weights @ v  # (B, h, T, dh)
-            weights = weights if return_attention else None
+            weights = ((q * dh**-0.5) @ k.transpose(-2, -1) + bias).softmax(dim=-1)  # (B, h, T, S)
+            dropped = weights
+            if p > 0:
+                keep, scale = dropout_mask(weights.shape, p, weights.dtype) if x.device.type == "cpu" else ((torch.rand_like(weights) >= p).to(weights.dtype), 1 / (1 - p))
+                dropped = weights * keep * scale
+            y = dropped @ v  # (B, h, T, dh)
+        elif p > 0 and x.device.type == "cpu":
+            # Finite, unlike -inf, so that the 0 * bias products of the GEMM's padding stay 0.
+            key_bias = torch.zeros(B, S, dtype=q.dtype, device=q.device).masked_fill_(~source_mask, -1e30)  # (B, S)
+            y = DropoutAttention.apply(
+                q.reshape(B * h, T, dh), k.reshape(B * h, S, dh), v.reshape(B * h, S, dh),
+                key_bias.repeat_interleave(h, dim=0), p, dh**-0.5,  # key_bias (B * h, S)
+            ).view(B, h, T, dh)
         else:
-            weights = None
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)  # (B, h, T, dh)
         y = y.transpose(1, 2).reshape(B, T, d)  # (B, T, d)
         return self.out(y), weights

@@ -3,6 +3,8 @@
 - fused attention (torch's SDPA) against the explicit softmax(QK^T/sqrt(d) + mask) V;
 - the cheaper CPU dropout against dropout's definition (rate, scale, gradient, reproducibility);
 - attention dropout on the explicit path against the same mask applied by hand;
+- the CPU training attention with dropout (``DropoutAttention``: its own backward) against the
+  explicit path with the same mask, values and every gradient;
 - the memory transformer's last-step-only last layer against the full computation;
 - fused Adam against torch's reference Adam;
 - torch.compile against eager, and the eager fallback when compiling fails;
@@ -12,6 +14,8 @@
 from __future__ import annotations
 
 import math
+import resource
+import sys
 
 import numpy as np
 import pytest
@@ -22,7 +26,7 @@ from mskt.config import Config
 from mskt.errors import ConfigError
 from mskt.model import Attention, Transformer, build_model, dropout, dropout_mask, key_mask
 from mskt.presets import MODALITIES
-from mskt.train import CompiledOrEager, Tensors, autocast, make_optimizer, training_step
+from mskt.train import CompiledOrEager, Tensors, autocast, keep_freed_memory, make_optimizer, training_step
 
 try:
     from conftest import NO_DROPOUT, TINY, make_batch_fn, tiny_model_config, tiny_run_config
@@ -135,6 +139,45 @@ def test_attention_dropout_applies_one_mask_to_the_weights():
     v = attn.kv(source).view(B, -1, 2, 3, 4).permute(2, 0, 3, 1, 4)[1]
     y = (weights * keep * scale) @ v
     torch.testing.assert_close(out, attn.out(y.transpose(1, 2).reshape(B, T, d)), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("repeat", range(4))
+def test_cpu_dropout_attention_equals_the_explicit_path_with_the_same_mask(repeat):
+    """Training on CPU with attention dropout takes DropoutAttention (hand-written backward, mask
+    bias inside the GEMM); return_attention=True takes autograd through the explicit steps. With
+    the same RNG state both draw the same mask: equal outputs and equal gradients for the inputs,
+    the source and every weight, padded keys included."""
+    g, seed = fresh_generator()
+    x, source, mask = random_attention_inputs(g)
+    p = float(torch.empty(1).uniform_(0.05, 0.6, generator=g))
+    attn = Attention(12, 3, dropout=p).train()
+    weight = torch.randn(x.shape[0], x.shape[1], 12, generator=g)
+    results = []
+    for explicit in (False, True):
+        xs, src = x.clone().requires_grad_(), source.clone().requires_grad_()
+        torch.manual_seed(seed)
+        out, _ = attn(xs, src, mask, return_attention=explicit)
+        grads = torch.autograd.grad((out * weight).sum(), [xs, src, *attn.parameters()])
+        results.append((out, grads))
+    (fast, fast_grads), (plain, plain_grads) = results
+    torch.testing.assert_close(fast, plain, atol=1e-5, rtol=1e-5, msg=f"seed {seed}")
+    for name, a, b in zip(["x", "source", *dict(attn.named_parameters())], fast_grads, plain_grads):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4, msg=f"gradient of {name}, seed {seed}")
+
+
+def test_cpu_dropout_attention_never_attends_to_padded_keys():
+    """A padded key's value cannot reach the output, in training with dropout as in evaluation."""
+    g, seed = fresh_generator()
+    x, source, mask = random_attention_inputs(g)
+    mask[0, : max(1, mask.shape[1] // 2)] = False
+    mask[0, -1] = True
+    attn = Attention(12, 3, dropout=0.3).train()
+    poisoned = torch.where(mask[..., None], source, torch.full_like(source, 1e6))
+    torch.manual_seed(seed)
+    a, _ = attn(x, source, mask)
+    torch.manual_seed(seed)
+    b, _ = attn(x, poisoned, mask)
+    torch.testing.assert_close(a, b, msg=f"seed {seed}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -281,3 +324,20 @@ def test_lazy_h5_training_equals_in_memory_training(tiny_mosi, tmp_path):
     lazy = train(cfg.replace(lazy=True), save=False, dataset=lazy_ds)
     assert lazy.metrics["test"] == eager.metrics["test"]
     lazy_ds.close()
+
+
+# ----------------------------------------------------------------------------------------------
+# The CPU allocator setting
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
+def test_kept_memory_serves_a_large_tensor_again_without_page_faults():
+    """After keep_freed_memory, a freed 64 MB block is reused warm: a second tensor of that size
+    costs no fresh pages (16,384 page faults of 4 KiB each without the setting)."""
+    assert keep_freed_memory(torch.device("cpu"))
+    assert not keep_freed_memory(torch.device("meta"))  # only the CPU allocator is touched
+    torch.empty(2**24).fill_(1.0)  # allocated, written and freed
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    torch.empty(2**24).fill_(1.0)
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+    assert faults < 2000, f"{faults} page faults for a 64 MB tensor the size of one just freed"
