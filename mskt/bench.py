@@ -33,6 +33,7 @@ CONFIGS = {
     "mult": {"d_model": 30, "heads": 5, "crossmodal_layers": 5, "memory_layers": 5, "encoder_layers": 0, "batch_size": 24},
 }
 PRESET_NAMES = tuple(f"{n}{suffix}" for n in DATA_SHAPES for suffix in ("", "-unaligned"))
+PUBLIC_MULT = "mult-public"  # the config name of the public MulT code's records (``--reference``)
 RECORD_KEYS = ("preset", "variant", "config", "train_samples_per_s", "infer_samples_per_s", "peak_mem_mb", "train_flops_per_sample")
 
 
@@ -164,31 +165,13 @@ def bench_one(preset: str, variant: str, config: str = "mult", steps: int = 10, 
         model = build_model(cfg).to(device)
         batch = synthetic_batch(shapes, cfg.batch_size, device)
         optimizer = make_optimizer(model, cfg)
-        step = training_step(model, optimizer, cfg)
-        for _ in range(warmup):
-            step(batch)
-        _sync(device)
-        start = time.perf_counter()
-        for _ in range(steps):
-            step(batch)
-        _sync(device)
-        train_seconds = time.perf_counter() - start
+        train_seconds = _time_steps(training_step(model, optimizer, cfg), batch, steps, warmup, device)
 
     eval_batch = synthetic_batch(shapes, cfg.eval_batch_size, device, seed=1)
     if variant != "full":
         eval_batch["audio"] = None
     model.eval()
-    with torch.inference_mode():
-        for _ in range(2):
-            model(eval_batch)
-        _sync(device)
-        start = time.perf_counter()
-        n_infer = 0
-        while n_infer < max(steps * cfg.batch_size, cfg.eval_batch_size):
-            model(eval_batch)
-            n_infer += cfg.eval_batch_size
-        _sync(device)
-        infer_seconds = time.perf_counter() - start
+    n_infer, infer_seconds = _time_inference(model, eval_batch, max(steps * cfg.batch_size, cfg.eval_batch_size), device)
 
     train_rate = steps * cfg.batch_size / train_seconds
     record = {
@@ -211,10 +194,79 @@ def bench_one(preset: str, variant: str, config: str = "mult", steps: int = 10, 
     return record
 
 
+def _time_steps(step, batch: dict, steps: int, warmup: int, device) -> float:
+    """Seconds for ``steps`` training steps after ``warmup`` untimed ones."""
+    for _ in range(warmup):
+        step(batch)
+    _sync(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        step(batch)
+    _sync(device)
+    return time.perf_counter() - start
+
+
+def _time_inference(forward, batch: dict, samples: int, device) -> tuple[int, float]:
+    """(samples predicted, seconds) for at least ``samples`` samples in inference mode."""
+    n = len(batch["labels"])
+    with torch.inference_mode():
+        for _ in range(2):
+            forward(batch)
+        _sync(device)
+        start = time.perf_counter()
+        done = 0
+        while done < max(samples, n):
+            forward(batch)
+            done += n
+        _sync(device)
+        return done, time.perf_counter() - start
+
+
+def bench_public_mult(preset: str, steps: int = 10, warmup: int = 3, device=None, peak: float | None = None) -> dict:
+    """The record of the public MulT code's training step (:mod:`mskt.mult_reference`, its
+    hyperparameters: d=30, 5 layers, 5 heads, batch 24; all three modalities) at ``preset``'s
+    shapes: the baseline of the speed targets, timed like every other record."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from mskt import mult_reference
+    from mskt.train import resolve_device
+
+    device = resolve_device("auto") if device is None else torch.device(device)
+    shapes = shapes_for(preset)
+    batch_size = CONFIGS["mult"]["batch_size"]
+    n_outputs = 1 if shapes.task == "regression" else 8
+    build = lambda: mult_reference.MULTModel(shapes.dims, n_outputs=n_outputs).to(device)
+    torch.manual_seed(0)
+    model, small = build().train(), synthetic_batch(shapes, 2, device, seed=2)
+    with FlopCounterMode(display=False) as counter:
+        model(small["text"], small["audio"], small["vision"]).sum().backward()
+    flops = counter.get_total_flops() / 2
+    with PeakMemory(device) as mem:
+        model = build().train()
+        batch = synthetic_batch(shapes, batch_size, device)
+        train_seconds = _time_steps(mult_reference.training_step(model, shapes.task), batch, steps, warmup, device)
+    model.eval()
+    eval_batch = synthetic_batch(shapes, 256, device, seed=1)
+    forward = lambda b: model(b["text"], b["audio"], b["vision"])
+    n_infer, infer_seconds = _time_inference(forward, eval_batch, steps * batch_size, device)
+    train_rate = steps * batch_size / train_seconds
+    record = {
+        "preset": preset, "variant": "full", "config": PUBLIC_MULT, "train_samples_per_s": train_rate,
+        "infer_samples_per_s": n_infer / infer_seconds, "peak_mem_mb": mem.peak_mb, "train_flops_per_sample": flops,
+        "batch_size": batch_size, "device": str(device), "threads": torch.get_num_threads(), "precision": "fp32",
+    }
+    if peak:
+        record.update(matmul_peak_gflops=peak / 1e9, achieved_gflops=flops * train_rate / 1e9, peak_fraction=flops * train_rate / peak)
+    return record
+
+
 def run_bench(presets=("mosi", "mosi-unaligned"), variants=("full", "kt"), config: str = "mult", steps: int = 10,
-              device=None, precision: str = "fp32", compile: bool = False, log=None, isolate: bool = True) -> list[dict]:
+              device=None, precision: str = "fp32", compile: bool = False, log=None, isolate: bool = True,
+              reference: bool = False) -> list[dict]:
     """Every preset x variant (see :func:`bench_one`, each in its own process unless
-    ``isolate=False``), with one matmul peak measured first."""
+    ``isolate=False``), with one matmul peak measured first. ``reference``: first, for each preset,
+    the public MulT code's record (:func:`bench_public_mult`), and each record of that preset gets
+    ``speedup_vs_public_mult``, the ratio of training samples/s measured in this same run."""
     from mskt.train import resolve_device
 
     log = log or (lambda line: print(line, flush=True))  # each line as soon as it is measured
@@ -222,47 +274,60 @@ def run_bench(presets=("mosi", "mosi-unaligned"), variants=("full", "kt"), confi
     peak_dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     peak = matmul_peak_flops(device, dtype=peak_dtype)
     log(f"matmul peak ({device}, {torch.get_num_threads()} threads, {precision}): {peak / 1e9:.1f} GFLOP/s")
+    run = lambda fn, kwargs: _isolated(fn, kwargs, torch.get_num_threads()) if isolate else globals()[fn](**kwargs)
     records = []
     for preset in presets:
+        baseline = None
+        if reference:
+            baseline = run("bench_public_mult", dict(preset=preset, steps=steps, device=str(device), peak=peak))
+            records.append(baseline)
+            log(format_record(baseline))
         for variant in variants:
             kwargs = dict(preset=preset, variant=variant, config=config, steps=steps, device=str(device), precision=precision, compile=compile, peak=peak)
-            record = _isolated(kwargs, torch.get_num_threads()) if isolate else bench_one(**kwargs)
+            record = run("bench_one", kwargs)
+            if baseline is not None:
+                record["speedup_vs_public_mult"] = record["train_samples_per_s"] / baseline["train_samples_per_s"]
             records.append(record)
             log(format_record(record))
     return records
 
 
 def _bench_in_child(args) -> dict:
-    kwargs, threads = args
+    fn, kwargs, threads = args
     torch.set_num_threads(threads)
-    return bench_one(**kwargs)
+    return globals()[fn](**kwargs)
 
 
-def _isolated(kwargs: dict, threads: int) -> dict:
-    """``bench_one`` in a fresh process: memory the allocator kept from an earlier record (the CPU
-    measure is resident memory) cannot hide this one's peak, and nothing warms up for the next."""
+def _isolated(fn: str, kwargs: dict, threads: int) -> dict:
+    """``fn`` (a record function of this module, by name) in a fresh process: memory the allocator
+    kept from an earlier record (the CPU measure is resident memory) cannot hide this one's peak,
+    no allocator setting of one record carries over to the next, and nothing warms up for the next."""
     import multiprocessing as mp
 
     with mp.get_context("spawn").Pool(1) as pool:
-        return pool.apply(_bench_in_child, ((kwargs, threads),))
+        return pool.apply(_bench_in_child, ((fn, kwargs, threads),))
 
 
 def format_record(r: dict) -> str:
+    speedup = f"  {r['speedup_vs_public_mult']:.2f}x public MulT" if "speedup_vs_public_mult" in r else ""
     return (
-        f"{r['preset']:<16} {r['variant']:<16} {r['config']:<6} train {r['train_samples_per_s']:8.1f}/s  "
+        f"{r['preset']:<16} {r['variant']:<16} {r['config']:<11} train {r['train_samples_per_s']:8.1f}/s  "
         f"infer {r['infer_samples_per_s']:8.1f}/s  peak mem {r['peak_mem_mb']:7.1f} MB  "
-        f"{r['train_flops_per_sample'] / 1e6:8.1f} MFLOP/sample  {100 * r.get('peak_fraction', math.nan):5.1f}% of matmul peak"
+        f"{r['train_flops_per_sample'] / 1e6:8.1f} MFLOP/sample  {100 * r.get('peak_fraction', math.nan):5.1f}% of matmul peak{speedup}"
     )
 
 
 def to_markdown(records: list[dict]) -> str:
-    lines = [
-        "| preset | variant | config | train samples/s | infer samples/s | peak mem MB | train MFLOP/sample | % of matmul peak |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
+    """The records as a Markdown table; with a ``x public MulT`` column when a reference was measured."""
+    ratio = any("speedup_vs_public_mult" in r for r in records)
+    head = "| preset | variant | config | train samples/s | infer samples/s | peak mem MB | train MFLOP/sample | % of matmul peak |"
+    lines = [head + (" train x public MulT |" if ratio else ""), "|---" * (8 + ratio) + "|"]
     for r in records:
-        lines.append(
+        line = (
             f"| {r['preset']} | {r['variant']} | {r['config']} | {r['train_samples_per_s']:.1f} | {r['infer_samples_per_s']:.1f} | "
             f"{r['peak_mem_mb']:.0f} | {r['train_flops_per_sample'] / 1e6:.1f} | {100 * r.get('peak_fraction', math.nan):.1f} |"
         )
+        if ratio:
+            line += f" {r['speedup_vs_public_mult']:.2f} |" if "speedup_vs_public_mult" in r else " 1 |"
+        lines.append(line)
     return "\n".join(lines)

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from mskt.bench import CONFIGS, PRESET_NAMES, RECORD_KEYS, bench_one, shapes_for, synthetic_batch
+from mskt.bench import CONFIGS, PRESET_NAMES, PUBLIC_MULT, RECORD_KEYS, bench_one, bench_public_mult, shapes_for, synthetic_batch, to_markdown
 from mskt.errors import ConfigError
 from mskt.presets import DATA_SHAPES
 
@@ -60,3 +60,46 @@ def test_cli_refuses_unknown_presets_in_one_line():
     proc = subprocess.run([sys.executable, "-m", "mskt", "bench", "--presets", "mosi,imdb"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert "imdb" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_the_public_mult_reference_does_the_work_of_full_at_the_mult_config():
+    """The baseline of the speed targets is the same model size: its training FLOPs per sample
+    equal those of mskt's ``full`` at ``--config mult`` (same widths, depths, heads and shapes)."""
+    ours = bench_one("iemocap", "full", "mult", steps=1, warmup=1, peak=1e10)
+    public = bench_public_mult("iemocap", steps=1, warmup=1, peak=1e10)
+    assert set(RECORD_KEYS) <= set(public)
+    assert (public["variant"], public["config"], public["batch_size"]) == ("full", PUBLIC_MULT, 24)
+    assert public["train_samples_per_s"] > 0 and public["infer_samples_per_s"] > 0
+    assert public["train_flops_per_sample"] == pytest.approx(ours["train_flops_per_sample"], rel=1e-3)
+
+
+def test_the_public_mult_reference_trains():
+    """Its step reaches every parameter and lowers the loss on a fixed batch (regression and emotions)."""
+    import torch
+
+    from mskt import mult_reference
+
+    for preset in ("mosi", "iemocap"):
+        shapes = shapes_for(preset)
+        torch.manual_seed(0)
+        model = mult_reference.MULTModel(shapes.dims, d=10, heads=2, layers=1, n_outputs=1 if shapes.task == "regression" else 8)
+        for module in model.modules():  # no dropout: a deterministic descent
+            for name in ("attn_dropout", "relu_dropout", "res_dropout", "embed_dropout"):
+                if hasattr(module, name):
+                    setattr(module, name, 0.0)
+        batch = synthetic_batch(shapes, 4, "cpu")
+        step = mult_reference.training_step(model, shapes.task)
+        first = float(step(batch))
+        assert all(p.grad is not None for p in model.parameters())
+        for _ in range(30):
+            last = float(step(batch))
+        assert last < 0.5 * first, (preset, first, last)
+
+
+def test_markdown_has_the_speedup_column_only_with_a_reference():
+    record = {"preset": "mosi", "variant": "full", "config": "mult", "train_samples_per_s": 30.0, "infer_samples_per_s": 90.0,
+              "peak_mem_mb": 10.0, "train_flops_per_sample": 1e8}
+    assert "public MulT" not in to_markdown([record])
+    public = {**record, "config": PUBLIC_MULT, "train_samples_per_s": 10.0}
+    table = to_markdown([public, {**record, "speedup_vs_public_mult": 3.0}])
+    assert "| mosi | full | mult-public | 10.0 |" in table and table.splitlines()[-1].endswith("| 3.00 |")
