@@ -103,3 +103,18 @@ def test_markdown_has_the_speedup_column_only_with_a_reference():
     public = {**record, "config": PUBLIC_MULT, "train_samples_per_s": 10.0}
     table = to_markdown([public, {**record, "speedup_vs_public_mult": 3.0}])
     assert "| mosi | full | mult-public | 10.0 |" in table and table.splitlines()[-1].endswith("| 3.00 |")
+
+
+def test_cli_reference_times_the_public_mult_first_and_gives_the_speedup(tmp_path):
+    out = tmp_path / "bench.json"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "mskt", "bench", "--presets", "iemocap", "--variants", "full", "--steps", "1", "--threads", "1",
+         "--reference", "--json", str(out)],
+        capture_output=True, text=True, env=env, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    public, ours = json.loads(out.read_text())
+    assert (public["config"], ours["config"]) == (PUBLIC_MULT, "mult")
+    assert ours["speedup_vs_public_mult"] == ours["train_samples_per_s"] / public["train_samples_per_s"]
+    assert "x public MulT" in proc.stdout and "| iemocap | full | mult-public |" in proc.stdout
