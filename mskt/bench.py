@@ -171,18 +171,23 @@ def bench_one(preset: str, variant: str, config: str = "mult", steps: int = 10, 
     if variant != "full":
         eval_batch["audio"] = None
     model.eval()
-    n_infer, infer_seconds = _time_inference(model, eval_batch, max(steps * cfg.batch_size, cfg.eval_batch_size), device)
+    n_infer, infer_seconds = _time_inference(model, eval_batch, steps * cfg.batch_size, device)
+    return _record(preset, variant, config, steps * cfg.batch_size / train_seconds, n_infer / infer_seconds, mem.peak_mb,
+                   flops, cfg.batch_size, device, precision, peak)
 
-    train_rate = steps * cfg.batch_size / train_seconds
+
+def _record(preset, variant, config, train_rate, infer_rate, peak_mem_mb, flops, batch_size, device, precision, peak) -> dict:
+    """A benchmark record (RECORD_KEYS and the run's settings); with ``peak``, the achieved FLOP/s
+    and its fraction of that matmul peak."""
     record = {
         "preset": preset,
         "variant": variant,
         "config": config,
         "train_samples_per_s": train_rate,
-        "infer_samples_per_s": n_infer / infer_seconds,
-        "peak_mem_mb": mem.peak_mb,
+        "infer_samples_per_s": infer_rate,
+        "peak_mem_mb": peak_mem_mb,
         "train_flops_per_sample": flops,
-        "batch_size": cfg.batch_size,
+        "batch_size": batch_size,
         "device": str(device),
         "threads": torch.get_num_threads(),
         "precision": precision,
@@ -249,15 +254,8 @@ def bench_public_mult(preset: str, steps: int = 10, warmup: int = 3, device=None
     eval_batch = synthetic_batch(shapes, 256, device, seed=1)
     forward = lambda b: model(b["text"], b["audio"], b["vision"])
     n_infer, infer_seconds = _time_inference(forward, eval_batch, steps * batch_size, device)
-    train_rate = steps * batch_size / train_seconds
-    record = {
-        "preset": preset, "variant": "full", "config": PUBLIC_MULT, "train_samples_per_s": train_rate,
-        "infer_samples_per_s": n_infer / infer_seconds, "peak_mem_mb": mem.peak_mb, "train_flops_per_sample": flops,
-        "batch_size": batch_size, "device": str(device), "threads": torch.get_num_threads(), "precision": "fp32",
-    }
-    if peak:
-        record.update(matmul_peak_gflops=peak / 1e9, achieved_gflops=flops * train_rate / 1e9, peak_fraction=flops * train_rate / peak)
-    return record
+    return _record(preset, "full", PUBLIC_MULT, steps * batch_size / train_seconds, n_infer / infer_seconds, mem.peak_mb,
+                   flops, batch_size, device, "fp32", peak)
 
 
 def run_bench(presets=("mosi", "mosi-unaligned"), variants=("full", "kt"), config: str = "mult", steps: int = 10,
@@ -274,17 +272,17 @@ def run_bench(presets=("mosi", "mosi-unaligned"), variants=("full", "kt"), confi
     peak_dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     peak = matmul_peak_flops(device, dtype=peak_dtype)
     log(f"matmul peak ({device}, {torch.get_num_threads()} threads, {precision}): {peak / 1e9:.1f} GFLOP/s")
-    run = lambda fn, kwargs: _isolated(fn, kwargs, torch.get_num_threads()) if isolate else globals()[fn](**kwargs)
+    run = lambda fn, kwargs: _isolated(fn, kwargs, torch.get_num_threads()) if isolate else fn(**kwargs)
     records = []
     for preset in presets:
         baseline = None
         if reference:
-            baseline = run("bench_public_mult", dict(preset=preset, steps=steps, device=str(device), peak=peak))
+            baseline = run(bench_public_mult, dict(preset=preset, steps=steps, device=str(device), peak=peak))
             records.append(baseline)
             log(format_record(baseline))
         for variant in variants:
             kwargs = dict(preset=preset, variant=variant, config=config, steps=steps, device=str(device), precision=precision, compile=compile, peak=peak)
-            record = run("bench_one", kwargs)
+            record = run(bench_one, kwargs)
             if baseline is not None:
                 record["speedup_vs_public_mult"] = record["train_samples_per_s"] / baseline["train_samples_per_s"]
             records.append(record)
@@ -295,11 +293,11 @@ def run_bench(presets=("mosi", "mosi-unaligned"), variants=("full", "kt"), confi
 def _bench_in_child(args) -> dict:
     fn, kwargs, threads = args
     torch.set_num_threads(threads)
-    return globals()[fn](**kwargs)
+    return fn(**kwargs)
 
 
-def _isolated(fn: str, kwargs: dict, threads: int) -> dict:
-    """``fn`` (a record function of this module, by name) in a fresh process: memory the allocator
+def _isolated(fn, kwargs: dict, threads: int) -> dict:
+    """``fn(**kwargs)`` (a record function of this module) in a fresh process: memory the allocator
     kept from an earlier record (the CPU measure is resident memory) cannot hide this one's peak,
     no allocator setting of one record carries over to the next, and nothing warms up for the next."""
     import multiprocessing as mp

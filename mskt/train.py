@@ -14,6 +14,7 @@ worker processes.
 from __future__ import annotations
 
 import ctypes
+import functools
 import json
 import logging
 import math
@@ -70,21 +71,20 @@ def keep_freed_memory(device: torch.device) -> bool:
     the process keeps its peak memory until it exits. It changes no result. A no-op elsewhere
     (CUDA has its own caching allocator; other C libraries are left alone).
     """
-    global _freed_memory_kept
     if device.type != "cpu" or not sys.platform.startswith("linux"):
         return False
-    if not _freed_memory_kept:
-        try:
-            libc = ctypes.CDLL("libc.so.6")
-        except OSError:  # not glibc (e.g. musl): leave its allocator as it is
-            return False
-        M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # glibc's <malloc.h>
-        # mallopt returns 1 on success. -1 as the trim threshold becomes SIZE_MAX: never trim.
-        _freed_memory_kept = bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, -1))
-    return _freed_memory_kept
+    return _keep_glibc_freed_memory()
 
 
-_freed_memory_kept = False
+@functools.cache
+def _keep_glibc_freed_memory() -> bool:
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc (e.g. musl): leave its allocator as it is
+        return False
+    M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # glibc's <malloc.h>
+    # mallopt returns 1 on success. -1 as the trim threshold becomes SIZE_MAX: never trim.
+    return bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, -1))
 
 
 def set_seed(seed: int) -> None:
