@@ -1,0 +1,374 @@
+// Fused multi-head attention with key padding and dropout on the weights, for CPU training.
+//
+// Why: at this model's head width (d_head = 6 or 12) attention is bound by passes over
+// (B*h, T, S) tensors, not by arithmetic. Eager PyTorch writes and reads scores, weights, a
+// dropout mask and their gradients as whole tensors; torch's fused CPU kernel has no dropout and
+// is slow at such narrow heads. Here each query row is finished in a small buffer: scores,
+// softmax, dropout and the weighted sum of values, with nothing of size (T, S) kept. Backward
+// recomputes the row's weights from the saved log-sum-exp (as flash attention does) and
+// regenerates the dropout mask from the same counter-based hash, so the mask is never stored.
+//
+// Layouts: q (B, T, d) and kv (B, S, 2d) as the projections give them, heads side by side; each
+// task copies its head's keys and values transposed, (D, S), so that every inner loop runs over
+// contiguous keys and vectorises. key_bias (B, S): 0 at real keys and a large negative number at
+// padded ones. Row bh * T + t is query t of head bh = b * heads + head.
+// The dropout mask: key (seed, row = bh * T + t, key j) is kept when its 32-bit hash is at least
+// round(p * 2^32); kept weights are scaled by the exact inverse keep rate.
+
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+#include <vector>
+
+namespace {
+
+constexpr uint32_t kGolden = 0x9E3779B9u;
+
+// A 32-bit integer mixer with full avalanche (Wellons' "lowbias32"); vectorises.
+inline uint32_t mix32(uint32_t x) {
+  x ^= x >> 16;
+  x *= 0x7feb352du;
+  x ^= x >> 15;
+  x *= 0x846ca68bu;
+  x ^= x >> 16;
+  return x;
+}
+
+inline uint32_t row_key(int64_t seed, int64_t row) {
+  uint32_t lo = static_cast<uint32_t>(seed), hi = static_cast<uint32_t>(static_cast<uint64_t>(seed) >> 32);
+  uint32_t r_lo = static_cast<uint32_t>(row), r_hi = static_cast<uint32_t>(static_cast<uint64_t>(row) >> 32);
+  return mix32(lo ^ mix32(r_lo + mix32(hi ^ mix32(r_hi + kGolden))));
+}
+
+inline uint32_t key_hash(uint32_t key, int64_t j) {
+  return mix32(key + static_cast<uint32_t>(j) * kGolden);
+}
+
+// exp(x) for x <= 0 (scores minus their row maximum), as plain arithmetic so loops over it
+// vectorise: x = n ln2 + r, a degree-6 polynomial for exp(r) (Cephes' expf, ~1 ulp), times 2^n.
+// Below -87 (a padded key: its bias is -1e30) the result is exactly 0.
+inline float exp_nonpositive(float x) {
+  const float clamped = x < -87.0f ? -87.0f : x;
+  const float n = std::floor(clamped * 1.44269504088896341f + 0.5f);
+  const float r = clamped - n * 0.693359375f + n * 2.12194440e-4f;
+  float poly = 1.9875691500e-4f;
+  poly = poly * r + 1.3981999507e-3f;
+  poly = poly * r + 8.3334519073e-3f;
+  poly = poly * r + 4.1665795894e-2f;
+  poly = poly * r + 1.6666665459e-1f;
+  poly = poly * r + 5.0000001201e-1f;
+  const float y = poly * r * r + r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float two_n;
+  std::memcpy(&two_n, &bits, sizeof(float));
+  return x < -87.0f ? 0.0f : y * two_n;
+}
+
+struct Dropout {
+  uint32_t threshold;  // drop when hash < threshold
+  float keep_scale;    // 1 / keep rate
+  bool active;
+  explicit Dropout(double p)
+      : threshold(static_cast<uint32_t>(std::llround(p * 4294967296.0))),
+        keep_scale(static_cast<float>(4294967296.0 / (4294967296.0 - std::llround(p * 4294967296.0)))),
+        active(p > 0.0) {}
+};
+
+// The j-th dropout factor of a row: 0, or 1 / keep rate (1 without dropout). Arguments are
+// plain values, not a Dropout, so that loops calling it vectorise.
+inline float dropout_factor(uint32_t key, int64_t j, uint32_t threshold, float keep_scale) {
+  return key_hash(key, j) >= threshold ? keep_scale : 0.0f;
+}
+
+// Each row's loops run once over the keys, with the head's D channels in registers: kD is D
+// when it is one of the widths compiled for (every loop over d unrolls and the j loops
+// vectorise), or 0 for any other width, read at run time.
+template <int kD>
+struct Width {
+  static constexpr int64_t get(int64_t) { return kD; }
+};
+template <>
+struct Width<0> {
+  static int64_t get(int64_t d) { return d; }
+};
+
+// One query row forward: out (D) and the row's log-sum-exp. w is a buffer of S floats.
+template <int kD>
+inline float forward_row(const float* __restrict q, const float* __restrict kT, const float* __restrict vT,
+                         const float* __restrict bias, float scale, int64_t D_runtime, int64_t S, const Dropout& drop,
+                         uint32_t key, float* __restrict w, float* __restrict out) {
+  const int64_t D = Width<kD>::get(D_runtime);
+  float qs[kD > 0 ? kD : 64];
+  for (int64_t d = 0; d < D; ++d) qs[d] = q[d] * scale;
+  float m = -3.0e38f;
+  for (int64_t j = 0; j < S; ++j) {
+    float s = bias[j];
+#pragma GCC unroll 32
+    for (int64_t d = 0; d < D; ++d) s += qs[d] * kT[d * S + j];
+    w[j] = s;
+    m = s > m ? s : m;
+  }
+  float total = 0.0f;
+  if (drop.active) {
+    const uint32_t threshold = drop.threshold;
+    const float keep_scale = drop.keep_scale;
+    for (int64_t j = 0; j < S; ++j) {
+      const float e = exp_nonpositive(w[j] - m);
+      total += e;
+      w[j] = e * dropout_factor(key, j, threshold, keep_scale);
+    }
+  } else {
+    for (int64_t j = 0; j < S; ++j) {
+      w[j] = exp_nonpositive(w[j] - m);
+      total += w[j];
+    }
+  }
+  float acc[kD > 0 ? kD : 64] = {};
+  for (int64_t j = 0; j < S; ++j) {
+    const float wj = w[j];
+#pragma GCC unroll 32
+    for (int64_t d = 0; d < D; ++d) acc[d] += wj * vT[d * S + j];
+  }
+  const float inv = 1.0f / total;
+  for (int64_t d = 0; d < D; ++d) out[d] = acc[d] * inv;
+  return m + std::log(total);
+}
+
+// Rows of one (batch, head) whose backward shares a pass over the key and value gradients.
+constexpr int kRowBlock = 4;
+
+// Backward of up to kRowBlock consecutive query rows of one (batch, head): writes their grad_q
+// rows and adds into grad_kT and grad_vT (D, S) in one read-modify-write pass for all of them.
+// With P_j the weights and z_j the dropout factors, out = sum_j P_j z_j v_j, so the softmax
+// backward's row term sum_j P_j z_j (grad_out . v_j) is grad_out . out.
+// g, q, out and grad_q are rows `stride` floats apart; grad_s and kept are buffers of kRowBlock * S floats.
+template <int kD>
+inline void backward_rows(int64_t rows, int64_t row0, int64_t stride, const float* __restrict g, const float* __restrict q,
+                          const float* __restrict kT, const float* __restrict vT, const float* __restrict bias,
+                          const float* __restrict out, const float* __restrict lse, float scale, int64_t D_runtime,
+                          int64_t S, const Dropout& drop, int64_t seed, float* __restrict grad_s, float* __restrict kept,
+                          float* __restrict grad_q, float* __restrict grad_kT, float* __restrict grad_vT) {
+  const int64_t D = Width<kD>::get(D_runtime);
+  constexpr int64_t kMaxD = kD > 0 ? kD : 64;
+  float qs[kRowBlock][kMaxD] = {}, gd[kRowBlock][kMaxD] = {};  // rows past `rows` stay 0: they add nothing
+  // Without dropout every factor is 1: threshold 0 keeps every key, at scale 1.
+  const uint32_t threshold = drop.active ? drop.threshold : 0u;
+  const float keep_scale = drop.active ? drop.keep_scale : 1.0f;
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* g_r = g + r * stride;
+    const float* q_r = q + r * stride;
+    float g_dot_out = 0.0f;
+    for (int64_t d = 0; d < D; ++d) {
+      qs[r][d] = q_r[d] * scale;
+      gd[r][d] = g_r[d];
+      g_dot_out += g_r[d] * out[r * stride + d];
+    }
+    const float row_lse = lse[r];
+    const uint32_t key = row_key(seed, row0 + r);
+    float* __restrict gs_r = grad_s + r * S;
+    float* __restrict kept_r = kept + r * S;
+    for (int64_t j = 0; j < S; ++j) {
+      float s = bias[j], gv = 0.0f;
+#pragma GCC unroll 32
+      for (int64_t d = 0; d < D; ++d) {
+        s += qs[r][d] * kT[d * S + j];
+        gv += gd[r][d] * vT[d * S + j];
+      }
+      const float p = exp_nonpositive(s - row_lse);
+      const float z = dropout_factor(key, j, threshold, keep_scale);
+      kept_r[j] = p * z;
+      gs_r[j] = p * (z * gv - g_dot_out);
+    }
+    float acc[kMaxD] = {};
+    for (int64_t j = 0; j < S; ++j) {
+      const float ds = gs_r[j];
+#pragma GCC unroll 32
+      for (int64_t d = 0; d < D; ++d) acc[d] += ds * kT[d * S + j];
+    }
+    for (int64_t d = 0; d < D; ++d) grad_q[r * stride + d] = acc[d] * scale;
+  }
+  for (int64_t r = rows; r < kRowBlock; ++r) {
+    std::memset(grad_s + r * S, 0, S * sizeof(float));
+    std::memset(kept + r * S, 0, S * sizeof(float));
+  }
+  const float *gs0 = grad_s, *gs1 = grad_s + S, *gs2 = grad_s + 2 * S, *gs3 = grad_s + 3 * S;
+  const float *k0 = kept, *k1 = kept + S, *k2 = kept + 2 * S, *k3 = kept + 3 * S;
+  static_assert(kRowBlock == 4, "the pass below names its four rows");
+  for (int64_t d = 0; d < D; ++d) {
+    const float a0 = qs[0][d], a1 = qs[1][d], a2 = qs[2][d], a3 = qs[3][d];
+    const float b0 = gd[0][d], b1 = gd[1][d], b2 = gd[2][d], b3 = gd[3][d];
+    float* __restrict gk = grad_kT + d * S;
+    float* __restrict gv = grad_vT + d * S;
+    for (int64_t j = 0; j < S; ++j) gk[j] += a0 * gs0[j] + a1 * gs1[j] + a2 * gs2[j] + a3 * gs3[j];
+    for (int64_t j = 0; j < S; ++j) gv[j] += b0 * k0[j] + b1 * k1[j] + b2 * k2[j] + b3 * k3[j];
+  }
+}
+
+void check_inputs(const at::Tensor& q, const at::Tensor& kv, const at::Tensor& key_bias, int64_t heads) {
+  TORCH_CHECK(q.dim() == 3 && kv.dim() == 3 && key_bias.dim() == 2, "fused attention: q (B, T, d), kv (B, S, 2d) and key_bias (B, S) expected, got ",
+              q.sizes(), ", ", kv.sizes(), ", ", key_bias.sizes());
+  TORCH_CHECK(q.scalar_type() == at::kFloat && kv.scalar_type() == at::kFloat && key_bias.scalar_type() == at::kFloat,
+              "fused attention: float32 tensors expected");
+  TORCH_CHECK(q.is_contiguous() && kv.is_contiguous() && key_bias.is_contiguous(), "fused attention: contiguous tensors expected");
+  TORCH_CHECK(kv.size(0) == q.size(0) && kv.size(2) == 2 * q.size(2) && key_bias.size(0) == q.size(0) && key_bias.size(1) == kv.size(1),
+              "fused attention: q ", q.sizes(), ", kv ", kv.sizes(), " and key_bias ", key_bias.sizes(), " do not match");
+  TORCH_CHECK(heads > 0 && q.size(2) % heads == 0, "fused attention: width ", q.size(2), " is not a multiple of ", heads, " heads");
+}
+
+// Calls body(width) with width a std::integral_constant<int, D> for the head widths this file
+// compiles specialised loops for (those of this project's configs), else of 0 (any width <= 64).
+template <typename Body>
+void dispatch_width(int64_t D, Body body) {
+  TORCH_CHECK(D >= 1 && D <= 64, "fused attention: head width ", D, " not in 1..64");
+  switch (D) {
+    case 6: return body(std::integral_constant<int, 6>());
+    case 8: return body(std::integral_constant<int, 8>());
+    case 10: return body(std::integral_constant<int, 10>());
+    case 12: return body(std::integral_constant<int, 12>());
+    case 16: return body(std::integral_constant<int, 16>());
+    case 20: return body(std::integral_constant<int, 20>());
+    default: return body(std::integral_constant<int, 0>());
+  }
+}
+
+// Head `head`'s keys or values (part 0 or 1 of kv's last dim), transposed: dst (D, S).
+inline void gather_head(const float* kv_b, int64_t part, int64_t head, int64_t d_model, int64_t D, int64_t S, float* dst) {
+  const float* src = kv_b + part * d_model + head * D;
+  for (int64_t j = 0; j < S; ++j)
+    for (int64_t d = 0; d < D; ++d) dst[d * S + j] = src[j * 2 * d_model + d];
+}
+
+// The inverse of gather_head: src (D, S) into head `head`'s columns of part `part` of kv_b.
+inline void scatter_head(const float* src, int64_t part, int64_t head, int64_t d_model, int64_t D, int64_t S, float* kv_b) {
+  float* dst = kv_b + part * d_model + head * D;
+  for (int64_t j = 0; j < S; ++j)
+    for (int64_t d = 0; d < D; ++d) dst[j * 2 * d_model + d] = src[d * S + j];
+}
+
+}  // namespace
+
+// Attention of q (B, T, d) over kv (B, S, 2d) (keys in the first d channels, values in the
+// last), heads of width d / heads, each head's channels side by side, as the projections give
+// them: no transposes before or after. Returns (out (B, T, d), lse (B * heads, T)).
+std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& kv, const at::Tensor& key_bias, int64_t heads,
+                                double scale, double p, int64_t seed) {
+  check_inputs(q, kv, key_bias, heads);
+  const int64_t B = q.size(0), T = q.size(1), d_model = q.size(2), S = kv.size(1), D = d_model / heads;
+  auto out = at::empty_like(q);
+  auto lse = at::empty({B * heads, T}, q.options());
+  const float* qp = q.data_ptr<float>();
+  const float* kvp = kv.data_ptr<float>();
+  const float* bp = key_bias.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  float* lp = lse.data_ptr<float>();
+  const Dropout drop(p);
+  const float fscale = static_cast<float>(scale);
+  dispatch_width(D, [&](auto width) {
+    constexpr int kD = decltype(width)::value;
+    at::parallel_for(0, B * heads, 1, [&](int64_t begin, int64_t end) {
+      std::vector<float> w(S), kT(D * S), vT(D * S);
+      for (int64_t bh = begin; bh < end; ++bh) {
+        const int64_t b = bh / heads, head = bh % heads;
+        gather_head(kvp + b * S * 2 * d_model, 0, head, d_model, D, S, kT.data());
+        gather_head(kvp + b * S * 2 * d_model, 1, head, d_model, D, S, vT.data());
+        for (int64_t t = 0; t < T; ++t) {
+          const int64_t at = (b * T + t) * d_model + head * D;
+          lp[bh * T + t] = forward_row<kD>(qp + at, kT.data(), vT.data(), bp + b * S, fscale, D, S, drop, row_key(seed, bh * T + t),
+                                           w.data(), op + at);
+        }
+      }
+    });
+  });
+  return {out, lse};
+}
+
+// Returns (grad_q (B, T, d), grad_kv (B, S, 2d)).
+std::vector<at::Tensor> backward(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& kv, const at::Tensor& key_bias,
+                                 const at::Tensor& out, const at::Tensor& lse, int64_t heads, double scale, double p, int64_t seed) {
+  check_inputs(q, kv, key_bias, heads);
+  TORCH_CHECK(grad_out.sizes() == q.sizes() && out.sizes() == q.sizes() && grad_out.is_contiguous() && out.is_contiguous() &&
+                  lse.is_contiguous(), "fused attention backward: grad_out and out must be contiguous (B, T, d)");
+  const int64_t B = q.size(0), T = q.size(1), d_model = q.size(2), S = kv.size(1), D = d_model / heads;
+  auto grad_q = at::empty_like(q);
+  auto grad_kv = at::empty_like(kv);
+  const float* gp = grad_out.data_ptr<float>();
+  const float* qp = q.data_ptr<float>();
+  const float* kvp = kv.data_ptr<float>();
+  const float* bp = key_bias.data_ptr<float>();
+  const float* op = out.data_ptr<float>();
+  const float* lp = lse.data_ptr<float>();
+  float* gqp = grad_q.data_ptr<float>();
+  float* gkvp = grad_kv.data_ptr<float>();
+  const Dropout drop(p);
+  const float fscale = static_cast<float>(scale);
+  dispatch_width(D, [&](auto width) {
+    constexpr int kD = decltype(width)::value;
+    // One (batch, head) per task: its rows all add into the same key and value gradients.
+    at::parallel_for(0, B * heads, 1, [&](int64_t begin, int64_t end) {
+      std::vector<float> grad_s(kRowBlock * S), kept(kRowBlock * S), kT(D * S), vT(D * S), grad_kT(D * S), grad_vT(D * S);
+      for (int64_t bh = begin; bh < end; ++bh) {
+        const int64_t b = bh / heads, head = bh % heads;
+        gather_head(kvp + b * S * 2 * d_model, 0, head, d_model, D, S, kT.data());
+        gather_head(kvp + b * S * 2 * d_model, 1, head, d_model, D, S, vT.data());
+        std::fill(grad_kT.begin(), grad_kT.end(), 0.0f);
+        std::fill(grad_vT.begin(), grad_vT.end(), 0.0f);
+        for (int64_t t = 0; t < T; t += kRowBlock) {
+          const int64_t at = (b * T + t) * d_model + head * D, rows = std::min<int64_t>(kRowBlock, T - t);
+          backward_rows<kD>(rows, bh * T + t, d_model, gp + at, qp + at, kT.data(), vT.data(), bp + b * S, op + at, lp + bh * T + t,
+                            fscale, D, S, drop, seed, grad_s.data(), kept.data(), gqp + at, grad_kT.data(), grad_vT.data());
+        }
+        scatter_head(grad_kT.data(), 0, head, d_model, D, S, gkvp + b * S * 2 * d_model);
+        scatter_head(grad_vT.data(), 1, head, d_model, D, S, gkvp + b * S * 2 * d_model);
+      }
+    });
+  });
+  return {grad_q, grad_kv};
+}
+
+// Dropout of any contiguous float32 tensor: x times the factors of `seed`, element i taking the
+// factor of (row i / 1024, key i % 1024). Its backward is the same call on the gradient, so no
+// mask is ever stored.
+at::Tensor dropout(const at::Tensor& x, double p, int64_t seed) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat && x.is_contiguous(), "fused dropout: a contiguous float32 tensor expected");
+  auto out = at::empty_like(x);
+  const float* xp = x.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  const int64_t n = x.numel(), chunk = 1024;
+  const Dropout drop(p);
+  const uint32_t threshold = drop.active ? drop.threshold : 0u;
+  const float keep_scale = drop.active ? drop.keep_scale : 1.0f;
+  at::parallel_for(0, (n + chunk - 1) / chunk, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t c = begin; c < end; ++c) {
+      const uint32_t key = row_key(seed, c);
+      const int64_t start = c * chunk, len = std::min(chunk, n - start);
+      const float* __restrict xc = xp + start;
+      float* __restrict oc = op + start;
+      for (int64_t j = 0; j < len; ++j) oc[j] = xc[j] * dropout_factor(key, j, threshold, keep_scale);
+    }
+  });
+  return out;
+}
+
+// The dropout factors (0 or 1 / keep rate) the kernels apply, (BH, T, S): for tests.
+at::Tensor dropout_factors(int64_t BH, int64_t T, int64_t S, double p, int64_t seed) {
+  auto factors = at::empty({BH, T, S}, at::kFloat);
+  float* fp = factors.data_ptr<float>();
+  const Dropout drop(p);
+  for (int64_t row = 0; row < BH * T; ++row) {
+    const uint32_t key = row_key(seed, row);
+    for (int64_t j = 0; j < S; ++j) fp[row * S + j] = drop.active ? dropout_factor(key, j, drop.threshold, drop.keep_scale) : 1.0f;
+  }
+  return factors;
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("forward", &forward, "fused attention forward (out, lse)");
+  m.def("backward", &backward, "fused attention backward (grad_q, grad_kv)");
+  m.def("dropout", &dropout, "x times the dropout factors of a seed (forward and backward)");
+  m.def("dropout_factors", &dropout_factors, "the dropout factors of a seed, (BH, T, S)");
+}
