@@ -310,8 +310,9 @@ class FusedDropout(torch.autograd.Function):
 
 
 def fused_kernels_available(x: torch.Tensor) -> bool:
-    """Whether the compiled kernels can take ``x``: float32 on CPU, and they build here."""
-    if x.device.type != "cpu" or x.dtype != torch.float32:
+    """Whether the compiled kernels can take ``x``: float32 on CPU, they build here, and no
+    torch.compile graph is being traced (it cannot trace them; it gets torch's operations)."""
+    if x.device.type != "cpu" or x.dtype != torch.float32 or torch.compiler.is_compiling():
         return False
     from mskt.kernels import attention_extension
 

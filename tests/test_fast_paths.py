@@ -1,6 +1,8 @@
 """Every fast path computes the same function as the plain one, on fresh random inputs.
 
-- fused attention (torch's SDPA) against the explicit softmax(QK^T/sqrt(d) + mask) V;
+- fused attention (the compiled CPU kernel, and torch's SDPA) against the explicit
+  softmax(QK^T/sqrt(d) + mask) V, values and every gradient, with and without dropout;
+- the compiled dropout against dropout's definition, and the fallback when the kernels cannot build;
 - the cheaper CPU dropout against dropout's definition (rate, scale, gradient, reproducibility);
 - attention dropout on the explicit path against the same mask applied by hand;
 - the CPU training attention with dropout (``DropoutAttention``: its own backward) against the
@@ -51,11 +53,12 @@ def random_attention_inputs(g, d=12, heads=3):
     return x, source, key_mask(lengths, S)
 
 
+@pytest.mark.parametrize("kernels", ["fused", "torch"])
 @pytest.mark.parametrize("repeat", range(5))
-def test_fused_attention_equals_explicit_attention(repeat):
+def test_fused_attention_equals_explicit_attention(repeat, kernels):
     g, seed = fresh_generator()
     x, source, mask = random_attention_inputs(g)
-    attn = Attention(12, 3, dropout=0.0)
+    attn = Attention(12, 3, dropout=0.0, cpu_kernels=kernels)
     fused, none = attn(x, source, mask)
     explicit, weights = attn(x, source, mask, return_attention=True)
     assert none is None
@@ -69,10 +72,11 @@ def test_fused_attention_equals_explicit_attention(repeat):
     torch.testing.assert_close(weights, reference, atol=1e-6, rtol=1e-5, msg=f"seed {seed}")
 
 
-def test_fused_attention_gradients_equal_explicit_ones():
+@pytest.mark.parametrize("kernels", ["fused", "torch"])
+def test_fused_attention_gradients_equal_explicit_ones(kernels):
     g, seed = fresh_generator()
     x, source, mask = random_attention_inputs(g)
-    attn = Attention(12, 3, dropout=0.0)
+    attn = Attention(12, 3, dropout=0.0, cpu_kernels=kernels)
     grads = []
     for explicit in (False, True):
         xs = x.clone().requires_grad_()
@@ -127,7 +131,7 @@ def test_cpu_dropout_masks_are_uniform_across_positions():
 def test_attention_dropout_applies_one_mask_to_the_weights():
     g, seed = fresh_generator()
     x, source, mask = random_attention_inputs(g)
-    attn = Attention(12, 3, dropout=0.2).train()
+    attn = Attention(12, 3, dropout=0.2, cpu_kernels="torch").train()
     torch.manual_seed(seed)
     out, _ = attn(x, source, mask)
     # By hand: the same weights, the same mask drawn from the same RNG state, dropout's scale.
@@ -150,7 +154,7 @@ def test_cpu_dropout_attention_equals_the_explicit_path_with_the_same_mask(repea
     g, seed = fresh_generator()
     x, source, mask = random_attention_inputs(g)
     p = float(torch.empty(1).uniform_(0.05, 0.6, generator=g))
-    attn = Attention(12, 3, dropout=p).train()
+    attn = Attention(12, 3, dropout=p, cpu_kernels="torch").train()
     weight = torch.randn(x.shape[0], x.shape[1], 12, generator=g)
     results = []
     for explicit in (False, True):
@@ -165,13 +169,14 @@ def test_cpu_dropout_attention_equals_the_explicit_path_with_the_same_mask(repea
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4, msg=f"gradient of {name}, seed {seed}")
 
 
-def test_cpu_dropout_attention_never_attends_to_padded_keys():
+@pytest.mark.parametrize("kernels", ["fused", "torch"])
+def test_cpu_dropout_attention_never_attends_to_padded_keys(kernels):
     """A padded key's value cannot reach the output, in training with dropout as in evaluation."""
     g, seed = fresh_generator()
     x, source, mask = random_attention_inputs(g)
     mask[0, : max(1, mask.shape[1] // 2)] = False
     mask[0, -1] = True
-    attn = Attention(12, 3, dropout=0.3).train()
+    attn = Attention(12, 3, dropout=0.3, cpu_kernels=kernels).train()
     poisoned = torch.where(mask[..., None], source, torch.full_like(source, 1e6))
     torch.manual_seed(seed)
     a, _ = attn(x, source, mask)

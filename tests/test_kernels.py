@@ -1,0 +1,198 @@
+"""The compiled CPU kernels (mskt/csrc/attention.cpp) compute the same function as the plain path.
+
+- FusedAttention (training, with dropout) against autograd through the explicit steps with the
+  kernel's own dropout factors: outputs and the gradients of inputs, source and every weight, on
+  fresh random shapes, padding and head widths (the specialised ones and one read at run time);
+- its dropout factors have dropout's law: rate, exact inverse keep rate, no correlation between
+  neighbours, reproducible by seed;
+- FusedDropout: rate, scale, gradient, reproducible by torch's seed;
+- a model's evaluation predictions are the same with the kernels and with torch's operations;
+- a machine where the kernels cannot be built trains on torch's operations, with one warning.
+
+Where they cannot be built (no compiler) these tests are skipped, unless ``MSKT_REQUIRE_KERNELS=1``
+(``.ci/run`` sets it): then a failed build fails the suite, so CI always runs them.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from mskt import kernels
+from mskt.config import Config
+from mskt.errors import ConfigError
+from mskt.model import Attention, build_model, dropout, key_mask
+
+try:
+    from conftest import NO_DROPOUT, make_batch_fn, tiny_model_config
+except ImportError:  # tests/ imported as a package
+    from tests.conftest import NO_DROPOUT, make_batch_fn, tiny_model_config
+
+REQUIRED = os.environ.get("MSKT_REQUIRE_KERNELS") == "1"
+pytestmark = pytest.mark.skipif(kernels.attention_extension() is None and not REQUIRED, reason="the compiled kernels do not build here")
+
+
+def test_the_kernels_build():
+    assert kernels.attention_extension() is not None
+
+
+def fresh_generator():
+    seed = int(np.random.SeedSequence().entropy % 2**31)
+    return torch.Generator().manual_seed(seed), seed
+
+
+def explicit_attention(attn, x, source, mask, factors):
+    """softmax(q k^T / sqrt(dh), padded keys masked) times the dropout factors, times v: autograd
+    through every step."""
+    B, T, d = x.shape
+    S, h = source.shape[1], attn.heads
+    dh = d // h
+    q = attn.q(x).view(B, T, h, dh).transpose(1, 2)  # (B, h, T, dh)
+    k, v = attn.kv(source).view(B, S, 2, h, dh).permute(2, 0, 3, 1, 4)  # each (B, h, S, dh)
+    weights = (q @ k.transpose(-2, -1) / math.sqrt(dh)).masked_fill(~mask[:, None, None, :], -math.inf).softmax(-1)
+    y = (weights * factors) @ v  # (B, h, T, dh)
+    return attn.out(y.transpose(1, 2).reshape(B, T, d))
+
+
+@pytest.mark.parametrize("d,heads", [(30, 5), (24, 2), (14, 2), (40, 4)])  # head widths 6, 12, 7 (run-time width), 10
+@pytest.mark.parametrize("repeat", range(3))
+def test_fused_attention_with_dropout_equals_the_explicit_steps_with_its_mask(d, heads, repeat):
+    g, seed = fresh_generator()
+    B, T, S = (int(torch.randint(1, n, (1,), generator=g)) for n in (5, 40, 60))
+    x, source = torch.randn(B, T, d, generator=g), torch.randn(B, S, d, generator=g)
+    lengths = torch.randint(0, S + 1, (B,), generator=g)
+    mask = key_mask(lengths, S)
+    p = float(torch.empty(1).uniform_(0.05, 0.6, generator=g))
+    attn = Attention(d, heads, dropout=p, cpu_kernels="fused").train()
+    weight = torch.randn(B, T, d, generator=g)
+
+    xs, src = x.clone().requires_grad_(), source.clone().requires_grad_()
+    torch.manual_seed(seed)
+    fused, none = attn(xs, src, mask)
+    fused_grads = torch.autograd.grad((fused * weight).sum(), [xs, src, *attn.parameters()])
+    assert none is None
+    # The kernel's seed is the first draw from torch's generator after the same seed.
+    torch.manual_seed(seed)
+    kernel_seed = int(torch.empty((), dtype=torch.int64).random_())
+    factors = kernels.attention_extension().dropout_factors(B * heads, T, S, p, kernel_seed).view(B, heads, T, S)
+    xs, src = x.clone().requires_grad_(), source.clone().requires_grad_()
+    plain = explicit_attention(attn, xs, src, mask, factors)
+    plain_grads = torch.autograd.grad((plain * weight).sum(), [xs, src, *attn.parameters()])
+
+    torch.testing.assert_close(fused, plain, atol=1e-5, rtol=1e-5, msg=f"seed {seed}")
+    for name, a, b in zip(["x", "source", *dict(attn.named_parameters())], fused_grads, plain_grads):
+        torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4, msg=f"gradient of {name}, seed {seed}")
+
+
+def test_fused_attention_checks_its_inputs():
+    ext = kernels.attention_extension()
+    q, kv, bias = torch.randn(2, 3, 12), torch.randn(2, 5, 24), torch.zeros(2, 5)
+    with pytest.raises(RuntimeError, match="do not match"):
+        ext.forward(q, kv[:, :4].contiguous(), bias, 3, 0.5, 0.0, 0)
+    with pytest.raises(RuntimeError, match="not a multiple"):
+        ext.forward(q, kv, bias, 5, 0.5, 0.0, 0)
+    with pytest.raises(RuntimeError, match="float32"):
+        ext.forward(q.double(), kv, bias, 3, 0.5, 0.0, 0)
+
+
+@pytest.mark.parametrize("p", [0.1, 0.25, 0.5])
+def test_kernel_dropout_factors_have_dropouts_law(p):
+    ext = kernels.attention_extension()
+    factors = ext.dropout_factors(40, 50, 500, p, 123)  # one million
+    kept = factors != 0
+    n = factors.numel()
+    rate = 1 - kept.float().mean().item()
+    assert abs(rate - p) < 5 * math.sqrt(p * (1 - p) / n)
+    threshold = round(p * 2**32)
+    torch.testing.assert_close(factors[kept], torch.full((int(kept.sum()),), 2**32 / (2**32 - threshold)))
+    # Neighbours along keys and along rows are uncorrelated.
+    z = kept.float() - kept.float().mean()
+    for a, b in ((z[..., 1:], z[..., :-1]), (z[:, 1:], z[:, :-1])):
+        corr = (a * b).mean() / z.var()
+        assert abs(corr) < 5 / math.sqrt(n), corr
+    assert torch.equal(ext.dropout_factors(40, 50, 500, p, 123), factors)
+    assert not torch.equal(ext.dropout_factors(40, 50, 500, p, 124), factors)
+
+
+@pytest.mark.parametrize("p", [0.1, 0.25, 0.9])
+def test_fused_dropout_has_the_right_rate_scale_and_gradient(p):
+    n = 400_003  # not a multiple of the kernel's 1024-element chunks
+    x = torch.ones(n, requires_grad=True)
+    y = dropout(x, p, training=True, fused=True)
+    kept = y != 0
+    rate = 1 - kept.float().mean().item()
+    assert abs(rate - p) < 5 * math.sqrt(p * (1 - p) / n)
+    threshold = round(p * 2**32)
+    assert torch.allclose(y[kept], torch.tensor(2**32 / (2**32 - threshold)))
+    y.backward(torch.arange(n, dtype=torch.float32))
+    torch.testing.assert_close(x.grad, y.detach() * torch.arange(n))  # the same factors, recomputed
+
+
+def test_fused_dropout_is_reproducible_by_seed_and_fresh_otherwise():
+    x = torch.randn(3, 50, 40)
+    torch.manual_seed(5)
+    a = dropout(x, 0.3, True, fused=True)
+    b = dropout(x, 0.3, True, fused=True)
+    torch.manual_seed(5)
+    assert torch.equal(dropout(x, 0.3, True, fused=True), a)
+    assert not torch.equal(a, b)
+
+
+@pytest.mark.parametrize("variant", ["full", "kt"])
+def test_model_predictions_are_the_same_with_compiled_kernels_and_torch_ops(variant):
+    """Evaluation has no dropout: both settings compute the same function on the same weights."""
+    torch.manual_seed(0)
+    fused = build_model(tiny_model_config(variant=variant, cpu_kernels="fused")).eval()
+    plain = build_model(tiny_model_config(variant=variant, cpu_kernels="torch")).eval()
+    plain.load_state_dict(fused.state_dict())
+    batch = make_batch_fn(tiny_model_config(variant=variant), batch=6, seed=3)
+    with torch.no_grad():
+        torch.testing.assert_close(fused(batch).pred, plain(batch).pred, atol=1e-5, rtol=1e-5)
+
+
+def test_training_step_gradients_are_the_same_without_dropout():
+    torch.manual_seed(0)
+    cfgs = [tiny_model_config(variant="full", cpu_kernels=k, **NO_DROPOUT) for k in ("fused", "torch")]
+    fused, plain = (build_model(c).train() for c in cfgs)
+    plain.load_state_dict(fused.state_dict())
+    batch = make_batch_fn(cfgs[0], batch=6, seed=4)
+    grads = []
+    for model in (fused, plain):
+        model.loss(model(batch), batch["labels"])["total"].backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], atol=2e-5, rtol=1e-4, msg=name)
+
+
+def test_a_machine_without_the_kernels_trains_on_torch_ops(monkeypatch, caplog):
+    import torch.utils.cpp_extension
+
+    def no_compiler(*args, **kwargs):
+        raise RuntimeError("Ninja is required to load C++ extensions")
+
+    monkeypatch.setattr(torch.utils.cpp_extension, "load", no_compiler)
+    kernels.attention_extension.cache_clear()
+    try:
+        with caplog.at_level(logging.WARNING, logger="mskt.kernels"):
+            assert kernels.attention_extension() is None
+            torch.manual_seed(0)
+            model = build_model(tiny_model_config(variant="full", cpu_kernels="fused")).train()
+            batch = make_batch_fn(tiny_model_config(variant="full"), batch=4, seed=1)
+            model.loss(model(batch), batch["labels"])["total"].backward()
+        assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+        warnings = [r for r in caplog.records if r.name == "mskt.kernels"]
+        assert len(warnings) == 1 and "Ninja is required" in warnings[0].getMessage()
+    finally:
+        kernels.attention_extension.cache_clear()  # the next caller loads the real build again
+
+
+def test_cpu_kernels_is_a_checked_choice():
+    assert Config().cpu_kernels == "fused"
+    with pytest.raises(ConfigError, match="cpu_kernels"):
+        Config.from_dict({"cpu_kernels": "cuda"})
