@@ -309,6 +309,67 @@ class FusedDropout(torch.autograd.Function):
         return attention_extension().dropout(grad.contiguous(), ctx.p, ctx.seed), None, None
 
 
+def relu_dropout(x: torch.Tensor, p: float, training: bool, fused: bool = False) -> torch.Tensor:
+    """``dropout(F.relu(x), p, training, fused)``; with ``fused`` one compiled pass each way."""
+    if fused and training and p > 0 and fused_kernels_available(x):
+        return FusedReluDropout.apply(x, p, int(torch.empty((), dtype=torch.int64).random_()))  # seeded by torch's generator
+    return dropout(F.relu(x), p, training, fused)
+
+
+class FusedReluDropout(torch.autograd.Function):
+    """max(x, 0) times the dropout factors of ``seed``; backward reads only the output: where it is
+    not 0, x was positive and kept, and the gradient is scaled by the inverse keep rate."""
+
+    @staticmethod
+    def forward(ctx, x, p: float, seed: int):
+        from mskt.kernels import attention_extension
+
+        out = attention_extension().relu_dropout(x.contiguous(), p, seed)
+        ctx.save_for_backward(out)
+        ctx.p = p
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        from mskt.kernels import attention_extension
+
+        (out,) = ctx.saved_tensors
+        return attention_extension().relu_dropout_backward(grad.contiguous(), out, ctx.p), None, None
+
+
+class LayerNorm(nn.LayerNorm):
+    """``nn.LayerNorm`` (same parameters and state dict); with ``fused``, on CPU in float32, the
+    compiled kernel, several times faster than torch's at widths of 30 to 120 channels."""
+
+    def __init__(self, d: int, fused: bool = False):
+        super().__init__(d)
+        self.fused = fused
+
+    def forward(self, x):
+        if self.fused and fused_kernels_available(x):
+            return FusedLayerNorm.apply(x, self.weight, self.bias, self.eps)
+        return super().forward(x)
+
+
+class FusedLayerNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, eps: float):
+        from mskt.kernels import attention_extension
+
+        x = x.contiguous()
+        y, mean, rstd = attention_extension().layer_norm(x, weight.contiguous(), bias.contiguous(), eps)
+        ctx.save_for_backward(x, weight, mean, rstd)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        from mskt.kernels import attention_extension
+
+        x, weight, mean, rstd = ctx.saved_tensors
+        grad_x, grad_weight, grad_bias = attention_extension().layer_norm_backward(grad.contiguous(), x, weight.contiguous(), mean, rstd)
+        return grad_x, grad_weight, grad_bias, None
+
+
 def fused_kernels_available(x: torch.Tensor) -> bool:
     """Whether the compiled kernels can take ``x``: float32 on CPU, they build here, and no
     torch.compile graph is being traced (it cannot trace them; it gets torch's operations)."""
@@ -382,11 +443,11 @@ class TransformerLayer(nn.Module):
     def __init__(self, d: int, heads: int, attn_dropout: float, relu_dropout: float, res_dropout: float, cross: bool,
                  cpu_kernels: str = "fused"):
         super().__init__()
-        self.norm_x = nn.LayerNorm(d)
-        self.norm_source = nn.LayerNorm(d) if cross else None
-        self.attn = Attention(d, heads, attn_dropout, cpu_kernels)
         self.fused = cpu_kernels == "fused"
-        self.norm_ff = nn.LayerNorm(d)
+        self.norm_x = LayerNorm(d, self.fused)
+        self.norm_source = LayerNorm(d, self.fused) if cross else None
+        self.attn = Attention(d, heads, attn_dropout, cpu_kernels)
+        self.norm_ff = LayerNorm(d, self.fused)
         self.ff1 = nn.Linear(d, 4 * d)
         self.ff2 = nn.Linear(4 * d, d)
         self.relu_dropout = relu_dropout
@@ -402,7 +463,7 @@ class TransformerLayer(nn.Module):
             x, h = x[:, -1:], h[:, -1:]  # (B, 1, d)
         a, weights = self.attn(h, kv, kv_mask, return_attention)
         x = x + dropout(a, self.res_dropout, self.training, self.fused)
-        h = dropout(F.relu(self.ff1(self.norm_ff(x))), self.relu_dropout, self.training, self.fused)
+        h = relu_dropout(self.ff1(self.norm_ff(x)), self.relu_dropout, self.training, self.fused)
         x = x + dropout(self.ff2(h), self.res_dropout, self.training, self.fused)
         return x, weights
 
@@ -422,7 +483,7 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(
             TransformerLayer(d, heads, attn_dropout, relu_dropout, res_dropout, cross, cpu_kernels) for _ in range(layers)
         )
-        self.norm = nn.LayerNorm(d)
+        self.norm = LayerNorm(d, self.fused)
 
     def embed(self, x, mask):
         B, T, d = x.shape
@@ -826,7 +887,7 @@ class KTMulT(nn.Module):
                 attention[f"{t}->{t}"] = maps
             last_steps.append(h[:, -1])  # (B, width): left padding makes the last step real
         z = torch.cat(last_steps, dim=1)  # (B, head_in)
-        z = z + self.proj2(dropout(F.relu(self.proj1(z)), cfg.out_dropout, self.training, cfg.cpu_kernels == "fused"))
+        z = z + self.proj2(relu_dropout(self.proj1(z), cfg.out_dropout, self.training, cfg.cpu_kernels == "fused"))
         pred = self.out(z)  # (B, n_outputs)
         pred = pred.squeeze(1) if cfg.task == "regression" else pred.view(-1, 4, 2)  # (B,) or (B, 4, 2)
         return Output(pred=pred, internals=internals, attention=attention, aux=aux)

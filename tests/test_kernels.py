@@ -5,7 +5,8 @@
   fresh random shapes, padding and head widths (the specialised ones and one read at run time);
 - its dropout factors have dropout's law: rate, exact inverse keep rate, no correlation between
   neighbours, reproducible by seed;
-- FusedDropout: rate, scale, gradient, reproducible by torch's seed;
+- FusedDropout: rate, scale, gradient, reproducible by torch's seed; FusedReluDropout against
+  relu then dropout with the same factors; LayerNorm's kernel against torch's, values and gradients;
 - a model's evaluation predictions are the same with the kernels and with torch's operations;
 - a machine where the kernels cannot be built trains on torch's operations, with one warning.
 
@@ -26,7 +27,7 @@ import torch
 from mskt import kernels
 from mskt.config import Config
 from mskt.errors import ConfigError
-from mskt.model import Attention, build_model, dropout, key_mask
+from mskt.model import Attention, LayerNorm, build_model, dropout, key_mask, relu_dropout
 
 try:
     from conftest import NO_DROPOUT, make_batch_fn, tiny_model_config
@@ -141,6 +142,57 @@ def test_fused_dropout_is_reproducible_by_seed_and_fresh_otherwise():
     torch.manual_seed(5)
     assert torch.equal(dropout(x, 0.3, True, fused=True), a)
     assert not torch.equal(a, b)
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5])
+def test_fused_relu_dropout_is_relu_then_dropout_with_the_kernels_factors(p):
+    g, seed = fresh_generator()
+    x = torch.randn(int(torch.randint(1, 5000, (1,), generator=g)), generator=g, requires_grad=True)
+    torch.manual_seed(seed)
+    y = relu_dropout(x, p, training=True, fused=True)
+    torch.manual_seed(seed)
+    kernel_seed = int(torch.empty((), dtype=torch.int64).random_())
+    # The elementwise kernels take element i's factor from (row i // 1024, key i % 1024).
+    factors = kernels.attention_extension().dropout_factors(math.ceil(x.numel() / 1024), 1, 1024, p, kernel_seed).flatten()[: x.numel()]
+    plain = torch.relu(x) * factors
+    torch.testing.assert_close(y, plain, msg=f"seed {seed}")
+    weight = torch.randn(x.shape, generator=g)
+    (a,) = torch.autograd.grad((y * weight).sum(), x)
+    (b,) = torch.autograd.grad((plain * weight).sum(), x)
+    torch.testing.assert_close(a, b, msg=f"seed {seed}")
+
+
+@pytest.mark.parametrize("width", [30, 60, 7, 120])
+def test_fused_layer_norm_equals_torchs(width):
+    g, seed = fresh_generator()
+    shape = (int(torch.randint(1, 30, (1,), generator=g)), int(torch.randint(1, 600, (1,), generator=g)), width)
+    fused, plain = LayerNorm(width, fused=True), torch.nn.LayerNorm(width)
+    with torch.no_grad():
+        fused.weight.normal_(generator=g), fused.bias.normal_(generator=g)
+    plain.load_state_dict(fused.state_dict())
+    x = (3 * torch.randn(shape, generator=g) + 1).requires_grad_()
+    weight = torch.randn(shape, generator=g)
+    outs = [norm(x) for norm in (fused, plain)]
+    torch.testing.assert_close(outs[0], outs[1], atol=1e-5, rtol=1e-5, msg=f"seed {seed}")
+    grads = [torch.autograd.grad((out * weight).sum(), [x, norm.weight, norm.bias]) for out, norm in zip(outs, (fused, plain))]
+    for name, a, b in zip(["x", "weight", "bias"], *grads):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4, msg=f"gradient of {name}, seed {seed}")
+
+
+def test_fused_layer_norm_gradients_do_not_depend_on_the_thread_count():
+    x = torch.randn(40, 300, 30, requires_grad=True)
+    norm = LayerNorm(30, fused=True)
+    threads = torch.get_num_threads()
+    grads = []
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            grads.append(torch.autograd.grad(norm(x).square().sum(), [x, norm.weight, norm.bias]))
+    finally:
+        torch.set_num_threads(threads)
+    for other in grads[1:]:
+        for a, b in zip(grads[0], other):
+            assert torch.equal(a, b)
 
 
 @pytest.mark.parametrize("variant", ["full", "kt"])

@@ -354,6 +354,124 @@ at::Tensor dropout(const at::Tensor& x, double p, int64_t seed) {
   return out;
 }
 
+// relu, then dropout: max(x, 0) times the factors of `seed` (as `dropout`). Its backward needs
+// no factors: where the output is not 0 the factor was 1 / keep rate and x was positive.
+at::Tensor relu_dropout(const at::Tensor& x, double p, int64_t seed) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat && x.is_contiguous(), "fused relu-dropout: a contiguous float32 tensor expected");
+  auto out = at::empty_like(x);
+  const float* xp = x.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  const int64_t n = x.numel(), chunk = 1024;
+  const Dropout drop(p);
+  const uint32_t threshold = drop.active ? drop.threshold : 0u;
+  const float keep_scale = drop.active ? drop.keep_scale : 1.0f;
+  at::parallel_for(0, (n + chunk - 1) / chunk, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t c = begin; c < end; ++c) {
+      const uint32_t key = row_key(seed, c);
+      const int64_t start = c * chunk, len = std::min(chunk, n - start);
+      const float* __restrict xc = xp + start;
+      float* __restrict oc = op + start;
+      for (int64_t j = 0; j < len; ++j) oc[j] = (xc[j] > 0.0f ? xc[j] : 0.0f) * dropout_factor(key, j, threshold, keep_scale);
+    }
+  });
+  return out;
+}
+
+at::Tensor relu_dropout_backward(const at::Tensor& grad, const at::Tensor& out, double p) {
+  TORCH_CHECK(grad.sizes() == out.sizes() && grad.is_contiguous() && out.is_contiguous(), "fused relu-dropout backward: contiguous grad and out of one shape expected");
+  auto result = at::empty_like(grad);
+  const float* __restrict gp = grad.data_ptr<float>();
+  const float* __restrict op = out.data_ptr<float>();
+  float* __restrict rp = result.data_ptr<float>();
+  const Dropout drop(p);
+  const float keep_scale = drop.active ? drop.keep_scale : 1.0f;
+  const int64_t n = grad.numel(), chunk = 1024;
+  at::parallel_for(0, (n + chunk - 1) / chunk, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t c = begin; c < end; ++c) {
+      const int64_t start = c * chunk, len = std::min(chunk, n - start);
+      const float* __restrict gc = gp + start;
+      const float* __restrict oc = op + start;
+      float* __restrict rc = rp + start;
+      for (int64_t j = 0; j < len; ++j) rc[j] = gc[j] * keep_scale * static_cast<float>(oc[j] > 0.0f);  // out >= 0
+    }
+  });
+  return result;
+}
+
+// LayerNorm over the last dim of x viewed as (N, C): torch's CPU kernel is slow at this model's
+// widths (30 to 120 channels). Returns (y, mean, rstd); rstd = 1 / sqrt(var + eps), biased var.
+std::vector<at::Tensor> layer_norm(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias, double eps) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat && x.is_contiguous() && weight.is_contiguous() && bias.is_contiguous(),
+              "fused layer norm: contiguous float32 tensors expected");
+  const int64_t C = x.size(-1), N = x.numel() / C;
+  TORCH_CHECK(weight.numel() == C && bias.numel() == C, "fused layer norm: weight and bias of ", C, " channels expected");
+  auto y = at::empty_like(x);
+  auto mean = at::empty({N}, x.options());
+  auto rstd = at::empty({N}, x.options());
+  const float *xp = x.data_ptr<float>(), *wp = weight.data_ptr<float>(), *bp = bias.data_ptr<float>();
+  float *yp = y.data_ptr<float>(), *mp = mean.data_ptr<float>(), *rp = rstd.data_ptr<float>();
+  const float feps = static_cast<float>(eps);
+  at::parallel_for(0, N, 64, [=](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n) {
+      const float* __restrict xr = xp + n * C;
+      float* __restrict yr = yp + n * C;
+      float sum = 0.0f;
+      for (int64_t c = 0; c < C; ++c) sum += xr[c];
+      const float mu = sum / C;
+      float sq = 0.0f;
+      for (int64_t c = 0; c < C; ++c) sq += (xr[c] - mu) * (xr[c] - mu);
+      const float r = 1.0f / std::sqrt(sq / C + feps);
+      for (int64_t c = 0; c < C; ++c) yr[c] = (xr[c] - mu) * r * wp[c] + bp[c];
+      mp[n] = mu;
+      rp[n] = r;
+    }
+  });
+  return {y, mean, rstd};
+}
+
+// Returns (grad_x, grad_weight, grad_bias). The weight and bias gradients are summed per block of
+// 256 rows, then the blocks in order: the same result for any number of threads.
+std::vector<at::Tensor> layer_norm_backward(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& weight,
+                                            const at::Tensor& mean, const at::Tensor& rstd) {
+  TORCH_CHECK(grad.sizes() == x.sizes() && grad.is_contiguous() && x.is_contiguous(), "fused layer norm backward: contiguous grad and x of one shape expected");
+  const int64_t C = x.size(-1), N = x.numel() / C, block = 256, blocks = (N + block - 1) / block;
+  auto grad_x = at::empty_like(x);
+  auto partial = at::zeros({blocks, 2, C}, x.options());
+  const float *gp = grad.data_ptr<float>(), *xp = x.data_ptr<float>(), *wp = weight.data_ptr<float>();
+  const float *mp = mean.data_ptr<float>(), *rp = rstd.data_ptr<float>();
+  float *gxp = grad_x.data_ptr<float>(), *pp = partial.data_ptr<float>();
+  at::parallel_for(0, blocks, 1, [=](int64_t begin, int64_t end) {
+    std::vector<float> xhat(C), gw(C);
+    for (int64_t k = begin; k < end; ++k) {
+      float* __restrict dw = pp + k * 2 * C;
+      float* __restrict db = dw + C;
+      for (int64_t n = k * block; n < std::min(N, (k + 1) * block); ++n) {
+        const float* __restrict xr = xp + n * C;
+        const float* __restrict gr = gp + n * C;
+        const float mu = mp[n], r = rp[n];
+        float mean_gw = 0.0f, mean_gw_xhat = 0.0f;
+        for (int64_t c = 0; c < C; ++c) {
+          xhat[c] = (xr[c] - mu) * r;
+          gw[c] = gr[c] * wp[c];
+          mean_gw += gw[c];
+          mean_gw_xhat += gw[c] * xhat[c];
+          dw[c] += gr[c] * xhat[c];
+          db[c] += gr[c];
+        }
+        mean_gw /= C;
+        mean_gw_xhat /= C;
+        float* __restrict gx = gxp + n * C;
+        for (int64_t c = 0; c < C; ++c) gx[c] = r * (gw[c] - mean_gw - xhat[c] * mean_gw_xhat);
+      }
+    }
+  });
+  auto sums = at::zeros({2, C}, x.options());
+  float* sp = sums.data_ptr<float>();
+  for (int64_t k = 0; k < blocks; ++k)
+    for (int64_t c = 0; c < 2 * C; ++c) sp[c] += pp[k * 2 * C + c];
+  return {grad_x, sums[0], sums[1]};
+}
+
 // The dropout factors (0 or 1 / keep rate) the kernels apply, (BH, T, S): for tests.
 at::Tensor dropout_factors(int64_t BH, int64_t T, int64_t S, double p, int64_t seed) {
   auto factors = at::empty({BH, T, S}, at::kFloat);
@@ -370,5 +488,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("forward", &forward, "fused attention forward (out, lse)");
   m.def("backward", &backward, "fused attention backward (grad_q, grad_kv)");
   m.def("dropout", &dropout, "x times the dropout factors of a seed (forward and backward)");
+  m.def("relu_dropout", &relu_dropout, "max(x, 0) times the dropout factors of a seed");
+  m.def("relu_dropout_backward", &relu_dropout_backward, "the gradient of relu_dropout from its output");
+  m.def("layer_norm", &layer_norm, "layer norm over the last dim (y, mean, rstd)");
+  m.def("layer_norm_backward", &layer_norm_backward, "layer norm backward (grad_x, grad_weight, grad_bias)");
   m.def("dropout_factors", &dropout_factors, "the dropout factors of a seed, (BH, T, S)");
 }
