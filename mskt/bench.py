@@ -15,6 +15,7 @@ Timing is noisy on shared machines: compare numbers from one run, never across r
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import threading
@@ -130,8 +131,10 @@ def _sync(device):
 
 def train_flops_per_sample(model, batch: dict) -> float:
     """FLOPs of one training step (forward + backward) over the batch size. Counted on the explicit
-    attention path (``return_attention=True``): the same function as the fused kernel, whose
-    CPU implementation the FLOP counter does not know."""
+    attention path (``return_attention=True``): the same function as the fused kernels, whose
+    CPU implementations the FLOP counter does not know. ``model`` should be built with
+    ``cpu_kernels="torch"``: layers called without ``return_attention`` (kt's theta, phi and delta)
+    would otherwise run the compiled kernel, which the counter does not see."""
     from torch.utils.flop_counter import FlopCounterMode
 
     model.train()
@@ -158,8 +161,9 @@ def bench_one(preset: str, variant: str, config: str = "mult", steps: int = 10, 
     values.pop("data", None)
     cfg = Config.from_dict(values)
     torch.manual_seed(0)
-    # FLOPs grow linearly with the batch; two samples keep the explicit attention maps small.
-    flops = train_flops_per_sample(build_model(cfg).to(device), synthetic_batch(shapes, 2, device, seed=2))
+    # FLOPs grow linearly with the batch; two samples keep the explicit attention maps small. Torch's
+    # operations throughout: the FLOP counter cannot see inside the compiled kernels.
+    flops = train_flops_per_sample(build_model(dataclasses.replace(cfg, cpu_kernels="torch")).to(device), synthetic_batch(shapes, 2, device, seed=2))
 
     with PeakMemory(device) as mem:  # weights, optimizer state, batch and activations
         model = build_model(cfg).to(device)

@@ -90,6 +90,28 @@ def test_fused_attention_with_dropout_equals_the_explicit_steps_with_its_mask(d,
         torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4, msg=f"gradient of {name}, seed {seed}")
 
 
+def test_fused_attention_does_not_depend_on_the_thread_count():
+    """Each (batch, head) is one task whose rows run in order: outputs and gradients are bitwise
+    the same on any number of threads, so a seeded run repeats on any machine with the kernels."""
+    torch.manual_seed(0)
+    attn = Attention(30, 5, dropout=0.1, cpu_kernels="fused").train()
+    x, source = torch.randn(6, 40, 30), torch.randn(6, 70, 30)
+    mask = key_mask(torch.tensor([70, 3, 50, 1, 70, 22]), 70)
+    threads, results = torch.get_num_threads(), []
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            xs = x.clone().requires_grad_()
+            torch.manual_seed(1)
+            out, _ = attn(xs, source, mask)
+            results.append((out, *torch.autograd.grad(out.square().sum(), [xs, *attn.parameters()])))
+    finally:
+        torch.set_num_threads(threads)
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            assert torch.equal(a, b)
+
+
 def test_fused_attention_checks_its_inputs():
     ext = kernels.attention_extension()
     q, kv, bias = torch.randn(2, 3, 12), torch.randn(2, 5, 24), torch.zeros(2, 5)
