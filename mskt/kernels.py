@@ -1,14 +1,15 @@
 """Compiled CPU kernels (``mskt/csrc``), built on first use and cached under ``build/``.
 
-The C++ attention kernel (``csrc/attention.cpp``) is built with ``torch.utils.cpp_extension``
-the first time a process asks for it (about a minute on two cores), into
+The C++ kernels (``csrc/cpu_kernels.cpp``: attention, dropout, relu-dropout, LayerNorm) are built
+with ``torch.utils.cpp_extension`` the first time a process asks for them (about a minute on two
+cores), into
 ``<project>/build/torch_extensions/``; later processes load the cached build in about a second.
 The build is specific to this machine's instruction set (``-march=native``), so its folder is
 named after the CPU's feature flags: a project folder shared by different machines keeps one
 build per kind of CPU.
 
 A machine without a C++ compiler or ninja gets ``None`` and one warning; the model then runs the
-same function with torch's own operations (``Attention``'s other paths), only slower.
+same function with torch's own operations, only slower.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).parent / "csrc" / "attention.cpp"
+SOURCE = Path(__file__).parent / "csrc" / "cpu_kernels.cpp"
 # Reassociating sums (-fassociative-math and what it needs) lets the row loops vectorise; the
 # kernels' inputs are finite by construction (masked keys get -1e30, never -inf).
 CFLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-fno-math-errno", "-fassociative-math", "-fno-signed-zeros",
@@ -41,23 +42,24 @@ def _cpu_tag() -> str:
 
 
 @functools.cache
-def attention_extension():
-    """The compiled attention module (``forward``, ``backward``, ``dropout_factors``), or ``None``
-    with one logged warning when it cannot be built here."""
+def compiled_kernels():
+    """The compiled module (attention ``forward`` and ``backward``, ``dropout``, ``relu_dropout``,
+    ``layer_norm``, their backwards, ``dropout_factors``), or ``None`` with one logged warning
+    when it cannot be built here."""
     from mskt.paths import project_root
 
-    name = f"mskt_attention_{_cpu_tag()}"
+    name = f"mskt_kernels_{_cpu_tag()}"
     build_dir = project_root() / "build" / "torch_extensions" / name
     try:
         from torch.utils.cpp_extension import load
 
         build_dir.mkdir(parents=True, exist_ok=True)
         if not (build_dir / f"{name}.so").exists():
-            log.warning("building the fused CPU attention kernel into %s (once per machine, about a minute)", build_dir)
+            log.warning("building mskt's compiled CPU kernels into %s (once per machine, about a minute)", build_dir)
         return load(name, [str(SOURCE)], extra_cflags=CFLAGS, extra_ldflags=["-fopenmp"], build_directory=str(build_dir),
                     verbose=os.environ.get("MSKT_VERBOSE_BUILD") == "1")
     except Exception as e:  # noqa: BLE001 -- no compiler, no ninja, a failed build: torch's operations compute the same
         first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        log.warning("the fused CPU attention kernel is not available (%s: %s); attention runs on torch's operations",
+        log.warning("mskt's compiled CPU kernels are not available (%s: %s); torch's operations compute the same function, slower",
                     type(e).__name__, first_line)
         return None

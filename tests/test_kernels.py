@@ -1,4 +1,4 @@
-"""The compiled CPU kernels (mskt/csrc/attention.cpp) compute the same function as the plain path.
+"""The compiled CPU kernels (mskt/csrc/cpu_kernels.cpp) compute the same function as the plain path.
 
 - FusedAttention (training, with dropout) against autograd through the explicit steps with the
   kernel's own dropout factors: outputs and the gradients of inputs, source and every weight, on
@@ -35,11 +35,11 @@ except ImportError:  # tests/ imported as a package
     from tests.conftest import NO_DROPOUT, make_batch_fn, tiny_model_config
 
 REQUIRED = os.environ.get("MSKT_REQUIRE_KERNELS") == "1"
-pytestmark = pytest.mark.skipif(kernels.attention_extension() is None and not REQUIRED, reason="the compiled kernels do not build here")
+pytestmark = pytest.mark.skipif(kernels.compiled_kernels() is None and not REQUIRED, reason="the compiled kernels do not build here")
 
 
 def test_the_kernels_build():
-    assert kernels.attention_extension() is not None
+    assert kernels.compiled_kernels() is not None
 
 
 def fresh_generator():
@@ -80,7 +80,7 @@ def test_fused_attention_with_dropout_equals_the_explicit_steps_with_its_mask(d,
     # The kernel's seed is the first draw from torch's generator after the same seed.
     torch.manual_seed(seed)
     kernel_seed = int(torch.empty((), dtype=torch.int64).random_())
-    factors = kernels.attention_extension().dropout_factors(B * heads, T, S, p, kernel_seed).view(B, heads, T, S)
+    factors = kernels.compiled_kernels().dropout_factors(B * heads, T, S, p, kernel_seed).view(B, heads, T, S)
     xs, src = x.clone().requires_grad_(), source.clone().requires_grad_()
     plain = explicit_attention(attn, xs, src, mask, factors)
     plain_grads = torch.autograd.grad((plain * weight).sum(), [xs, src, *attn.parameters()])
@@ -113,7 +113,7 @@ def test_fused_attention_does_not_depend_on_the_thread_count():
 
 
 def test_fused_attention_checks_its_inputs():
-    ext = kernels.attention_extension()
+    ext = kernels.compiled_kernels()
     q, kv, bias = torch.randn(2, 3, 12), torch.randn(2, 5, 24), torch.zeros(2, 5)
     with pytest.raises(RuntimeError, match="do not match"):
         ext.forward(q, kv[:, :4].contiguous(), bias, 3, 0.5, 0.0, 0)
@@ -125,7 +125,7 @@ def test_fused_attention_checks_its_inputs():
 
 @pytest.mark.parametrize("p", [0.1, 0.25, 0.5])
 def test_kernel_dropout_factors_have_dropouts_law(p):
-    ext = kernels.attention_extension()
+    ext = kernels.compiled_kernels()
     factors = ext.dropout_factors(40, 50, 500, p, 123)  # one million
     kept = factors != 0
     n = factors.numel()
@@ -175,7 +175,7 @@ def test_fused_relu_dropout_is_relu_then_dropout_with_the_kernels_factors(p):
     torch.manual_seed(seed)
     kernel_seed = int(torch.empty((), dtype=torch.int64).random_())
     # The elementwise kernels take element i's factor from (row i // 1024, key i % 1024).
-    factors = kernels.attention_extension().dropout_factors(math.ceil(x.numel() / 1024), 1, 1024, p, kernel_seed).flatten()[: x.numel()]
+    factors = kernels.compiled_kernels().dropout_factors(math.ceil(x.numel() / 1024), 1, 1024, p, kernel_seed).flatten()[: x.numel()]
     plain = torch.relu(x) * factors
     torch.testing.assert_close(y, plain, msg=f"seed {seed}")
     weight = torch.randn(x.shape, generator=g)
@@ -251,10 +251,10 @@ def test_a_machine_without_the_kernels_trains_on_torch_ops(monkeypatch, caplog):
         raise RuntimeError("Ninja is required to load C++ extensions")
 
     monkeypatch.setattr(torch.utils.cpp_extension, "load", no_compiler)
-    kernels.attention_extension.cache_clear()
+    kernels.compiled_kernels.cache_clear()
     try:
         with caplog.at_level(logging.WARNING, logger="mskt.kernels"):
-            assert kernels.attention_extension() is None
+            assert kernels.compiled_kernels() is None
             torch.manual_seed(0)
             model = build_model(tiny_model_config(variant="full", cpu_kernels="fused")).train()
             batch = make_batch_fn(tiny_model_config(variant="full"), batch=4, seed=1)
@@ -263,7 +263,7 @@ def test_a_machine_without_the_kernels_trains_on_torch_ops(monkeypatch, caplog):
         warnings = [r for r in caplog.records if r.name == "mskt.kernels"]
         assert len(warnings) == 1 and "Ninja is required" in warnings[0].getMessage()
     finally:
-        kernels.attention_extension.cache_clear()  # the next caller loads the real build again
+        kernels.compiled_kernels.cache_clear()  # the next caller loads the real build again
 
 
 def test_cpu_kernels_is_a_checked_choice():

@@ -1,6 +1,7 @@
-// Fused multi-head attention with key padding and dropout on the weights, for CPU training.
+// CPU kernels for training and evaluation in float32: multi-head attention with key padding and
+// dropout on the weights; dropout and relu-dropout whose masks are never stored; LayerNorm.
 //
-// Why: at this model's head width (d_head = 6 or 12) attention is bound by passes over
+// Attention. Why: at this model's head width (d_head = 6 or 12) attention is bound by passes over
 // (B*h, T, S) tensors, not by arithmetic. Eager PyTorch writes and reads scores, weights, a
 // dropout mask and their gradients as whole tensors; torch's fused CPU kernel has no dropout and
 // is slow at such narrow heads. Here each query row is finished in a small buffer: scores,
