@@ -3,7 +3,8 @@
 The C++ kernels (``csrc/cpu_kernels.cpp``: attention, dropout, relu-dropout, LayerNorm) are built
 with ``torch.utils.cpp_extension`` the first time a process asks for them (about a minute on two
 cores), into
-``<project>/build/torch_extensions/``; later processes load the cached build in about a second.
+``<project>/build/torch_extensions/``; later processes import the cached build directly (a few
+milliseconds) when a stamp beside it says it was built from the same source, flags and torch.
 The build is specific to this machine's instruction set (``-march=native``), so its folder is
 named after the CPU's feature flags: a project folder shared by different machines keeps one
 build per kind of CPU.
@@ -50,16 +51,43 @@ def compiled_kernels():
 
     name = f"mskt_kernels_{_cpu_tag()}"
     build_dir = project_root() / "build" / "torch_extensions" / name
+    library, stamp = build_dir / f"{name}.so", build_dir / "source.sha1"
+    digest = _source_digest()
+    if library.exists() and stamp.exists() and stamp.read_text() == digest:
+        # Built from this very source, flags and torch: import it directly. torch's loader would
+        # spend ~2 s (its own import, hashing, a ninja run) in every process, CLI runs included.
+        return _import_library(name, library)
     try:
         from torch.utils.cpp_extension import load
 
         build_dir.mkdir(parents=True, exist_ok=True)
-        if not (build_dir / f"{name}.so").exists():
+        if not library.exists():
             log.warning("building mskt's compiled CPU kernels into %s (once per machine, about a minute)", build_dir)
-        return load(name, [str(SOURCE)], extra_cflags=CFLAGS, extra_ldflags=["-fopenmp"], build_directory=str(build_dir),
-                    verbose=os.environ.get("MSKT_VERBOSE_BUILD") == "1")
+        module = load(name, [str(SOURCE)], extra_cflags=CFLAGS, extra_ldflags=["-fopenmp"], build_directory=str(build_dir),
+                      verbose=os.environ.get("MSKT_VERBOSE_BUILD") == "1")
     except Exception as e:  # noqa: BLE001 -- no compiler, no ninja, a failed build: torch's operations compute the same
         first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
         log.warning("mskt's compiled CPU kernels are not available (%s: %s); torch's operations compute the same function, slower",
                     type(e).__name__, first_line)
         return None
+    partial = stamp.with_suffix(f".{os.getpid()}.tmp")  # written whole, then renamed: never half a stamp
+    partial.write_text(digest)
+    partial.replace(stamp)
+    return module
+
+
+def _source_digest() -> str:
+    import torch
+
+    return hashlib.sha1(SOURCE.read_bytes() + " ".join(CFLAGS).encode() + torch.__version__.encode()).hexdigest()
+
+
+def _import_library(name: str, library: Path):
+    import importlib.util
+
+    import torch  # noqa: F401 -- the library links against the torch already loaded
+
+    spec = importlib.util.spec_from_file_location(name, library)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
