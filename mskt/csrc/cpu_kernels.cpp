@@ -331,10 +331,12 @@ std::vector<at::Tensor> backward(const at::Tensor& grad_out, const at::Tensor& q
   return {grad_q, grad_kv};
 }
 
-// Dropout of any contiguous float32 tensor: x times the factors of `seed`, element i taking the
-// factor of (row i / 1024, key i % 1024). Its backward is the same call on the gradient, so no
-// mask is ever stored.
-at::Tensor dropout(const at::Tensor& x, double p, int64_t seed) {
+namespace {
+
+// activation(x) times the dropout factors of `seed`, for any contiguous float32 tensor: element i
+// takes the factor of (row i / 1024, key i % 1024), as `dropout_factors` lays them out.
+template <typename Activation>
+at::Tensor hashed_dropout(const at::Tensor& x, double p, int64_t seed, Activation activation) {
   TORCH_CHECK(x.scalar_type() == at::kFloat && x.is_contiguous(), "fused dropout: a contiguous float32 tensor expected");
   auto out = at::empty_like(x);
   const float* xp = x.data_ptr<float>();
@@ -349,33 +351,24 @@ at::Tensor dropout(const at::Tensor& x, double p, int64_t seed) {
       const int64_t start = c * chunk, len = std::min(chunk, n - start);
       const float* __restrict xc = xp + start;
       float* __restrict oc = op + start;
-      for (int64_t j = 0; j < len; ++j) oc[j] = xc[j] * dropout_factor(key, j, threshold, keep_scale);
+      for (int64_t j = 0; j < len; ++j) oc[j] = activation(xc[j]) * dropout_factor(key, j, threshold, keep_scale);
     }
   });
   return out;
 }
 
-// relu, then dropout: max(x, 0) times the factors of `seed` (as `dropout`). Its backward needs
-// no factors: where the output is not 0 the factor was 1 / keep rate and x was positive.
+}  // namespace
+
+// Dropout: x times the factors of `seed`. Its backward is the same call on the gradient, so no
+// mask is ever stored.
+at::Tensor dropout(const at::Tensor& x, double p, int64_t seed) {
+  return hashed_dropout(x, p, seed, [](float v) { return v; });
+}
+
+// relu, then dropout: max(x, 0) times the factors of `seed`. Its backward needs no factors: where
+// the output is not 0 the factor was 1 / keep rate and x was positive.
 at::Tensor relu_dropout(const at::Tensor& x, double p, int64_t seed) {
-  TORCH_CHECK(x.scalar_type() == at::kFloat && x.is_contiguous(), "fused relu-dropout: a contiguous float32 tensor expected");
-  auto out = at::empty_like(x);
-  const float* xp = x.data_ptr<float>();
-  float* op = out.data_ptr<float>();
-  const int64_t n = x.numel(), chunk = 1024;
-  const Dropout drop(p);
-  const uint32_t threshold = drop.active ? drop.threshold : 0u;
-  const float keep_scale = drop.active ? drop.keep_scale : 1.0f;
-  at::parallel_for(0, (n + chunk - 1) / chunk, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t c = begin; c < end; ++c) {
-      const uint32_t key = row_key(seed, c);
-      const int64_t start = c * chunk, len = std::min(chunk, n - start);
-      const float* __restrict xc = xp + start;
-      float* __restrict oc = op + start;
-      for (int64_t j = 0; j < len; ++j) oc[j] = (xc[j] > 0.0f ? xc[j] : 0.0f) * dropout_factor(key, j, threshold, keep_scale);
-    }
-  });
-  return out;
+  return hashed_dropout(x, p, seed, [](float v) { return v > 0.0f ? v : 0.0f; });
 }
 
 at::Tensor relu_dropout_backward(const at::Tensor& grad, const at::Tensor& out, double p) {
