@@ -176,13 +176,17 @@ def bench_one(preset: str, variant: str, config: str = "mult", steps: int = 10, 
         eval_batch["audio"] = None
     model.eval()
     n_infer, infer_seconds = _time_inference(model, eval_batch, steps * cfg.batch_size, device)
+    from mskt.kernels import compiled_kernels
+
+    kernels = "fused" if cfg.cpu_kernels == "fused" and device.type == "cpu" and compiled_kernels() is not None else "torch"
     return _record(preset, variant, config, steps * cfg.batch_size / train_seconds, n_infer / infer_seconds, mem.peak_mb,
-                   flops, cfg.batch_size, device, precision, peak)
+                   flops, cfg.batch_size, device, precision, peak, kernels)
 
 
-def _record(preset, variant, config, train_rate, infer_rate, peak_mem_mb, flops, batch_size, device, precision, peak) -> dict:
-    """A benchmark record (RECORD_KEYS and the run's settings); with ``peak``, the achieved FLOP/s
-    and its fraction of that matmul peak."""
+def _record(preset, variant, config, train_rate, infer_rate, peak_mem_mb, flops, batch_size, device, precision, peak, cpu_kernels) -> dict:
+    """A benchmark record (RECORD_KEYS and the run's settings, among them ``cpu_kernels``: "fused"
+    when the compiled CPU kernels ran, else "torch"); with ``peak``, the achieved FLOP/s and its
+    fraction of that matmul peak."""
     record = {
         "preset": preset,
         "variant": variant,
@@ -195,6 +199,7 @@ def _record(preset, variant, config, train_rate, infer_rate, peak_mem_mb, flops,
         "device": str(device),
         "threads": torch.get_num_threads(),
         "precision": precision,
+        "cpu_kernels": cpu_kernels,
     }
     if peak:
         record["matmul_peak_gflops"] = peak / 1e9
@@ -259,7 +264,7 @@ def bench_public_mult(preset: str, steps: int = 10, warmup: int = 3, device=None
     forward = lambda b: model(b["text"], b["audio"], b["vision"])
     n_infer, infer_seconds = _time_inference(forward, eval_batch, steps * batch_size, device)
     return _record(preset, "full", PUBLIC_MULT, steps * batch_size / train_seconds, n_infer / infer_seconds, mem.peak_mb,
-                   flops, batch_size, device, "fp32", peak)
+                   flops, batch_size, device, "fp32", peak, "torch")  # the public code's own operations
 
 
 def run_bench(presets=("mosi", "mosi-unaligned"), variants=("full", "kt"), config: str = "mult", steps: int = 10,

@@ -37,6 +37,9 @@ def test_a_record(variant):
     assert set(RECORD_KEYS) <= set(record)
     assert record["train_samples_per_s"] > 0 and record["infer_samples_per_s"] > 0
     assert record["batch_size"] == 24
+    from mskt.kernels import compiled_kernels
+
+    assert record["cpu_kernels"] == ("fused" if compiled_kernels() is not None else "torch")  # what actually ran
     # FLOPs of one training step per sample: at least the forward's matmuls, thrice for backward.
     assert 1e7 < record["train_flops_per_sample"] < 1e10
     assert 0 < record["peak_fraction"]
@@ -76,7 +79,7 @@ def test_the_public_mult_reference_does_the_work_of_full_at_the_mult_config():
     ours = bench_one("iemocap", "full", "mult", steps=1, warmup=1, peak=1e10)
     public = bench_public_mult("iemocap", steps=1, warmup=1, peak=1e10)
     assert set(RECORD_KEYS) <= set(public)
-    assert (public["variant"], public["config"], public["batch_size"]) == ("full", PUBLIC_MULT, 24)
+    assert (public["variant"], public["config"], public["batch_size"], public["cpu_kernels"]) == ("full", PUBLIC_MULT, 24, "torch")
     assert public["train_samples_per_s"] > 0 and public["infer_samples_per_s"] > 0
     assert public["train_flops_per_sample"] == pytest.approx(ours["train_flops_per_sample"], rel=1e-3)
 
