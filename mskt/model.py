@@ -42,6 +42,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from mskt.kernels import compiled_kernels
+
 MODALITIES = ("text", "audio", "vision")
 VARIANTS = ("full", "kt", "language_vision", "language", "vision", "kt_any")
 # Which inputs each variant fuses. "audio" is real audio for full, the reconstruction A' for kt.
@@ -188,7 +190,7 @@ def dropout(x: torch.Tensor, p: float, training: bool, fused: bool = False) -> t
     if x.device.type != "cpu":
         return F.dropout(x, p, training=True)
     if fused and fused_kernels_available(x):
-        return FusedDropout.apply(x, p, int(torch.empty((), dtype=torch.int64).random_()))  # seeded by torch's generator
+        return FusedDropout.apply(x, p, kernel_seed())
     keep, scale = dropout_mask(x.shape, p, x.dtype)
     # A float multiply, not ``where``: torch's CPU ``where`` with a scalar costs ~4x a same-dtype
     # multiply, and the backward pass is one more multiply by the same mask.
@@ -277,8 +279,6 @@ class FusedAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, kv, key_bias, heads: int, p: float, scale: float, seed: int):
-        from mskt.kernels import compiled_kernels
-
         out, lse = compiled_kernels().forward(q, kv, key_bias, heads, scale, p, seed)  # (B, T, d), (B * heads, T)
         ctx.save_for_backward(q, kv, key_bias, out, lse)
         ctx.args = (heads, scale, p, seed)
@@ -286,8 +286,6 @@ class FusedAttention(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        from mskt.kernels import compiled_kernels
-
         grad_q, grad_kv = compiled_kernels().backward(grad.contiguous(), *ctx.saved_tensors, *ctx.args)
         return grad_q, grad_kv, None, None, None, None, None
 
@@ -298,22 +296,18 @@ class FusedDropout(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, p: float, seed: int):
-        from mskt.kernels import compiled_kernels
-
         ctx.p, ctx.seed = p, seed
         return compiled_kernels().dropout(x.contiguous(), p, seed)
 
     @staticmethod
     def backward(ctx, grad):
-        from mskt.kernels import compiled_kernels
-
         return compiled_kernels().dropout(grad.contiguous(), ctx.p, ctx.seed), None, None
 
 
 def relu_dropout(x: torch.Tensor, p: float, training: bool, fused: bool = False) -> torch.Tensor:
     """``dropout(F.relu(x), p, training, fused)``; with ``fused`` one compiled pass each way."""
     if fused and training and p > 0 and fused_kernels_available(x):
-        return FusedReluDropout.apply(x, p, int(torch.empty((), dtype=torch.int64).random_()))  # seeded by torch's generator
+        return FusedReluDropout.apply(x, p, kernel_seed())
     return dropout(F.relu(x), p, training, fused)
 
 
@@ -323,8 +317,6 @@ class FusedReluDropout(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, p: float, seed: int):
-        from mskt.kernels import compiled_kernels
-
         out = compiled_kernels().relu_dropout(x.contiguous(), p, seed)
         ctx.save_for_backward(out)
         ctx.p = p
@@ -332,8 +324,6 @@ class FusedReluDropout(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        from mskt.kernels import compiled_kernels
-
         (out,) = ctx.saved_tensors
         return compiled_kernels().relu_dropout_backward(grad.contiguous(), out, ctx.p), None, None
 
@@ -355,8 +345,6 @@ class LayerNorm(nn.LayerNorm):
 class FusedLayerNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, eps: float):
-        from mskt.kernels import compiled_kernels
-
         x = x.contiguous()
         y, mean, rstd = compiled_kernels().layer_norm(x, weight.contiguous(), bias.contiguous(), eps)
         ctx.save_for_backward(x, weight, mean, rstd)
@@ -364,11 +352,20 @@ class FusedLayerNorm(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        from mskt.kernels import compiled_kernels
-
         x, weight, mean, rstd = ctx.saved_tensors
         grad_x, grad_weight, grad_bias = compiled_kernels().layer_norm_backward(grad.contiguous(), x, weight.contiguous(), mean, rstd)
         return grad_x, grad_weight, grad_bias, None
+
+
+def kernel_seed() -> int:
+    """A seed for one compiled kernel's dropout, drawn from torch's generator: seeded runs repeat."""
+    return int(torch.empty((), dtype=torch.int64).random_())
+
+
+def padding_bias(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(B, S): 0 at real keys, -1e30 at padded ones. Finite, unlike -inf: the compiled kernel's exp
+    of (-1e30 - max) is exactly 0, and DropoutAttention's GEMM padding products 0 * bias stay 0."""
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, -1e30)
 
 
 def fused_kernels_available(x: torch.Tensor) -> bool:
@@ -376,8 +373,6 @@ def fused_kernels_available(x: torch.Tensor) -> bool:
     torch.compile graph is being traced (it cannot trace them; it gets torch's operations)."""
     if x.device.type != "cpu" or x.dtype != torch.float32 or torch.compiler.is_compiling():
         return False
-    from mskt.kernels import compiled_kernels
-
     return compiled_kernels() is not None
 
 
@@ -407,9 +402,8 @@ class Attention(nn.Module):
         h, dh = self.heads, d // self.heads
         p = self.dropout if self.training else 0.0
         if not return_attention and self.cpu_kernels == "fused" and fused_kernels_available(x):
-            # Finite, unlike -inf: exp of (-1e30 - max) is exactly 0 in the kernel.
-            key_bias = torch.zeros(B, S, dtype=x.dtype).masked_fill_(~source_mask, -1e30)  # (B, S)
-            seed = int(torch.empty((), dtype=torch.int64).random_()) if p > 0 else 0  # torch's generator: seeded runs repeat
+            key_bias = padding_bias(source_mask, x.dtype)  # (B, S)
+            seed = kernel_seed() if p > 0 else 0
             y = FusedAttention.apply(self.q(x).contiguous(), self.kv(source).contiguous(), key_bias, h, p, dh**-0.5, seed)  # (B, T, d)
             return self.out(y), None
         q = self.q(x).view(B, T, h, dh).transpose(1, 2)  # (B, h, T, dh)
@@ -425,8 +419,7 @@ class Attention(nn.Module):
                 dropped = weights * keep * scale
             y = dropped @ v  # (B, h, T, dh)
         elif p > 0 and x.device.type == "cpu":
-            # Finite, unlike -inf, so that the 0 * bias products of the GEMM's padding stay 0.
-            key_bias = torch.zeros(B, S, dtype=q.dtype, device=q.device).masked_fill_(~source_mask, -1e30)  # (B, S)
+            key_bias = padding_bias(source_mask, q.dtype)  # (B, S)
             y = DropoutAttention.apply(
                 q.reshape(B * h, T, dh), k.reshape(B * h, S, dh), v.reshape(B * h, S, dh),
                 key_bias.repeat_interleave(h, dim=0), p, dh**-0.5,  # key_bias (B * h, S)
