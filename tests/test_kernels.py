@@ -217,8 +217,10 @@ def test_fused_layer_norm_equals_torchs(width):
     outs = [norm(x) for norm in (fused, plain)]
     torch.testing.assert_close(outs[0], outs[1], atol=1e-5, rtol=1e-5, msg=f"seed {seed}")
     grads = [torch.autograd.grad((out * weight).sum(), [x, norm.weight, norm.bias]) for out, norm in zip(outs, (fused, plain))]
+    # The weight and bias gradients are fp32 sums over up to 17k rows, in different orders: their
+    # tolerance scales with their size (seed 570831584: 3e-4 apart at 309, each 1e-4 from float64).
     for name, a, b in zip(["x", "weight", "bias"], *grads):
-        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4, msg=f"gradient of {name}, seed {seed}")
+        torch.testing.assert_close(a, b, atol=1e-5 * (1 + b.abs().max().item()), rtol=1e-4, msg=f"gradient of {name}, seed {seed}")
 
 
 def test_fused_layer_norm_gradients_do_not_depend_on_the_thread_count():
