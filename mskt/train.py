@@ -386,13 +386,61 @@ class NonFiniteLoss(MsktError):
 
 
 def make_optimizer(model: KTMulT, cfg: Config) -> torch.optim.Optimizer:
-    """Adam over the trainable parameters; fused (one kernel for all tensors rather than a dozen
-    small ops per tensor, the same update) where this torch supports it for the device."""
+    """Adam over the trainable parameters, held as one flat tensor (:class:`FlatAdam`); fused (one
+    kernel rather than a dozen small ops) where this torch supports it for the device."""
     params = [p for p in model.parameters() if p.requires_grad]
     try:
-        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
+        return FlatAdam(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
     except RuntimeError:  # a device without a fused kernel
-        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        return FlatAdam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+class FlatAdam(torch.optim.Adam):
+    """``torch.optim.Adam`` over ``params`` moved into one flat tensor, of which they become views.
+
+    At MulT's config the model has ~700 parameter tensors of 30 to 15k values, and every per-tensor
+    step costs more in dispatch than in arithmetic: Adam's update, the clipping norm and zeroing
+    took ~30 ms of a ~250 ms MOSI training step (2 threads). Here each is one operation on ~1M
+    values. Each step the gradients autograd produced are gathered into the flat gradient
+    (:meth:`collect_gradients`, one copy); the update writes the flat tensor, and so the model's
+    parameters, in place. The same update as Adam over the separate tensors (Adam is element-wise;
+    the clipping norm sums in another order), provided every parameter gets a gradient each step,
+    as every variant's do (a test checks it): a parameter without one is updated with a zero
+    gradient here, where torch's Adam would skip it. The state dict holds the flat state, so a
+    checkpoint's optimizer state fits only a FlatAdam over the same parameters.
+    """
+
+    def __init__(self, params, **kwargs):
+        self.views = [p for p in params]
+        if not self.views:
+            raise ValueError("FlatAdam: no parameters to optimise")
+        flat = torch.nn.Parameter(torch.cat([p.detach().reshape(-1) for p in self.views]))  # (N,)
+        flat.grad = torch.zeros_like(flat)
+        self.grad_views = []  # each parameter's part of the flat gradient, in its shape
+        offset = 0
+        for p in self.views:
+            p.data = flat.data[offset : offset + p.numel()].view_as(p)  # same values, now stored in flat
+            self.grad_views.append(flat.grad[offset : offset + p.numel()].view_as(p))
+            offset += p.numel()
+        super().__init__([flat], **kwargs)
+        self.flat = flat
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Drop the parameters' gradients, so that backward hands over its buffers rather than
+        adding into old ones; the flat gradient is overwritten by :meth:`collect_gradients`."""
+        for p in self.views:
+            p.grad = None
+
+    def collect_gradients(self) -> torch.Tensor:
+        """Copy the parameters' gradients into the flat gradient (zeros for a parameter that has
+        none) and return it, (N,): what clipping and :meth:`step` act on."""
+        grads = [p.grad for p in self.views]
+        if any(g is None for g in grads):
+            for view, g in zip(self.grad_views, grads):
+                view.zero_() if g is None else view.copy_(g)
+        else:
+            torch._foreach_copy_(self.grad_views, grads)  # one call: 3x faster than torch.cat here
+        return self.flat.grad
 
 
 def autocast(cfg: Config, device: torch.device):
@@ -437,6 +485,7 @@ def training_step(model: KTMulT, optimizer: torch.optim.Optimizer, cfg: Config, 
     if cfg.compile:
         forward = CompiledOrEager(forward)
     params = [p for group in optimizer.param_groups for p in group["params"]]
+    collect = getattr(optimizer, "collect_gradients", None)  # FlatAdam: the gradients into its flat one
     device = next(model.parameters()).device
     keep_freed_memory(device)
     max_norm = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
@@ -446,6 +495,8 @@ def training_step(model: KTMulT, optimizer: torch.optim.Optimizer, cfg: Config, 
             terms = model.loss(forward(batch), batch["labels"])
         optimizer.zero_grad(set_to_none=True)
         (terms["total"] * weight).backward()
+        if collect is not None:
+            collect()
         norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
         if not (torch.isfinite(terms["total"]) and torch.isfinite(norm)):
             detail = ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in terms.items())

@@ -8,7 +8,7 @@
 - the CPU training attention with dropout (``DropoutAttention``: its own backward) against the
   explicit path with the same mask, values and every gradient;
 - the memory transformer's last-step-only last layer against the full computation;
-- fused Adam against torch's reference Adam;
+- fused Adam over one flat tensor (FlatAdam) against torch's reference Adam over the separate tensors;
 - torch.compile against eager, and the eager fallback when compiling fails;
 - whole-tensor batching against a reference per-sample loader (torch DataLoader + collate).
 """
@@ -28,7 +28,7 @@ from mskt.config import Config
 from mskt.errors import ConfigError
 from mskt.model import Attention, Transformer, build_model, dropout, dropout_mask, key_mask
 from mskt.presets import MODALITIES
-from mskt.train import CompiledOrEager, Tensors, autocast, keep_freed_memory, make_optimizer, training_step
+from mskt.train import CompiledOrEager, FlatAdam, Tensors, autocast, keep_freed_memory, make_optimizer, training_step
 
 try:
     from conftest import NO_DROPOUT, TINY, make_batch_fn, tiny_model_config, tiny_run_config
@@ -227,13 +227,48 @@ def test_fused_adam_takes_the_same_steps_as_reference_adam(tiny_mosi):
         model = build_model(Config.from_dict({**cfg.to_dict(), "text_dim": 300, "audio_dim": 5, "vision_dim": 20}))
         optimizer = make_optimizer(model, cfg) if fused else torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         if fused:
-            assert optimizer.defaults["fused"]
+            assert optimizer.defaults["fused"] and isinstance(optimizer, FlatAdam)
         step = training_step(model, optimizer, cfg)
         for _ in range(5):
             step(batch)
         models.append(model)
     for (name, a), b in zip(models[0].state_dict().items(), models[1].state_dict().values()):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("aligned", [True, False])
+@pytest.mark.parametrize("variant,kt_target", [("full", "raw"), ("kt", "raw"), ("kt", "aux"), ("kt_any", "raw"), ("language_vision", "raw"), ("language", "raw"), ("vision", "raw")])
+def test_every_trainable_parameter_gets_a_gradient_each_step(variant, kt_target, aligned):
+    """FlatAdam's update equals torch's Adam only if no parameter is ever without a gradient."""
+    cfg = tiny_model_config(variant=variant, kt_target=kt_target, ctc_align=not aligned, text_steps=8 if aligned else 6)
+    model = build_model(cfg).train()
+    batch = make_batch_fn(cfg, aligned=aligned)
+    model.loss(model(batch), batch["labels"])["total"].backward()
+    missing = [name for name, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    assert not missing
+
+
+def test_flat_adam_keeps_the_model_parameters_as_views_of_its_tensor():
+    g, seed = fresh_generator()
+    model = build_model(tiny_model_config(variant="full"))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    optimizer = FlatAdam([p for p in model.parameters()], lr=0.1)
+    for k, v in model.state_dict().items():  # moving into the flat tensor changes no value
+        torch.testing.assert_close(v, before[k], atol=0, rtol=0, msg=k)
+    batch = make_batch_fn(model.cfg, seed=seed)
+    optimizer.zero_grad()
+    model.loss(model(batch), batch["labels"])["total"].backward()
+    flat_grad = optimizer.collect_gradients()
+    assert flat_grad.shape == (sum(p.numel() for p in model.parameters()),)
+    torch.testing.assert_close(flat_grad, torch.cat([p.grad.reshape(-1) for p in model.parameters()]), atol=0, rtol=0)
+    optimizer.step()
+    # The update reached the model, through the views, and loading a state dict writes into them.
+    assert all(not torch.equal(p, before[n]) for n, p in model.named_parameters())
+    model.load_state_dict(before)
+    torch.testing.assert_close(optimizer.flat.detach(), torch.cat([before[n].reshape(-1) for n, _ in model.named_parameters()]))
+    # A parameter left without a gradient (none in any variant) gets zeros, not another one's.
+    optimizer.zero_grad()
+    assert torch.count_nonzero(optimizer.collect_gradients()) == 0
 
 
 def test_compiled_forward_equals_eager():
