@@ -263,7 +263,10 @@ def test_flat_adam_keeps_the_model_parameters_as_views_of_its_tensor():
     torch.testing.assert_close(flat_grad, torch.cat([p.grad.reshape(-1) for p in model.parameters()]), atol=0, rtol=0)
     optimizer.step()
     # The update reached the model, through the views, and loading a state dict writes into them.
-    assert all(not torch.equal(p, before[n]) for n, p in model.named_parameters())
+    after = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    assert torch.equal(after, optimizer.flat.detach())
+    changed = after != torch.cat([before[n].reshape(-1) for n, _ in model.named_parameters()])
+    assert changed[flat_grad.abs() > 1e-6].all() and not changed[flat_grad == 0].any()  # Adam's first step: ~lr * sign(g)
     model.load_state_dict(before)
     torch.testing.assert_close(optimizer.flat.detach(), torch.cat([before[n].reshape(-1) for n, _ in model.named_parameters()]))
     # A parameter left without a gradient (none in any variant) gets zeros, not another one's.

@@ -22,6 +22,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <type_traits>
 #include <vector>
@@ -237,19 +238,47 @@ void dispatch_width(int64_t D, Body body) {
   }
 }
 
-// Head `head`'s keys or values (part 0 or 1 of kv's last dim), transposed: dst (D, S).
-inline void gather_head(const float* kv_b, int64_t part, int64_t head, int64_t d_model, int64_t D, int64_t S, float* dst) {
+// Keys per row are padded to a multiple of this (16 floats: one AVX-512 register), so that every
+// loop over keys runs whole vectors, without a scalar tail. Padded keys get the bias -1e30: their
+// weight is exactly 0, as a padded step's is.
+constexpr int64_t kKeyPad = 16;
+
+inline int64_t padded_keys(int64_t S) { return (S + kKeyPad - 1) / kKeyPad * kKeyPad; }
+
+// Head `head`'s keys or values (part 0 or 1 of kv's last dim), transposed: dst (D, Sp), its
+// columns S..Sp zero.
+inline void gather_head(const float* kv_b, int64_t part, int64_t head, int64_t d_model, int64_t D, int64_t S, int64_t Sp, float* dst) {
   const float* src = kv_b + part * d_model + head * D;
   for (int64_t j = 0; j < S; ++j)
-    for (int64_t d = 0; d < D; ++d) dst[d * S + j] = src[j * 2 * d_model + d];
+    for (int64_t d = 0; d < D; ++d) dst[d * Sp + j] = src[j * 2 * d_model + d];
+  for (int64_t d = 0; d < D; ++d) std::fill(dst + d * Sp + S, dst + (d + 1) * Sp, 0.0f);
 }
 
-// The inverse of gather_head: src (D, S) into head `head`'s columns of part `part` of kv_b.
-inline void scatter_head(const float* src, int64_t part, int64_t head, int64_t d_model, int64_t D, int64_t S, float* kv_b) {
+// The keys' bias, padded: dst (Sp), -1e30 past the S real columns.
+inline void pad_bias(const float* bias, int64_t S, int64_t Sp, float* dst) {
+  std::copy(bias, bias + S, dst);
+  std::fill(dst + S, dst + Sp, -1.0e30f);
+}
+
+// The inverse of gather_head: the first S columns of src (D, Sp) into head `head`'s columns of
+// part `part` of kv_b.
+inline void scatter_head(const float* src, int64_t part, int64_t head, int64_t d_model, int64_t D, int64_t S, int64_t Sp, float* kv_b) {
   float* dst = kv_b + part * d_model + head * D;
   for (int64_t j = 0; j < S; ++j)
-    for (int64_t d = 0; d < D; ++d) dst[j * 2 * d_model + d] = src[d * S + j];
+    for (int64_t d = 0; d < D; ++d) dst[j * 2 * d_model + d] = src[d * Sp + j];
 }
+
+// A buffer of n floats aligned to a cache line (64 bytes), for the per-task key, value and row buffers.
+struct AlignedBuffer {
+  float* ptr;
+  explicit AlignedBuffer(int64_t n) : ptr(static_cast<float*>(std::aligned_alloc(64, std::max<int64_t>(64, (n * 4 + 63) / 64 * 64)))) {
+    TORCH_CHECK(ptr != nullptr, "fused attention: out of memory for a buffer of ", n, " floats");
+  }
+  ~AlignedBuffer() { std::free(ptr); }
+  AlignedBuffer(const AlignedBuffer&) = delete;
+  AlignedBuffer& operator=(const AlignedBuffer&) = delete;
+  float* data() const { return ptr; }
+};
 
 }  // namespace
 
@@ -259,7 +288,7 @@ inline void scatter_head(const float* src, int64_t part, int64_t head, int64_t d
 std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& kv, const at::Tensor& key_bias, int64_t heads,
                                 double scale, double p, int64_t seed) {
   check_inputs(q, kv, key_bias, heads);
-  const int64_t B = q.size(0), T = q.size(1), d_model = q.size(2), S = kv.size(1), D = d_model / heads;
+  const int64_t B = q.size(0), T = q.size(1), d_model = q.size(2), S = kv.size(1), D = d_model / heads, Sp = padded_keys(S);
   auto out = at::empty_like(q);
   auto lse = at::empty({B * heads, T}, q.options());
   const float* qp = q.data_ptr<float>();
@@ -272,14 +301,15 @@ std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& kv, const
   dispatch_width(D, [&](auto width) {
     constexpr int kD = decltype(width)::value;
     at::parallel_for(0, B * heads, 1, [&](int64_t begin, int64_t end) {
-      std::vector<float> w(S), kT(D * S), vT(D * S);
+      AlignedBuffer w(Sp), kT(D * Sp), vT(D * Sp), bias(Sp);
       for (int64_t bh = begin; bh < end; ++bh) {
         const int64_t b = bh / heads, head = bh % heads;
-        gather_head(kvp + b * S * 2 * d_model, 0, head, d_model, D, S, kT.data());
-        gather_head(kvp + b * S * 2 * d_model, 1, head, d_model, D, S, vT.data());
+        gather_head(kvp + b * S * 2 * d_model, 0, head, d_model, D, S, Sp, kT.data());
+        gather_head(kvp + b * S * 2 * d_model, 1, head, d_model, D, S, Sp, vT.data());
+        pad_bias(bp + b * S, S, Sp, bias.data());
         for (int64_t t = 0; t < T; ++t) {
           const int64_t at = (b * T + t) * d_model + head * D;
-          lp[bh * T + t] = forward_row<kD>(qp + at, kT.data(), vT.data(), bp + b * S, fscale, D, S, drop, row_key(seed, bh * T + t),
+          lp[bh * T + t] = forward_row<kD>(qp + at, kT.data(), vT.data(), bias.data(), fscale, D, Sp, drop, row_key(seed, bh * T + t),
                                            w.data(), op + at);
         }
       }
@@ -294,7 +324,7 @@ std::vector<at::Tensor> backward(const at::Tensor& grad_out, const at::Tensor& q
   check_inputs(q, kv, key_bias, heads);
   TORCH_CHECK(grad_out.sizes() == q.sizes() && out.sizes() == q.sizes() && grad_out.is_contiguous() && out.is_contiguous() &&
                   lse.is_contiguous(), "fused attention backward: grad_out and out must be contiguous (B, T, d)");
-  const int64_t B = q.size(0), T = q.size(1), d_model = q.size(2), S = kv.size(1), D = d_model / heads;
+  const int64_t B = q.size(0), T = q.size(1), d_model = q.size(2), S = kv.size(1), D = d_model / heads, Sp = padded_keys(S);
   auto grad_q = at::empty_like(q);
   auto grad_kv = at::empty_like(kv);
   const float* gp = grad_out.data_ptr<float>();
@@ -311,20 +341,21 @@ std::vector<at::Tensor> backward(const at::Tensor& grad_out, const at::Tensor& q
     constexpr int kD = decltype(width)::value;
     // One (batch, head) per task: its rows all add into the same key and value gradients.
     at::parallel_for(0, B * heads, 1, [&](int64_t begin, int64_t end) {
-      std::vector<float> grad_s(kRowBlock * S), kept(kRowBlock * S), kT(D * S), vT(D * S), grad_kT(D * S), grad_vT(D * S);
+      AlignedBuffer grad_s(kRowBlock * Sp), kept(kRowBlock * Sp), kT(D * Sp), vT(D * Sp), grad_kT(D * Sp), grad_vT(D * Sp), bias(Sp);
       for (int64_t bh = begin; bh < end; ++bh) {
         const int64_t b = bh / heads, head = bh % heads;
-        gather_head(kvp + b * S * 2 * d_model, 0, head, d_model, D, S, kT.data());
-        gather_head(kvp + b * S * 2 * d_model, 1, head, d_model, D, S, vT.data());
-        std::fill(grad_kT.begin(), grad_kT.end(), 0.0f);
-        std::fill(grad_vT.begin(), grad_vT.end(), 0.0f);
+        gather_head(kvp + b * S * 2 * d_model, 0, head, d_model, D, S, Sp, kT.data());
+        gather_head(kvp + b * S * 2 * d_model, 1, head, d_model, D, S, Sp, vT.data());
+        pad_bias(bp + b * S, S, Sp, bias.data());
+        std::fill(grad_kT.data(), grad_kT.data() + D * Sp, 0.0f);
+        std::fill(grad_vT.data(), grad_vT.data() + D * Sp, 0.0f);
         for (int64_t t = 0; t < T; t += kRowBlock) {
           const int64_t at = (b * T + t) * d_model + head * D, rows = std::min<int64_t>(kRowBlock, T - t);
-          backward_rows<kD>(rows, bh * T + t, d_model, gp + at, qp + at, kT.data(), vT.data(), bp + b * S, op + at, lp + bh * T + t,
-                            fscale, D, S, drop, seed, grad_s.data(), kept.data(), gqp + at, grad_kT.data(), grad_vT.data());
+          backward_rows<kD>(rows, bh * T + t, d_model, gp + at, qp + at, kT.data(), vT.data(), bias.data(), op + at, lp + bh * T + t,
+                            fscale, D, Sp, drop, seed, grad_s.data(), kept.data(), gqp + at, grad_kT.data(), grad_vT.data());
         }
-        scatter_head(grad_kT.data(), 0, head, d_model, D, S, gkvp + b * S * 2 * d_model);
-        scatter_head(grad_vT.data(), 1, head, d_model, D, S, gkvp + b * S * 2 * d_model);
+        scatter_head(grad_kT.data(), 0, head, d_model, D, S, Sp, gkvp + b * S * 2 * d_model);
+        scatter_head(grad_vT.data(), 1, head, d_model, D, S, Sp, gkvp + b * S * 2 * d_model);
       }
     });
   });
@@ -424,38 +455,38 @@ std::vector<at::Tensor> layer_norm(const at::Tensor& x, const at::Tensor& weight
 }
 
 // Returns (grad_x, grad_weight, grad_bias). The weight and bias gradients are summed per block of
-// 256 rows, then the blocks in order: the same result for any number of threads.
+// 64 rows, then the blocks in order: the same result for any number of threads. Small blocks keep
+// both threads busy at this model's ~1200-row batches.
 std::vector<at::Tensor> layer_norm_backward(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& weight,
                                             const at::Tensor& mean, const at::Tensor& rstd) {
   TORCH_CHECK(grad.sizes() == x.sizes() && grad.is_contiguous() && x.is_contiguous(), "fused layer norm backward: contiguous grad and x of one shape expected");
-  const int64_t C = x.size(-1), N = x.numel() / C, block = 256, blocks = (N + block - 1) / block;
+  const int64_t C = x.size(-1), N = x.numel() / C, block = 64, blocks = (N + block - 1) / block;
   auto grad_x = at::empty_like(x);
   auto partial = at::zeros({blocks, 2, C}, x.options());
   const float *gp = grad.data_ptr<float>(), *xp = x.data_ptr<float>(), *wp = weight.data_ptr<float>();
   const float *mp = mean.data_ptr<float>(), *rp = rstd.data_ptr<float>();
   float *gxp = grad_x.data_ptr<float>(), *pp = partial.data_ptr<float>();
+  const float inv_C = 1.0f / static_cast<float>(C);
   at::parallel_for(0, blocks, 1, [=](int64_t begin, int64_t end) {
-    std::vector<float> xhat(C), gw(C);
     for (int64_t k = begin; k < end; ++k) {
       float* __restrict dw = pp + k * 2 * C;
       float* __restrict db = dw + C;
       for (int64_t n = k * block; n < std::min(N, (k + 1) * block); ++n) {
         const float* __restrict xr = xp + n * C;
         const float* __restrict gr = gp + n * C;
+        const float* __restrict w = wp;
         const float mu = mp[n], r = rp[n];
-        float mean_gw = 0.0f, mean_gw_xhat = 0.0f;
+        float sum_gw = 0.0f, sum_gw_xhat = 0.0f;
         for (int64_t c = 0; c < C; ++c) {
-          xhat[c] = (xr[c] - mu) * r;
-          gw[c] = gr[c] * wp[c];
-          mean_gw += gw[c];
-          mean_gw_xhat += gw[c] * xhat[c];
-          dw[c] += gr[c] * xhat[c];
+          const float xhat = (xr[c] - mu) * r, gw = gr[c] * w[c];
+          sum_gw += gw;
+          sum_gw_xhat += gw * xhat;
+          dw[c] += gr[c] * xhat;
           db[c] += gr[c];
         }
-        mean_gw /= C;
-        mean_gw_xhat /= C;
+        const float a = sum_gw * inv_C, b = sum_gw_xhat * inv_C;
         float* __restrict gx = gxp + n * C;
-        for (int64_t c = 0; c < C; ++c) gx[c] = r * (gw[c] - mean_gw - xhat[c] * mean_gw_xhat);
+        for (int64_t c = 0; c < C; ++c) gx[c] = r * (gr[c] * w[c] - a - (xr[c] - mu) * r * b);
       }
     }
   });
