@@ -176,8 +176,9 @@ def key_mask(lengths: torch.Tensor, steps: int) -> torch.Tensor:
 def dropout(x: torch.Tensor, p: float, training: bool, fused: bool = False) -> torch.Tensor:
     """``F.dropout`` with a mask that is several times cheaper to draw on CPU.
 
-    ``fused`` (and a float32 CPU tensor, and the compiled kernels build here): :class:`FusedDropout`,
-    whose mask is a hash of a seed and each element's index, never drawn into memory nor stored.
+    ``fused`` (and a float32 CPU tensor, and the compiled kernels build here): the compiled
+    kernel, whose mask is a hash of a seed and each element's index, never drawn into memory nor
+    stored; its autograd function is C++ (``mskt/csrc``), as are those of the other kernels.
     Otherwise:
 
     torch's CPU Bernoulli sampler costs ~6 ns per element, a fifth of this model's training time.
@@ -190,7 +191,7 @@ def dropout(x: torch.Tensor, p: float, training: bool, fused: bool = False) -> t
     if x.device.type != "cpu":
         return F.dropout(x, p, training=True)
     if fused and fused_kernels_available(x):
-        return FusedDropout.apply(x, p, kernel_seed())
+        return compiled_kernels().dropout_autograd(x, p)
     keep, scale = dropout_mask(x.shape, p, x.dtype)
     # A float multiply, not ``where``: torch's CPU ``where`` with a scalar costs ~4x a same-dtype
     # multiply, and the backward pass is one more multiply by the same mask.
@@ -266,66 +267,12 @@ class DropoutAttention(torch.autograd.Function):
         return grad_q, grad_k, grad_v, None, None, None
 
 
-class FusedAttention(torch.autograd.Function):
-    """The compiled kernel of ``mskt/csrc/cpu_kernels.cpp``: what :class:`DropoutAttention` (or, with
-    p=0, torch's fused attention) computes, with no (T, S) tensor in memory. Each query row's
-    scores, softmax, dropout and weighted sum are done in a row buffer; backward recomputes a row's
-    weights from its saved log-sum-exp and its dropout mask from ``seed`` (a counter-based hash of
-    seed, row and key), so nothing of size (T, S) is stored. It reads q (B, T, d) and kv (B, S, 2d)
-    and writes (B, T, d) as the projections lay them out, heads side by side, so no transposes
-    surround it. key_bias (B, S): 0 at real keys, -1e30 at padding. The dropout mask differs from
-    :func:`dropout_mask`'s (another generator), not its law.
-    """
-
-    @staticmethod
-    def forward(ctx, q, kv, key_bias, heads: int, p: float, scale: float, seed: int):
-        out, lse = compiled_kernels().forward(q, kv, key_bias, heads, scale, p, seed)  # (B, T, d), (B * heads, T)
-        ctx.save_for_backward(q, kv, key_bias, out, lse)
-        ctx.args = (heads, scale, p, seed)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad):
-        grad_q, grad_kv = compiled_kernels().backward(grad.contiguous(), *ctx.saved_tensors, *ctx.args)
-        return grad_q, grad_kv, None, None, None, None, None
-
-
-class FusedDropout(torch.autograd.Function):
-    """Dropout by the compiled kernel: ``x`` times the factors (0 or 1 / keep rate) of ``seed``, a
-    hash of the seed and each element's index. Backward multiplies by the same factors, recomputed."""
-
-    @staticmethod
-    def forward(ctx, x, p: float, seed: int):
-        ctx.p, ctx.seed = p, seed
-        return compiled_kernels().dropout(x.contiguous(), p, seed)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return compiled_kernels().dropout(grad.contiguous(), ctx.p, ctx.seed), None, None
-
-
 def relu_dropout(x: torch.Tensor, p: float, training: bool, fused: bool = False) -> torch.Tensor:
-    """``dropout(F.relu(x), p, training, fused)``; with ``fused`` one compiled pass each way."""
+    """``dropout(F.relu(x), p, training, fused)``; with ``fused`` one compiled pass each way (the
+    backward reads only the output: where it is not 0, x was positive and kept)."""
     if fused and training and p > 0 and fused_kernels_available(x):
-        return FusedReluDropout.apply(x, p, kernel_seed())
+        return compiled_kernels().relu_dropout_autograd(x, p)
     return dropout(F.relu(x), p, training, fused)
-
-
-class FusedReluDropout(torch.autograd.Function):
-    """max(x, 0) times the dropout factors of ``seed``; backward reads only the output: where it is
-    not 0, x was positive and kept, and the gradient is scaled by the inverse keep rate."""
-
-    @staticmethod
-    def forward(ctx, x, p: float, seed: int):
-        out = compiled_kernels().relu_dropout(x.contiguous(), p, seed)
-        ctx.save_for_backward(out)
-        ctx.p = p
-        return out
-
-    @staticmethod
-    def backward(ctx, grad):
-        (out,) = ctx.saved_tensors
-        return compiled_kernels().relu_dropout_backward(grad.contiguous(), out, ctx.p), None, None
 
 
 class LayerNorm(nn.LayerNorm):
@@ -338,28 +285,8 @@ class LayerNorm(nn.LayerNorm):
 
     def forward(self, x):
         if self.fused and fused_kernels_available(x):
-            return FusedLayerNorm.apply(x, self.weight, self.bias, self.eps)
+            return compiled_kernels().layer_norm_autograd(x, self.weight, self.bias, self.eps)
         return super().forward(x)
-
-
-class FusedLayerNorm(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, weight, bias, eps: float):
-        x = x.contiguous()
-        y, mean, rstd = compiled_kernels().layer_norm(x, weight.contiguous(), bias.contiguous(), eps)
-        ctx.save_for_backward(x, weight, mean, rstd)
-        return y
-
-    @staticmethod
-    def backward(ctx, grad):
-        x, weight, mean, rstd = ctx.saved_tensors
-        grad_x, grad_weight, grad_bias = compiled_kernels().layer_norm_backward(grad.contiguous(), x, weight.contiguous(), mean, rstd)
-        return grad_x, grad_weight, grad_bias, None
-
-
-def kernel_seed() -> int:
-    """A seed for one compiled kernel's dropout, drawn from torch's generator: seeded runs repeat."""
-    return int(torch.empty((), dtype=torch.int64).random_())
 
 
 def padding_bias(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -379,9 +306,12 @@ def fused_kernels_available(x: torch.Tensor) -> bool:
 class Attention(nn.Module):
     """Multi-head attention: queries from ``x`` (the target), keys and values from ``source``.
 
-    Four paths that compute the same function: on CPU in float32, :class:`FusedAttention`
-    (``cpu_kernels="fused"``, where the kernel builds; 1.2-8x faster than the others at this
-    model's head widths, with or without dropout); torch's fused ``scaled_dot_product_attention``
+    Four paths that compute the same function: on CPU in float32, the compiled kernel
+    (``cpu_kernels="fused"``, where it builds; ``mskt/csrc/cpu_kernels.cpp``: each query row's
+    scores, softmax, dropout and weighted sum in a row buffer, backward recomputing the weights from
+    the saved log-sum-exp and the dropout mask from its seed, so nothing of size (T, S) is stored;
+    1.2-8x faster than the others at this model's head widths, with or without dropout; its dropout
+    mask differs from :func:`dropout_mask`'s, not its law); torch's fused ``scaled_dot_product_attention``
     (CUDA, and CPU without the kernel); :class:`DropoutAttention` for CPU training with attention
     dropout without the kernel, as torch's fused CPU kernel has no dropout; and, for
     ``return_attention=True``, the explicit steps, which also return the weights.
@@ -402,9 +332,9 @@ class Attention(nn.Module):
         h, dh = self.heads, d // self.heads
         p = self.dropout if self.training else 0.0
         if not return_attention and self.cpu_kernels == "fused" and fused_kernels_available(x):
-            key_bias = padding_bias(source_mask, x.dtype)  # (B, S)
-            seed = kernel_seed() if p > 0 else 0
-            y = FusedAttention.apply(self.q(x).contiguous(), self.kv(source).contiguous(), key_bias, h, p, dh**-0.5, seed)  # (B, T, d)
+            # The kernel reads q (B, T, d) and kv (B, S, 2d) as the projections lay them out, heads
+            # side by side, and writes (B, T, d): no transposes around it.
+            y = compiled_kernels().attention(self.q(x), self.kv(source), padding_bias(source_mask, x.dtype), h, dh**-0.5, p)  # (B, T, d)
             return self.out(y), None
         q = self.q(x).view(B, T, h, dh).transpose(1, 2)  # (B, h, T, dh)
         k, v = self.kv(source).view(B, S, 2, h, dh).permute(2, 0, 3, 1, 4)  # each (B, h, S, dh)

@@ -509,6 +509,95 @@ at::Tensor dropout_factors(int64_t BH, int64_t T, int64_t S, double p, int64_t s
   return factors;
 }
 
+// ---------------------------------------------------------------------------------------------
+// Autograd functions over the kernels above, in C++: a Python autograd.Function costs ~20 us of
+// interpreter work per call forward and backward, as much as the kernel itself at this model's
+// sizes, and a training step makes ~350 such calls. Each draws its dropout seed the way
+// `int(torch.empty((), dtype=torch.int64).random_())` does, from torch's default generator, so
+// a seeded run repeats.
+
+namespace {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+int64_t draw_seed() { return at::empty({}, at::kLong).random_().item<int64_t>(); }
+
+struct AttentionFunction : public torch::autograd::Function<AttentionFunction> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& q, const at::Tensor& kv, const at::Tensor& key_bias, int64_t heads,
+                            double scale, double p) {
+    const int64_t seed = p > 0.0 ? draw_seed() : 0;
+    auto q_c = q.contiguous(), kv_c = kv.contiguous();
+    auto result = ::forward(q_c, kv_c, key_bias, heads, scale, p, seed);
+    ctx->save_for_backward({q_c, kv_c, key_bias, result[0], result[1]});
+    ctx->saved_data["heads"] = heads;
+    ctx->saved_data["scale"] = scale;
+    ctx->saved_data["p"] = p;
+    ctx->saved_data["seed"] = seed;
+    return result[0];
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    auto saved = ctx->get_saved_variables();
+    auto g = ::backward(grads[0].contiguous(), saved[0], saved[1], saved[2], saved[3], saved[4], ctx->saved_data["heads"].toInt(),
+                        ctx->saved_data["scale"].toDouble(), ctx->saved_data["p"].toDouble(), ctx->saved_data["seed"].toInt());
+    return {g[0], g[1], at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+};
+
+struct DropoutFunction : public torch::autograd::Function<DropoutFunction> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, double p) {
+    const int64_t seed = draw_seed();
+    ctx->saved_data["p"] = p;
+    ctx->saved_data["seed"] = seed;
+    return ::dropout(x.contiguous(), p, seed);
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    return {::dropout(grads[0].contiguous(), ctx->saved_data["p"].toDouble(), ctx->saved_data["seed"].toInt()), at::Tensor()};
+  }
+};
+
+struct ReluDropoutFunction : public torch::autograd::Function<ReluDropoutFunction> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, double p) {
+    auto out = ::relu_dropout(x.contiguous(), p, draw_seed());
+    ctx->save_for_backward({out});
+    ctx->saved_data["p"] = p;
+    return out;
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    auto saved = ctx->get_saved_variables();
+    return {::relu_dropout_backward(grads[0].contiguous(), saved[0], ctx->saved_data["p"].toDouble()), at::Tensor()};
+  }
+};
+
+struct LayerNormFunction : public torch::autograd::Function<LayerNormFunction> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias, double eps) {
+    auto x_c = x.contiguous(), w_c = weight.contiguous();
+    auto result = ::layer_norm(x_c, w_c, bias.contiguous(), eps);
+    ctx->save_for_backward({x_c, w_c, result[1], result[2]});
+    return result[0];
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    auto saved = ctx->get_saved_variables();
+    auto g = ::layer_norm_backward(grads[0].contiguous(), saved[0], saved[1], saved[2], saved[3]);
+    return {g[0], g[1], g[2], at::Tensor()};
+  }
+};
+
+}  // namespace
+
+// softmax(q k^T * scale + key_bias) with dropout p on the weights, times v, differentiable in q and kv.
+at::Tensor attention(const at::Tensor& q, const at::Tensor& kv, const at::Tensor& key_bias, int64_t heads, double scale, double p) {
+  return AttentionFunction::apply(q, kv, key_bias, heads, scale, p);
+}
+
+at::Tensor dropout_autograd(const at::Tensor& x, double p) { return DropoutFunction::apply(x, p); }
+
+at::Tensor relu_dropout_autograd(const at::Tensor& x, double p) { return ReluDropoutFunction::apply(x, p); }
+
+at::Tensor layer_norm_autograd(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias, double eps) {
+  return LayerNormFunction::apply(x, weight, bias, eps);
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("forward", &forward, "fused attention forward (out, lse)");
   m.def("backward", &backward, "fused attention backward (grad_q, grad_kv)");
@@ -518,4 +607,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("layer_norm", &layer_norm, "layer norm over the last dim (y, mean, rstd)");
   m.def("layer_norm_backward", &layer_norm_backward, "layer norm backward (grad_x, grad_weight, grad_bias)");
   m.def("dropout_factors", &dropout_factors, "the dropout factors of a seed, (BH, T, S)");
+  m.def("attention", &attention, "differentiable fused attention (seed drawn from torch's generator when p > 0)");
+  m.def("dropout_autograd", &dropout_autograd, "differentiable dropout (seed drawn from torch's generator)");
+  m.def("relu_dropout_autograd", &relu_dropout_autograd, "differentiable relu then dropout (seed drawn from torch's generator)");
+  m.def("layer_norm_autograd", &layer_norm_autograd, "differentiable layer norm over the last dim");
 }
