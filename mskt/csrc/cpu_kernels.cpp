@@ -149,7 +149,7 @@ constexpr int kRowBlock = 4;
 // With P_j the weights and z_j the dropout factors, out = sum_j P_j z_j v_j, so the softmax
 // backward's row term sum_j P_j z_j (grad_out . v_j) is grad_out . out.
 // g, q, out and grad_q are rows `stride` floats apart; grad_s and kept are buffers of kRowBlock * S floats.
-template <int kD>
+template <int kD, bool kDropout>
 inline void backward_rows(int64_t rows, int64_t row0, int64_t stride, const float* __restrict g, const float* __restrict q,
                           const float* __restrict kT, const float* __restrict vT, const float* __restrict bias,
                           const float* __restrict out, const float* __restrict lse, float scale, int64_t D_runtime,
@@ -171,7 +171,7 @@ inline void backward_rows(int64_t rows, int64_t row0, int64_t stride, const floa
       g_dot_out += g_r[d] * out[r * stride + d];
     }
     const float row_lse = lse[r];
-    const uint32_t key = row_key(seed, row0 + r);
+    const uint32_t key = kDropout ? row_key(seed, row0 + r) : 0u;
     float* __restrict gs_r = grad_s + r * S;
     float* __restrict kept_r = kept + r * S;
     for (int64_t j = 0; j < S; ++j) {
@@ -182,7 +182,7 @@ inline void backward_rows(int64_t rows, int64_t row0, int64_t stride, const floa
         gv += gd[r][d] * vT[d * S + j];
       }
       const float p = exp_nonpositive(s - row_lse);
-      const float z = dropout_factor(key, j, threshold, keep_scale);
+      const float z = kDropout ? dropout_factor(key, j, threshold, keep_scale) : 1.0f;  // no hash without dropout
       kept_r[j] = p * z;
       gs_r[j] = p * (z * gv - g_dot_out);
     }
@@ -309,7 +309,7 @@ std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& kv, const
         pad_bias(bp + b * S, S, Sp, bias.data());
         for (int64_t t = 0; t < T; ++t) {
           const int64_t at = (b * T + t) * d_model + head * D;
-          lp[bh * T + t] = forward_row<kD>(qp + at, kT.data(), vT.data(), bias.data(), fscale, D, Sp, drop, row_key(seed, bh * T + t),
+          lp[bh * T + t] = forward_row<kD>(qp + at, kT.data(), vT.data(), bias.data(), fscale, D, Sp, drop, drop.active ? row_key(seed, bh * T + t) : 0u,
                                            w.data(), op + at);
         }
       }
@@ -351,8 +351,9 @@ std::vector<at::Tensor> backward(const at::Tensor& grad_out, const at::Tensor& q
         std::fill(grad_vT.data(), grad_vT.data() + D * Sp, 0.0f);
         for (int64_t t = 0; t < T; t += kRowBlock) {
           const int64_t at = (b * T + t) * d_model + head * D, rows = std::min<int64_t>(kRowBlock, T - t);
-          backward_rows<kD>(rows, bh * T + t, d_model, gp + at, qp + at, kT.data(), vT.data(), bias.data(), op + at, lp + bh * T + t,
-                            fscale, D, Sp, drop, seed, grad_s.data(), kept.data(), gqp + at, grad_kT.data(), grad_vT.data());
+          const auto rows_backward = drop.active ? backward_rows<kD, true> : backward_rows<kD, false>;
+          rows_backward(rows, bh * T + t, d_model, gp + at, qp + at, kT.data(), vT.data(), bias.data(), op + at, lp + bh * T + t,
+                        fscale, D, Sp, drop, seed, grad_s.data(), kept.data(), gqp + at, grad_kT.data(), grad_vT.data());
         }
         scatter_head(grad_kT.data(), 0, head, d_model, D, S, Sp, gkvp + b * S * 2 * d_model);
         scatter_head(grad_vT.data(), 1, head, d_model, D, S, Sp, gkvp + b * S * 2 * d_model);
