@@ -386,6 +386,16 @@ class TransformerLayer(nn.Module):
         if last_only:  # only the last step's output will be read: query from it alone
             x, h = x[:, -1:], h[:, -1:]  # (B, 1, d)
         a, weights = self.attn(h, kv, kv_mask, return_attention)
+        p_res = self.res_dropout if self.training else 0.0
+        if self.fused and fused_kernels_available(x):
+            # The residual with its dropout in one pass, and the feed-forward sublayer as one
+            # compiled autograd node: the same function as the torch branch below, with a fraction
+            # of its per-operation cost.
+            kernels = compiled_kernels()
+            x = kernels.dropout_residual_autograd(a, x, p_res)
+            norm, p_relu = self.norm_ff, self.relu_dropout if self.training else 0.0
+            x = kernels.feed_forward(x, norm.weight, norm.bias, self.ff1.weight, self.ff1.bias, self.ff2.weight, self.ff2.bias, norm.eps, p_relu, p_res)
+            return x, weights
         x = x + dropout(a, self.res_dropout, self.training, self.fused)
         h = relu_dropout(self.ff1(self.norm_ff(x)), self.relu_dropout, self.training, self.fused)
         x = x + dropout(self.ff2(h), self.res_dropout, self.training, self.fused)

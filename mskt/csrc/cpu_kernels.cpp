@@ -365,25 +365,36 @@ std::vector<at::Tensor> backward(const at::Tensor& grad_out, const at::Tensor& q
 
 namespace {
 
-// activation(x) times the dropout factors of `seed`, for any contiguous float32 tensor: element i
-// takes the factor of (row i / 1024, key i % 1024), as `dropout_factors` lays them out.
+// activation(x) times the dropout factors of `seed`, plus `residual` when given (a tensor of x's
+// shape), for any contiguous float32 tensor: element i takes the factor of (row i / 1024, key
+// i % 1024), as `dropout_factors` lays them out. Without dropout no hash is computed.
 template <typename Activation>
-at::Tensor hashed_dropout(const at::Tensor& x, double p, int64_t seed, Activation activation) {
+at::Tensor hashed_dropout(const at::Tensor& x, const at::Tensor* residual, double p, int64_t seed, Activation activation) {
   TORCH_CHECK(x.scalar_type() == at::kFloat && x.is_contiguous(), "fused dropout: a contiguous float32 tensor expected");
+  TORCH_CHECK(residual == nullptr || (residual->sizes() == x.sizes() && residual->is_contiguous() && residual->scalar_type() == at::kFloat),
+              "fused dropout: the residual must be a contiguous float32 tensor of the input's shape");
   auto out = at::empty_like(x);
   const float* xp = x.data_ptr<float>();
+  const float* rp = residual != nullptr ? residual->data_ptr<float>() : nullptr;
   float* op = out.data_ptr<float>();
   const int64_t n = x.numel(), chunk = 1024;
   const Dropout drop(p);
-  const uint32_t threshold = drop.active ? drop.threshold : 0u;
-  const float keep_scale = drop.active ? drop.keep_scale : 1.0f;
   at::parallel_for(0, (n + chunk - 1) / chunk, 16, [&](int64_t begin, int64_t end) {
     for (int64_t c = begin; c < end; ++c) {
-      const uint32_t key = row_key(seed, c);
       const int64_t start = c * chunk, len = std::min(chunk, n - start);
       const float* __restrict xc = xp + start;
       float* __restrict oc = op + start;
-      for (int64_t j = 0; j < len; ++j) oc[j] = activation(xc[j]) * dropout_factor(key, j, threshold, keep_scale);
+      if (drop.active) {
+        const uint32_t key = row_key(seed, c), threshold = drop.threshold;
+        const float keep_scale = drop.keep_scale;
+        for (int64_t j = 0; j < len; ++j) oc[j] = activation(xc[j]) * dropout_factor(key, j, threshold, keep_scale);
+      } else {
+        for (int64_t j = 0; j < len; ++j) oc[j] = activation(xc[j]);
+      }
+      if (rp != nullptr) {
+        const float* __restrict rc = rp + start;
+        for (int64_t j = 0; j < len; ++j) oc[j] += rc[j];
+      }
     }
   });
   return out;
@@ -394,13 +405,19 @@ at::Tensor hashed_dropout(const at::Tensor& x, double p, int64_t seed, Activatio
 // Dropout: x times the factors of `seed`. Its backward is the same call on the gradient, so no
 // mask is ever stored.
 at::Tensor dropout(const at::Tensor& x, double p, int64_t seed) {
-  return hashed_dropout(x, p, seed, [](float v) { return v; });
+  return hashed_dropout(x, nullptr, p, seed, [](float v) { return v; });
+}
+
+// residual + dropout(x): a residual connection in one pass. Its gradient is the output's for the
+// residual and dropout(grad) for x.
+at::Tensor dropout_residual(const at::Tensor& x, const at::Tensor& residual, double p, int64_t seed) {
+  return hashed_dropout(x, &residual, p, seed, [](float v) { return v; });
 }
 
 // relu, then dropout: max(x, 0) times the factors of `seed`. Its backward needs no factors: where
 // the output is not 0 the factor was 1 / keep rate and x was positive.
 at::Tensor relu_dropout(const at::Tensor& x, double p, int64_t seed) {
-  return hashed_dropout(x, p, seed, [](float v) { return v > 0.0f ? v : 0.0f; });
+  return hashed_dropout(x, nullptr, p, seed, [](float v) { return v > 0.0f ? v : 0.0f; });
 }
 
 at::Tensor relu_dropout_backward(const at::Tensor& grad, const at::Tensor& out, double p) {
@@ -557,6 +574,18 @@ struct DropoutFunction : public torch::autograd::Function<DropoutFunction> {
   }
 };
 
+struct DropoutResidualFunction : public torch::autograd::Function<DropoutResidualFunction> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& residual, double p) {
+    const int64_t seed = p > 0.0 ? draw_seed() : 0;
+    ctx->saved_data["p"] = p;
+    ctx->saved_data["seed"] = seed;
+    return ::dropout_residual(x.contiguous(), residual.contiguous(), p, seed);
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    return {::dropout(grads[0].contiguous(), ctx->saved_data["p"].toDouble(), ctx->saved_data["seed"].toInt()), grads[0], at::Tensor()};
+  }
+};
+
 struct ReluDropoutFunction : public torch::autograd::Function<ReluDropoutFunction> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, double p) {
     auto out = ::relu_dropout(x.contiguous(), p, draw_seed());
@@ -584,6 +613,42 @@ struct LayerNormFunction : public torch::autograd::Function<LayerNormFunction> {
   }
 };
 
+// A pre-LayerNorm feed-forward sublayer with its residual, as one autograd node:
+// y = x + dropout(W2 relu_dropout(W1 LN(x) + b1) + b2). Autograd's version of these steps is ~10
+// nodes and ~25 operations per layer, each costing microseconds of bookkeeping; at this model's
+// sizes that is a sixth of a training step. Saved: x, LN(x), its mean and rstd, and the
+// relu-dropout output, which is all the backward reads. p = 0 draws no seed and hashes nothing.
+struct FeedForwardFunction : public torch::autograd::Function<FeedForwardFunction> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& norm_weight, const at::Tensor& norm_bias,
+                            const at::Tensor& w1, const at::Tensor& b1, const at::Tensor& w2, const at::Tensor& b2, double eps,
+                            double p_relu, double p_res) {
+    const int64_t d = x.size(-1);
+    auto x2 = x.contiguous().view({-1, d});  // (N, d)
+    auto norm_w = norm_weight.contiguous();
+    auto ln = ::layer_norm(x2, norm_w, norm_bias.contiguous(), eps);  // h (N, d), mean (N), rstd (N)
+    const int64_t seed_relu = p_relu > 0.0 ? draw_seed() : 0;
+    auto hidden = ::relu_dropout(at::addmm(b1, ln[0], w1.t()), p_relu, seed_relu);  // (N, 4d)
+    const int64_t seed_res = p_res > 0.0 ? draw_seed() : 0;
+    auto y = ::dropout_residual(at::addmm(b2, hidden, w2.t()), x2, p_res, seed_res);  // (N, d)
+    ctx->save_for_backward({x2, norm_w, ln[0], ln[1], ln[2], hidden, w1, w2});
+    ctx->saved_data["p_relu"] = p_relu;
+    ctx->saved_data["p_res"] = p_res;
+    ctx->saved_data["seed_res"] = seed_res;
+    return y.view(x.sizes());
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    auto s = ctx->get_saved_variables();
+    const auto &x2 = s[0], &norm_w = s[1], &h = s[2], &mean = s[3], &rstd = s[4], &hidden = s[5], &w1 = s[6], &w2 = s[7];
+    auto grad_y = grads[0].contiguous().view({-1, x2.size(1)});  // (N, d)
+    auto grad_f = ::dropout(grad_y, ctx->saved_data["p_res"].toDouble(), ctx->saved_data["seed_res"].toInt());  // (N, d)
+    auto grad_hidden = ::relu_dropout_backward(grad_f.mm(w2), hidden, ctx->saved_data["p_relu"].toDouble());  // (N, 4d)
+    auto grad_norm = ::layer_norm_backward(grad_hidden.mm(w1), x2, norm_w, mean, rstd);  // grad_x, grad_weight, grad_bias
+    auto grad_x = grad_norm[0].add_(grad_y).view(grads[0].sizes());  // the residual's share
+    return {grad_x,        grad_norm[1], grad_norm[2], grad_hidden.t().mm(h), grad_hidden.sum(0), grad_f.t().mm(hidden), grad_f.sum(0),
+            at::Tensor(), at::Tensor(),  at::Tensor()};
+  }
+};
+
 }  // namespace
 
 // softmax(q k^T * scale + key_bias) with dropout p on the weights, times v, differentiable in q and kv.
@@ -591,7 +656,18 @@ at::Tensor attention(const at::Tensor& q, const at::Tensor& kv, const at::Tensor
   return AttentionFunction::apply(q, kv, key_bias, heads, scale, p);
 }
 
+// x + dropout(W2 relu_dropout(W1 LN(x) + b1) + b2), differentiable in x and every weight.
+at::Tensor feed_forward(const at::Tensor& x, const at::Tensor& norm_weight, const at::Tensor& norm_bias, const at::Tensor& w1,
+                        const at::Tensor& b1, const at::Tensor& w2, const at::Tensor& b2, double eps, double p_relu, double p_res) {
+  return FeedForwardFunction::apply(x, norm_weight, norm_bias, w1, b1, w2, b2, eps, p_relu, p_res);
+}
+
 at::Tensor dropout_autograd(const at::Tensor& x, double p) { return DropoutFunction::apply(x, p); }
+
+// residual + dropout(x), differentiable in both.
+at::Tensor dropout_residual_autograd(const at::Tensor& x, const at::Tensor& residual, double p) {
+  return DropoutResidualFunction::apply(x, residual, p);
+}
 
 at::Tensor relu_dropout_autograd(const at::Tensor& x, double p) { return ReluDropoutFunction::apply(x, p); }
 
@@ -603,6 +679,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("forward", &forward, "fused attention forward (out, lse)");
   m.def("backward", &backward, "fused attention backward (grad_q, grad_kv)");
   m.def("dropout", &dropout, "x times the dropout factors of a seed (forward and backward)");
+  m.def("dropout_residual", &dropout_residual, "residual + x times the dropout factors of a seed");
+  m.def("feed_forward", &feed_forward, "differentiable pre-LayerNorm feed-forward sublayer with its residual");
   m.def("relu_dropout", &relu_dropout, "max(x, 0) times the dropout factors of a seed");
   m.def("relu_dropout_backward", &relu_dropout_backward, "the gradient of relu_dropout from its output");
   m.def("layer_norm", &layer_norm, "layer norm over the last dim (y, mean, rstd)");
@@ -610,6 +688,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("dropout_factors", &dropout_factors, "the dropout factors of a seed, (BH, T, S)");
   m.def("attention", &attention, "differentiable fused attention (seed drawn from torch's generator when p > 0)");
   m.def("dropout_autograd", &dropout_autograd, "differentiable dropout (seed drawn from torch's generator)");
+  m.def("dropout_residual_autograd", &dropout_residual_autograd, "differentiable residual + dropout(x) (seed drawn from torch's generator)");
   m.def("relu_dropout_autograd", &relu_dropout_autograd, "differentiable relu then dropout (seed drawn from torch's generator)");
   m.def("layer_norm_autograd", &layer_norm_autograd, "differentiable layer norm over the last dim");
 }
