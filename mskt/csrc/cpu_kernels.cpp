@@ -441,6 +441,72 @@ at::Tensor relu_dropout_backward(const at::Tensor& grad, const at::Tensor& out, 
   return result;
 }
 
+// In place on a (N, C): a = max(a + bias, 0) times the dropout factor of (row n, column c), the
+// factors `dropout_factors(N, 1, C, p, seed)` gives. The feed-forward sublayer's first linear
+// writes a without its bias (a plain mm), and this one pass over the (N, 4d) hidden tensor adds it:
+// at this model's sizes each pass over a fresh (N, 4d) tensor costs as much as the matrix product.
+void bias_relu_dropout_(at::Tensor& a, const at::Tensor& bias, double p, int64_t seed) {
+  TORCH_CHECK(a.dim() == 2 && a.is_contiguous() && a.scalar_type() == at::kFloat && bias.is_contiguous() && bias.numel() == a.size(1),
+              "fused bias-relu-dropout: a contiguous float32 (N, C) tensor and a bias of C values expected");
+  const int64_t N = a.size(0), C = a.size(1);
+  float* ap = a.data_ptr<float>();
+  const float* bp = bias.data_ptr<float>();
+  const Dropout drop(p);
+  at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n) {
+      float* __restrict row = ap + n * C;
+      const float* __restrict b = bp;
+      if (drop.active) {
+        const uint32_t key = row_key(seed, n), threshold = drop.threshold;
+        const float keep_scale = drop.keep_scale;
+        for (int64_t c = 0; c < C; ++c) {
+          const float v = row[c] + b[c];
+          row[c] = (v > 0.0f ? v : 0.0f) * dropout_factor(key, c, threshold, keep_scale);
+        }
+      } else {
+        for (int64_t c = 0; c < C; ++c) {
+          const float v = row[c] + b[c];
+          row[c] = v > 0.0f ? v : 0.0f;
+        }
+      }
+    }
+  });
+}
+
+// In place on grad (N, C): the gradient of bias_relu_dropout_ from its output `out`, where out is
+// not 0 the input was positive and kept, so grad *= keep_scale there and 0 elsewhere. Returns the
+// bias gradient, the column sums of the result, summed per block of 64 rows and then the blocks in
+// order: the same on any number of threads.
+at::Tensor relu_dropout_backward_(at::Tensor& grad, const at::Tensor& out, double p) {
+  TORCH_CHECK(grad.dim() == 2 && grad.sizes() == out.sizes() && grad.is_contiguous() && out.is_contiguous(),
+              "fused relu-dropout backward: contiguous (N, C) grad and out expected");
+  const int64_t N = grad.size(0), C = grad.size(1), block = 64, blocks = (N + block - 1) / block;
+  auto partial = at::zeros({blocks, C}, grad.options());
+  float* gp = grad.data_ptr<float>();
+  const float* op = out.data_ptr<float>();
+  float* pp = partial.data_ptr<float>();
+  const Dropout drop(p);
+  const float keep_scale = drop.active ? drop.keep_scale : 1.0f;
+  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t k = begin; k < end; ++k) {
+      float* __restrict sums = pp + k * C;
+      for (int64_t n = k * block; n < std::min(N, (k + 1) * block); ++n) {
+        float* __restrict g = gp + n * C;
+        const float* __restrict o = op + n * C;
+        for (int64_t c = 0; c < C; ++c) {
+          g[c] = g[c] * keep_scale * static_cast<float>(o[c] > 0.0f);
+          sums[c] += g[c];
+        }
+      }
+    }
+  });
+  auto total = at::zeros({C}, grad.options());
+  float* tp = total.data_ptr<float>();
+  for (int64_t k = 0; k < blocks; ++k)
+    for (int64_t c = 0; c < C; ++c) tp[c] += pp[k * C + c];
+  return total;
+}
+
 // LayerNorm over the last dim of x viewed as (N, C): torch's CPU kernel is slow at this model's
 // widths (30 to 120 channels). Returns (y, mean, rstd); rstd = 1 / sqrt(var + eps), biased var.
 std::vector<at::Tensor> layer_norm(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias, double eps) {
@@ -627,7 +693,8 @@ struct FeedForwardFunction : public torch::autograd::Function<FeedForwardFunctio
     auto norm_w = norm_weight.contiguous();
     auto ln = ::layer_norm(x2, norm_w, norm_bias.contiguous(), eps);  // h (N, d), mean (N), rstd (N)
     const int64_t seed_relu = p_relu > 0.0 ? draw_seed() : 0;
-    auto hidden = ::relu_dropout(at::addmm(b1, ln[0], w1.t()), p_relu, seed_relu);  // (N, 4d)
+    auto hidden = ln[0].mm(w1.t());  // (N, 4d), its bias added by the next pass
+    bias_relu_dropout_(hidden, b1.contiguous(), p_relu, seed_relu);
     const int64_t seed_res = p_res > 0.0 ? draw_seed() : 0;
     auto y = ::dropout_residual(at::addmm(b2, hidden, w2.t()), x2, p_res, seed_res);  // (N, d)
     ctx->save_for_backward({x2, norm_w, ln[0], ln[1], ln[2], hidden, w1, w2});
@@ -641,11 +708,12 @@ struct FeedForwardFunction : public torch::autograd::Function<FeedForwardFunctio
     const auto &x2 = s[0], &norm_w = s[1], &h = s[2], &mean = s[3], &rstd = s[4], &hidden = s[5], &w1 = s[6], &w2 = s[7];
     auto grad_y = grads[0].contiguous().view({-1, x2.size(1)});  // (N, d)
     auto grad_f = ::dropout(grad_y, ctx->saved_data["p_res"].toDouble(), ctx->saved_data["seed_res"].toInt());  // (N, d)
-    auto grad_hidden = ::relu_dropout_backward(grad_f.mm(w2), hidden, ctx->saved_data["p_relu"].toDouble());  // (N, 4d)
+    auto grad_hidden = grad_f.mm(w2);  // (N, 4d)
+    auto grad_b1 = relu_dropout_backward_(grad_hidden, hidden, ctx->saved_data["p_relu"].toDouble());  // in place; (4d)
     auto grad_norm = ::layer_norm_backward(grad_hidden.mm(w1), x2, norm_w, mean, rstd);  // grad_x, grad_weight, grad_bias
     auto grad_x = grad_norm[0].add_(grad_y).view(grads[0].sizes());  // the residual's share
-    return {grad_x,        grad_norm[1], grad_norm[2], grad_hidden.t().mm(h), grad_hidden.sum(0), grad_f.t().mm(hidden), grad_f.sum(0),
-            at::Tensor(), at::Tensor(),  at::Tensor()};
+    return {grad_x,       grad_norm[1], grad_norm[2], grad_hidden.t().mm(h), grad_b1, grad_f.t().mm(hidden), grad_f.sum(0),
+            at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
 
