@@ -744,19 +744,22 @@ at::Tensor layer_norm_autograd(const at::Tensor& x, const at::Tensor& weight, co
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("forward", &forward, "fused attention forward (out, lse)");
-  m.def("backward", &backward, "fused attention backward (grad_q, grad_kv)");
-  m.def("dropout", &dropout, "x times the dropout factors of a seed (forward and backward)");
-  m.def("dropout_residual", &dropout_residual, "residual + x times the dropout factors of a seed");
-  m.def("feed_forward", &feed_forward, "differentiable pre-LayerNorm feed-forward sublayer with its residual");
-  m.def("relu_dropout", &relu_dropout, "max(x, 0) times the dropout factors of a seed");
-  m.def("relu_dropout_backward", &relu_dropout_backward, "the gradient of relu_dropout from its output");
-  m.def("layer_norm", &layer_norm, "layer norm over the last dim (y, mean, rstd)");
-  m.def("layer_norm_backward", &layer_norm_backward, "layer norm backward (grad_x, grad_weight, grad_bias)");
-  m.def("dropout_factors", &dropout_factors, "the dropout factors of a seed, (BH, T, S)");
-  m.def("attention", &attention, "differentiable fused attention (seed drawn from torch's generator when p > 0)");
-  m.def("dropout_autograd", &dropout_autograd, "differentiable dropout (seed drawn from torch's generator)");
-  m.def("dropout_residual_autograd", &dropout_residual_autograd, "differentiable residual + dropout(x) (seed drawn from torch's generator)");
-  m.def("relu_dropout_autograd", &relu_dropout_autograd, "differentiable relu then dropout (seed drawn from torch's generator)");
-  m.def("layer_norm_autograd", &layer_norm_autograd, "differentiable layer norm over the last dim");
+  // No kernel touches a Python object: other Python threads (a data loader, a notebook's UI) run
+  // while one computes.
+  const auto release_gil = py::call_guard<py::gil_scoped_release>();
+  m.def("forward", &forward, "fused attention forward (out, lse)", release_gil);
+  m.def("backward", &backward, "fused attention backward (grad_q, grad_kv)", release_gil);
+  m.def("dropout", &dropout, "x times the dropout factors of a seed (forward and backward)", release_gil);
+  m.def("dropout_residual", &dropout_residual, "residual + x times the dropout factors of a seed", release_gil);
+  m.def("feed_forward", &feed_forward, "differentiable pre-LayerNorm feed-forward sublayer with its residual", release_gil);
+  m.def("relu_dropout", &relu_dropout, "max(x, 0) times the dropout factors of a seed", release_gil);
+  m.def("relu_dropout_backward", &relu_dropout_backward, "the gradient of relu_dropout from its output", release_gil);
+  m.def("layer_norm", &layer_norm, "layer norm over the last dim (y, mean, rstd)", release_gil);
+  m.def("layer_norm_backward", &layer_norm_backward, "layer norm backward (grad_x, grad_weight, grad_bias)", release_gil);
+  m.def("dropout_factors", &dropout_factors, "the dropout factors of a seed, (BH, T, S)", release_gil);
+  m.def("attention", &attention, "differentiable fused attention (seed drawn from torch's generator when p > 0)", release_gil);
+  m.def("dropout_autograd", &dropout_autograd, "differentiable dropout (seed drawn from torch's generator)", release_gil);
+  m.def("dropout_residual_autograd", &dropout_residual_autograd, "differentiable residual + dropout(x) (seed drawn from torch's generator)", release_gil);
+  m.def("relu_dropout_autograd", &relu_dropout_autograd, "differentiable relu then dropout (seed drawn from torch's generator)", release_gil);
+  m.def("layer_norm_autograd", &layer_norm_autograd, "differentiable layer norm over the last dim", release_gil);
 }
