@@ -378,6 +378,8 @@ class TransformerLayer(nn.Module):
         self.res_dropout = res_dropout
 
     def forward(self, x, x_mask, source=None, source_mask=None, return_attention=False, last_only=False):
+        if self.fused and not return_attention and fused_kernels_available(x):
+            return self._compiled_forward(x, x_mask, source, source_mask, last_only), None
         h = self.norm_x(x)
         if source is None:
             kv, kv_mask = h, x_mask
@@ -386,20 +388,26 @@ class TransformerLayer(nn.Module):
         if last_only:  # only the last step's output will be read: query from it alone
             x, h = x[:, -1:], h[:, -1:]  # (B, 1, d)
         a, weights = self.attn(h, kv, kv_mask, return_attention)
-        p_res = self.res_dropout if self.training else 0.0
-        if self.fused and fused_kernels_available(x):
-            # The residual with its dropout in one pass, and the feed-forward sublayer as one
-            # compiled autograd node: the same function as the torch branch below, with a fraction
-            # of its per-operation cost.
-            kernels = compiled_kernels()
-            x = kernels.dropout_residual_autograd(a, x, p_res)
-            norm, p_relu = self.norm_ff, self.relu_dropout if self.training else 0.0
-            x = kernels.feed_forward(x, norm.weight, norm.bias, self.ff1.weight, self.ff1.bias, self.ff2.weight, self.ff2.bias, norm.eps, p_relu, p_res)
-            return x, weights
         x = x + dropout(a, self.res_dropout, self.training, self.fused)
         h = relu_dropout(self.ff1(self.norm_ff(x)), self.relu_dropout, self.training, self.fused)
         x = x + dropout(self.ff2(h), self.res_dropout, self.training, self.fused)
         return x, weights
+
+    def _compiled_forward(self, x, x_mask, source, source_mask, last_only):
+        """The same function as the steps of ``forward``, as two compiled autograd nodes (attention
+        and feed-forward sublayers, each with its LayerNorms, linears, dropouts and residual): a
+        layer's ~25 autograd operations cost as much bookkeeping as arithmetic at these sizes."""
+        kernels = compiled_kernels()
+        attn, norm_s = self.attn, self.norm_source
+        p_attn, p_relu, p_res = (attn.dropout, self.relu_dropout, self.res_dropout) if self.training else (0.0, 0.0, 0.0)
+        key_bias = padding_bias(x_mask if source is None else source_mask, x.dtype)  # (B, S)
+        x = kernels.attention_block(
+            x, source, key_bias, self.norm_x.weight, self.norm_x.bias, None if source is None else norm_s.weight,
+            None if source is None else norm_s.bias, attn.q.weight, attn.q.bias, attn.kv.weight, attn.kv.bias, attn.out.weight,
+            attn.out.bias, attn.heads, self.norm_x.eps, p_attn, p_res, last_only,
+        )  # (B, T, d), or (B, 1, d) with last_only
+        norm = self.norm_ff
+        return kernels.feed_forward(x, norm.weight, norm.bias, self.ff1.weight, self.ff1.bias, self.ff2.weight, self.ff2.bias, norm.eps, p_relu, p_res)
 
 
 class Transformer(nn.Module):

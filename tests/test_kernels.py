@@ -1,12 +1,15 @@
 """The compiled CPU kernels (mskt/csrc/cpu_kernels.cpp) compute the same function as the plain path.
 
-- FusedAttention (training, with dropout) against autograd through the explicit steps with the
+- the compiled attention (training, with dropout) against autograd through the explicit steps with the
   kernel's own dropout factors: outputs and the gradients of inputs, source and every weight, on
   fresh random shapes, padding and head widths (the specialised ones and one read at run time);
 - its dropout factors have dropout's law: rate, exact inverse keep rate, no correlation between
   neighbours, reproducible by seed;
-- FusedDropout: rate, scale, gradient, reproducible by torch's seed; FusedReluDropout against
+- the compiled dropout: rate, scale, gradient, reproducible by torch's seed; relu-dropout against
   relu then dropout with the same factors; LayerNorm's kernel against torch's, values and gradients;
+- a transformer layer as its two compiled sublayer nodes (attention, feed-forward) against the same
+  layer on torch's operations: outputs and every gradient, cross-modal and self-attention, all steps
+  and the last step only, on fresh random shapes and padding;
 - a model's evaluation predictions are the same with the kernels and with torch's operations;
 - a machine where the kernels cannot be built trains on torch's operations, with one warning.
 
@@ -27,7 +30,7 @@ import torch
 from mskt import kernels
 from mskt.config import Config
 from mskt.errors import ConfigError
-from mskt.model import Attention, LayerNorm, build_model, dropout, key_mask, relu_dropout
+from mskt.model import Attention, LayerNorm, TransformerLayer, build_model, dropout, key_mask, relu_dropout
 
 try:
     from conftest import NO_DROPOUT, make_batch_fn, tiny_model_config
@@ -237,6 +240,51 @@ def test_fused_layer_norm_gradients_do_not_depend_on_the_thread_count():
     for other in grads[1:]:
         for a, b in zip(grads[0], other):
             assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("d,heads", [(30, 5), (12, 3), (14, 2)])
+@pytest.mark.parametrize("cross,last_only", [(True, False), (False, False), (False, True), (True, True)])
+def test_compiled_sublayers_equal_the_layer_on_torch_ops(d, heads, cross, last_only):
+    """Training mode without dropout (with it the masks differ, not their law): the same output
+    and the same gradients of x, the source and every weight."""
+    g, seed = fresh_generator()
+    B, T, S = (int(torch.randint(1, n, (1,), generator=g)) for n in (5, 30, 40))
+    S = S if cross else T
+    x, source = torch.randn(B, T, d, generator=g), torch.randn(B, S, d, generator=g)
+    x_mask = key_mask(torch.randint(0, T + 1, (B,), generator=g), T)
+    source_mask = key_mask(torch.randint(0, S + 1, (B,), generator=g), S)
+    layers = [TransformerLayer(d, heads, 0.0, 0.0, 0.0, cross, cpu_kernels=k).train() for k in ("fused", "torch")]
+    with torch.no_grad():
+        for p in layers[0].parameters():
+            p.normal_(std=0.5, generator=g)  # not the initial ones: LayerNorm's would hide mistakes
+    layers[1].load_state_dict(layers[0].state_dict())
+    weight = torch.randn(B, 1 if last_only else T, d, generator=g)
+    results = []
+    for layer in layers:
+        xs, src = x.clone().requires_grad_(), source.clone().requires_grad_()
+        out, _ = layer(xs, x_mask, src if cross else None, source_mask if cross else None, last_only=last_only)
+        inputs = [xs, src, *layer.parameters()] if cross else [xs, *layer.parameters()]
+        results.append((out, *torch.autograd.grad((out * weight).sum(), inputs)))
+    names = ["output", "x", *(["source"] if cross else []), *dict(layers[0].named_parameters())]
+    # float32 sums in other orders: errors relative to the largest gradient (the keys' bias has a
+    # gradient of exactly 0 in exact arithmetic, left as rounding noise of the terms that cancel).
+    scale = max(float(b.abs().max()) for b in results[1][1:])
+    for name, a, b in zip(names, *results):
+        torch.testing.assert_close(a, b, atol=1e-4 * scale, rtol=1e-4, msg=f"{name}, seed {seed}")
+
+
+def test_the_compiled_bias_gradient_sums_each_column_in_a_fixed_order():
+    g, seed = fresh_generator()
+    x = torch.randn(int(torch.randint(1, 3000, (1,), generator=g)), int(torch.randint(1, 300, (1,), generator=g)), generator=g)
+    ext = kernels.compiled_kernels()
+    torch.testing.assert_close(ext.column_sums(x), x.double().sum(0).float(), atol=1e-4, rtol=1e-5, msg=f"seed {seed}")
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = ext.column_sums(x)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, ext.column_sums(x))
 
 
 @pytest.mark.parametrize("variant", ["full", "kt"])
