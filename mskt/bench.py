@@ -145,21 +145,28 @@ def train_flops_per_sample(model, batch: dict) -> float:
     return counter.get_total_flops() / len(batch["labels"])
 
 
-def bench_one(preset: str, variant: str, config: str = "mult", steps: int = 10, warmup: int = 3, device=None,
-              precision: str = "fp32", compile: bool = False, peak: float | None = None) -> dict:
-    """One record: ``preset`` at its real shapes, ``variant``, ``config`` ("paper" or "mult")."""
-    from mskt.config import Config, PRESETS
-    from mskt.model import build_model
-    from mskt.train import make_optimizer, resolve_device, training_step
+def bench_config(preset: str, variant: str, config: str = "mult", precision: str = "fp32", compile: bool = False):
+    """The run Config of a record: the dataset's preset, then ``config``'s values, at the preset's shapes."""
+    from mskt.config import PRESETS, Config
 
-    device = resolve_device("auto") if device is None else torch.device(device)
     shapes = shapes_for(preset)
     base_name = preset.split("-")[0] + ("-unaligned" if preset.endswith("-unaligned") else "")
     values = {**PRESETS.get(base_name, {}), **CONFIGS[config], "variant": variant}
     values.update(text_dim=shapes.dims["text"], audio_dim=shapes.dims["audio"], vision_dim=shapes.dims["vision"],
                   text_steps=shapes.steps["text"], task=shapes.task, precision=precision, compile=compile)
     values.pop("data", None)
-    cfg = Config.from_dict(values)
+    return Config.from_dict(values)
+
+
+def bench_one(preset: str, variant: str, config: str = "mult", steps: int = 10, warmup: int = 3, device=None,
+              precision: str = "fp32", compile: bool = False, peak: float | None = None) -> dict:
+    """One record: ``preset`` at its real shapes, ``variant``, ``config`` ("paper" or "mult")."""
+    from mskt.model import build_model
+    from mskt.train import make_optimizer, resolve_device, training_step
+
+    device = resolve_device("auto") if device is None else torch.device(device)
+    shapes = shapes_for(preset)
+    cfg = bench_config(preset, variant, config, precision, compile)
     torch.manual_seed(0)
     # FLOPs grow linearly with the batch; two samples keep the explicit attention maps small. Torch's
     # operations throughout: the FLOP counter cannot see inside the compiled kernels.
@@ -267,13 +274,47 @@ def bench_public_mult(preset: str, steps: int = 10, warmup: int = 3, device=None
                    flops, batch_size, device, "fp32", peak, "torch")  # the public code's own operations
 
 
+def interleaved_speedup(preset: str, variant: str = "full", config: str = "mult", rounds: int = 8, steps: int = 3, device=None) -> dict:
+    """The training speed-up over the public MulT code measured in one process, alternating: each
+    round times ``steps`` steps of each (the order flipping every round) and gives one ratio of
+    samples/s, so a machine that slows down or speeds up mid-run moves both sides of a ratio alike.
+    Returns ``{"median": ..., "rounds": [...]}``: the median ratio and every round's."""
+    import statistics
+
+    from mskt import mult_reference
+    from mskt.model import build_model
+    from mskt.train import make_optimizer, resolve_device, training_step
+
+    device = resolve_device("auto") if device is None else torch.device(device)
+    shapes = shapes_for(preset)
+    cfg = bench_config(preset, variant, config)
+    torch.manual_seed(0)
+    model = build_model(cfg).to(device)
+    ours = training_step(model, make_optimizer(model, cfg), cfg)
+    public_model = mult_reference.MULTModel(shapes.dims, n_outputs=1 if shapes.task == "regression" else 8).to(device).train()
+    public = mult_reference.training_step(public_model, shapes.task)
+    batch = synthetic_batch(shapes, CONFIGS["mult"]["batch_size"], device)
+    for step in (ours, public):
+        for _ in range(2):
+            step(batch)
+    ratios = []
+    for r in range(rounds):
+        order = (ours, public) if r % 2 == 0 else (public, ours)
+        seconds = {step: _time_steps(step, batch, steps, 0, device) for step in order}
+        ratios.append(seconds[public] / seconds[ours])  # same samples on both sides: the ratio of samples/s
+    return {"median": statistics.median(ratios), "rounds": ratios}
+
+
 def run_bench(presets=("mosi", "mosi-unaligned"), variants=("full", "kt"), config: str = "mult", steps: int = 10,
               device=None, precision: str = "fp32", compile: bool = False, log=None, isolate: bool = True,
-              reference: bool = False) -> list[dict]:
+              reference: bool = False, rounds: int = 0) -> list[dict]:
     """Every preset x variant (see :func:`bench_one`, each in its own process unless
     ``isolate=False``), with one matmul peak measured first. ``reference``: first, for each preset,
     the public MulT code's record (:func:`bench_public_mult`), and each record of that preset gets
-    ``speedup_vs_public_mult``, the ratio of training samples/s measured in this same run."""
+    ``speedup_vs_public_mult``, the ratio of training samples/s measured in this same run.
+    ``rounds`` (with ``reference``, fp32): each record also gets ``speedup_interleaved`` and
+    ``speedup_interleaved_rounds`` from :func:`interleaved_speedup` (``rounds`` alternating rounds
+    of ``steps`` steps, in a process of their own): on a machine whose speed drifts, the ratio to trust."""
     from mskt.train import resolve_device
 
     log = log or (lambda line: print(line, flush=True))  # each line as soon as it is measured
@@ -294,6 +335,9 @@ def run_bench(presets=("mosi", "mosi-unaligned"), variants=("full", "kt"), confi
             record = run(bench_one, kwargs)
             if baseline is not None:
                 record["speedup_vs_public_mult"] = record["train_samples_per_s"] / baseline["train_samples_per_s"]
+                if rounds and precision == "fp32" and not compile:
+                    measured = run(interleaved_speedup, dict(preset=preset, variant=variant, config=config, rounds=rounds, steps=steps, device=str(device)))
+                    record["speedup_interleaved"], record["speedup_interleaved_rounds"] = measured["median"], measured["rounds"]
             records.append(record)
             log(format_record(record))
     return records
@@ -317,6 +361,8 @@ def _isolated(fn, kwargs: dict, threads: int) -> dict:
 
 def format_record(r: dict) -> str:
     speedup = f"  {r['speedup_vs_public_mult']:.2f}x public MulT" if "speedup_vs_public_mult" in r else ""
+    if "speedup_interleaved" in r:
+        speedup += f" ({r['speedup_interleaved']:.2f}x interleaved)"
     return (
         f"{r['preset']:<16} {r['variant']:<16} {r['config']:<11} train {r['train_samples_per_s']:8.1f}/s  "
         f"infer {r['infer_samples_per_s']:8.1f}/s  peak mem {r['peak_mem_mb']:7.1f} MB  "
@@ -327,8 +373,10 @@ def format_record(r: dict) -> str:
 def to_markdown(records: list[dict]) -> str:
     """The records as a Markdown table; with a ``x public MulT`` column when a reference was measured."""
     ratio = any("speedup_vs_public_mult" in r for r in records)
+    interleaved = any("speedup_interleaved" in r for r in records)
     head = "| preset | variant | config | train samples/s | infer samples/s | peak mem MB | train MFLOP/sample | % of matmul peak |"
-    lines = [head + (" train x public MulT |" if ratio else ""), "|---" * (8 + ratio) + "|"]
+    head += (" train x public MulT |" if ratio else "") + (" interleaved, median |" if interleaved else "")
+    lines = [head, "|---" * (8 + ratio + interleaved) + "|"]
     for r in records:
         line = (
             f"| {r['preset']} | {r['variant']} | {r['config']} | {r['train_samples_per_s']:.1f} | {r['infer_samples_per_s']:.1f} | "
@@ -336,5 +384,7 @@ def to_markdown(records: list[dict]) -> str:
         )
         if ratio:
             line += f" {r['speedup_vs_public_mult']:.2f} |" if "speedup_vs_public_mult" in r else " 1 |"
+        if interleaved:
+            line += f" {r['speedup_interleaved']:.2f} |" if "speedup_interleaved" in r else " |"
         lines.append(line)
     return "\n".join(lines)

@@ -8,7 +8,7 @@
     mskt train --resume DIR                 continue an interrupted run; torchrun ... -m mskt train: DDP
     mskt evaluate --run DIR [--data PATH] [--out FILE.json] [--missing audio,vision] [--missing-rate R] [--missing-mode sample|step] [--missing-seed S]
     mskt grid --data PATH --variants full,kt,... --seeds 3 --out DIR [--<any config key> VALUE]
-    mskt bench [--presets mosi,mosi-unaligned] [--variants full,kt] [--config paper|mult] [--reference] [--json PATH]
+    mskt bench [--presets mosi,mosi-unaligned] [--variants full,kt] [--config paper|mult] [--reference [--rounds R]] [--json PATH]
     mskt notebooks [--smoke] [--only 03] [--param key=value]
 
 Expected errors (bad files, bad options) print one line and exit 2; no traceback.
@@ -151,11 +151,13 @@ def cmd_bench(args) -> int:
             raise MsktError(f"{name} {unknown or given}: allowed {', '.join(allowed)}")
     if args.steps < 1:
         raise MsktError(f"--steps must be at least 1, found {args.steps}")
+    if args.rounds < 0 or (args.rounds and not args.reference):
+        raise MsktError(f"--rounds {args.rounds}: a number of rounds >= 0, and only with --reference")
     if args.threads:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
     records = run_bench(presets, variants, args.config, args.steps, device=device, precision=args.precision, compile=args.compile,
-                        reference=args.reference)
+                        reference=args.reference, rounds=args.rounds)
     print(to_markdown(records))
     if args.json:
         path = Path(args.json)
@@ -323,6 +325,9 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--compile", action="store_true", help="torch.compile the training forward")
     be.add_argument("--reference", action="store_true",
                     help="also time the public MulT code's training step (mskt.mult_reference) per preset, and each record's speed-up over it")
+    be.add_argument("--rounds", type=int, default=0,
+                    help="with --reference: also measure each speed-up in one process, alternating the two codes for this many "
+                         "rounds of --steps steps; the median ratio is robust to a machine whose speed drifts")
     be.add_argument("--json", default=None, metavar="PATH", help="write the records as a JSON list")
     be.set_defaults(func=cmd_bench)
     nb = sub.add_parser("notebooks", help="execute the numbered notebooks with papermill into runs/notebooks-<time>/")

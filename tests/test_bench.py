@@ -129,3 +129,24 @@ def test_cli_reference_times_the_public_mult_first_and_gives_the_speedup(tmp_pat
     assert (public["config"], ours["config"]) == (PUBLIC_MULT, "mult")
     assert ours["speedup_vs_public_mult"] == ours["train_samples_per_s"] / public["train_samples_per_s"]
     assert "x public MulT" in proc.stdout and "| iemocap | full | mult-public |" in proc.stdout
+
+
+def test_cli_rounds_measure_the_speedup_interleaved_in_one_process(tmp_path):
+    out = tmp_path / "bench.json"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "mskt", "bench", "--presets", "iemocap", "--variants", "full", "--steps", "1", "--threads", "1",
+         "--reference", "--rounds", "3", "--json", str(out)],
+        capture_output=True, text=True, env=env, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    public, ours = json.loads(out.read_text())
+    assert "speedup_interleaved" not in public
+    rounds = ours["speedup_interleaved_rounds"]
+    assert len(rounds) == 3 and all(r > 0 for r in rounds) and ours["speedup_interleaved"] == sorted(rounds)[1]
+    assert "interleaved" in proc.stdout and proc.stdout.count("| iemocap | full | mult |") == 1
+
+
+def test_cli_rounds_need_the_reference():
+    proc = subprocess.run([sys.executable, "-m", "mskt", "bench", "--presets", "iemocap", "--rounds", "3"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "--rounds 3" in proc.stderr and "--reference" in proc.stderr
