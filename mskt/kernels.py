@@ -1,10 +1,11 @@
 """Compiled CPU kernels (``mskt/csrc``), built on first use and cached under ``build/``.
 
-The C++ kernels (``csrc/cpu_kernels.cpp``: attention, dropout, relu-dropout, LayerNorm) are built
-with ``torch.utils.cpp_extension`` the first time a process asks for them (about a minute on two
-cores), into
-``<project>/build/torch_extensions/``; later processes import the cached build directly (a few
-milliseconds) when a stamp beside it says it was built from the same source, flags and torch.
+The C++ kernels (``csrc/cpu_kernels.cpp``: attention, dropout, relu-dropout, LayerNorm, and a
+transformer layer's attention and feed-forward sublayers as autograd nodes) are built with
+``torch.utils.cpp_extension`` the first time a process asks for them (about a minute on two
+cores), into ``<project>/build/torch_extensions/``; later processes import the cached build
+directly (a few milliseconds) when a stamp beside it says it was built from the same source,
+flags and torch.
 The build is specific to this machine's instruction set (``-march=native``), so its folder is
 named after the CPU's feature flags: a project folder shared by different machines keeps one
 build per kind of CPU.
@@ -44,9 +45,14 @@ def _cpu_tag() -> str:
 
 @functools.cache
 def compiled_kernels():
-    """The compiled module (attention ``forward`` and ``backward``, ``dropout``, ``relu_dropout``,
-    ``layer_norm``, their backwards, ``dropout_factors``), or ``None`` with one logged warning
-    when it cannot be built here."""
+    """The compiled module, or ``None`` with one logged warning when it cannot be built here.
+
+    Differentiable (C++ autograd nodes): ``attention``, ``dropout_autograd``,
+    ``dropout_residual_autograd``, ``relu_dropout_autograd``, ``layer_norm_autograd``, and a
+    transformer layer's two sublayers, ``attention_block`` and ``feed_forward``. The plain kernels
+    under them: attention ``forward`` and ``backward``, ``dropout``, ``dropout_residual``,
+    ``relu_dropout`` and its backward, ``layer_norm`` and its backward, ``column_sums``, and
+    ``dropout_factors`` (the factors a seed gives, for tests)."""
     from mskt.paths import project_root
 
     name = f"mskt_kernels_{_cpu_tag()}"
