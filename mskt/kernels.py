@@ -48,11 +48,10 @@ def compiled_kernels():
     """The compiled module, or ``None`` with one logged warning when it cannot be built here.
 
     Differentiable (C++ autograd nodes): ``attention``, ``dropout_autograd``,
-    ``dropout_residual_autograd``, ``relu_dropout_autograd``, ``layer_norm_autograd``, and a
-    transformer layer's two sublayers, ``attention_block`` and ``feed_forward``. The plain kernels
-    under them: attention ``forward`` and ``backward``, ``dropout``, ``dropout_residual``,
-    ``relu_dropout`` and its backward, ``layer_norm`` and its backward, ``column_sums``, and
-    ``dropout_factors`` (the factors a seed gives, for tests)."""
+    ``relu_dropout_autograd``, ``layer_norm_autograd``, and a transformer layer's two sublayers,
+    ``attention_block`` and ``feed_forward``. The plain kernels under them: attention ``forward``
+    and ``backward``, ``dropout``, ``relu_dropout`` and its backward, ``layer_norm`` and its
+    backward, ``column_sums``, and ``dropout_factors`` (the factors a seed gives, for tests)."""
     from mskt.paths import project_root
 
     name = f"mskt_kernels_{_cpu_tag()}"
