@@ -382,9 +382,16 @@ class TransformerLayer(nn.Module):
         self.relu_dropout = relu_dropout
         self.res_dropout = res_dropout
 
-    def forward(self, x, x_mask, source=None, source_mask=None, return_attention=False, last_only=False):
-        if self.fused and not return_attention and fused_kernels_available(x):
-            return self._compiled_forward(x, x_mask, source, source_mask, last_only), None
+    def compiled(self, x, return_attention=False) -> bool:
+        """Whether ``forward`` runs as the two compiled sublayer nodes."""
+        return self.fused and not return_attention and fused_kernels_available(x)
+
+    def forward(self, x, x_mask, source=None, source_mask=None, return_attention=False, last_only=False, key_bias=None):
+        """``key_bias``: the compiled path's padding_bias of the keys' mask, when the caller has it."""
+        if self.compiled(x, return_attention):
+            if key_bias is None:
+                key_bias = padding_bias(x_mask if source is None else source_mask, x.dtype)  # (B, S)
+            return self._compiled_forward(x, source, key_bias, last_only), None
         h = self.norm_x(x)
         if source is None:
             kv, kv_mask = h, x_mask
@@ -398,14 +405,13 @@ class TransformerLayer(nn.Module):
         x = x + dropout(self.ff2(h), self.res_dropout, self.training, self.fused)
         return x, weights
 
-    def _compiled_forward(self, x, x_mask, source, source_mask, last_only):
+    def _compiled_forward(self, x, source, key_bias, last_only):
         """The same function as the steps of ``forward``, as two compiled autograd nodes (attention
         and feed-forward sublayers, each with its LayerNorms, linears, dropouts and residual): a
         layer's ~25 autograd operations cost as much bookkeeping as arithmetic at these sizes."""
         kernels = compiled_kernels()
         attn, norm_s = self.attn, self.norm_source
         p_attn, p_relu, p_res = (attn.dropout, self.relu_dropout, self.res_dropout) if self.training else (0.0, 0.0, 0.0)
-        key_bias = padding_bias(x_mask if source is None else source_mask, x.dtype)  # (B, S)
         x = kernels.attention_block(
             x, source, key_bias, self.norm_x.weight, self.norm_x.bias, None if source is None else norm_s.weight,
             None if source is None else norm_s.bias, attn.q.weight, attn.q.bias, attn.kv.weight, attn.kv.bias, attn.out.weight,
@@ -448,8 +454,11 @@ class Transformer(nn.Module):
         if source is not None:
             source = self.embed(source, source_mask)
         maps = []
+        # The keys' padding bias of the compiled layers, once for the stack rather than per layer.
+        key_bias = padding_bias(mask if source is None else source_mask, x.dtype) if self.layers[0].compiled(x, return_attention) else None
         for i, layer in enumerate(self.layers):
-            x, w = layer(x, mask, source, source_mask, return_attention, last_only=last_only and i == len(self.layers) - 1)
+            last = last_only and i == len(self.layers) - 1
+            x, w = layer(x, mask, source, source_mask, return_attention, last_only=last, key_bias=key_bias)
             maps.append(w)
         return self.norm(x), (maps if return_attention else None)
 

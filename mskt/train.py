@@ -411,7 +411,7 @@ class FlatAdam(torch.optim.Adam):
     """
 
     def __init__(self, params, **kwargs):
-        self.views = [p for p in params]
+        self.views = list(params)
         if not self.views:
             raise ValueError("FlatAdam: no parameters to optimise")
         flat = torch.nn.Parameter(torch.cat([p.detach().reshape(-1) for p in self.views]))  # (N,)

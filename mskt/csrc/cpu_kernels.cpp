@@ -442,6 +442,18 @@ at::Tensor relu_dropout_backward(const at::Tensor& grad, const at::Tensor& out, 
   return result;
 }
 
+// The rows of partial (blocks, W) summed in block order, (W): the last step of every fixed-order
+// reduction here (per-block partial sums, then the blocks in order: the same on any thread count).
+at::Tensor sum_blocks(const at::Tensor& partial) {
+  const int64_t blocks = partial.size(0), W = partial.size(1);
+  auto total = at::zeros({W}, partial.options());
+  const float* pp = partial.data_ptr<float>();
+  float* tp = total.data_ptr<float>();
+  for (int64_t k = 0; k < blocks; ++k)
+    for (int64_t w = 0; w < W; ++w) tp[w] += pp[k * W + w];
+  return total;
+}
+
 // Column sums of g (N, C): a linear layer's bias gradient. Summed per block of 64 rows, then the
 // blocks in order (the same on any number of threads); torch's sum over dim 0 is ~10x slower at
 // this model's shapes (N ~ 1200, C = 30 to 240).
@@ -460,11 +472,7 @@ at::Tensor column_sums(const at::Tensor& g) {
       }
     }
   });
-  auto total = at::zeros({C}, g.options());
-  float* tp = total.data_ptr<float>();
-  for (int64_t k = 0; k < blocks; ++k)
-    for (int64_t c = 0; c < C; ++c) tp[c] += pp[k * C + c];
-  return total;
+  return sum_blocks(partial);
 }
 
 // In place on a (N, C): a = max(a + bias, 0) times the dropout factor of (row n, column c), the
@@ -526,11 +534,7 @@ at::Tensor relu_dropout_backward_(at::Tensor& grad, const at::Tensor& out, doubl
       }
     }
   });
-  auto total = at::zeros({C}, grad.options());
-  float* tp = total.data_ptr<float>();
-  for (int64_t k = 0; k < blocks; ++k)
-    for (int64_t c = 0; c < C; ++c) tp[c] += pp[k * C + c];
-  return total;
+  return sum_blocks(partial);
 }
 
 // LayerNorm over the last dim of x viewed as (N, C): torch's CPU kernel is slow at this model's
@@ -600,10 +604,7 @@ std::vector<at::Tensor> layer_norm_backward(const at::Tensor& grad, const at::Te
       }
     }
   });
-  auto sums = at::zeros({2, C}, x.options());
-  float* sp = sums.data_ptr<float>();
-  for (int64_t k = 0; k < blocks; ++k)
-    for (int64_t c = 0; c < 2 * C; ++c) sp[c] += pp[k * 2 * C + c];
+  auto sums = sum_blocks(partial.view({blocks, 2 * C})).view({2, C});
   return {grad_x, sums[0], sums[1]};
 }
 
