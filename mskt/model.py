@@ -364,10 +364,9 @@ class TransformerLayer(nn.Module):
     """Pre-LayerNorm layer. Cross-modal when given a source: queries from x, keys/values from the
     (separately normalised) source, residual back onto x, as MulT does.
 
-    With ``cpu_kernels="fused"`` on CPU in float32 (and no attention maps asked for), the layer runs
-    as two compiled autograd nodes, its attention and feed-forward sublayers (``_compiled_forward``);
-    otherwise as the steps written out in ``forward``. The same function: a test compares outputs
-    and every gradient."""
+    ``forward`` writes the steps out in torch operations. On the compiled path a ``Transformer``
+    runs its layers in C++ instead (``run_stacks``); a test compares the two, outputs and every
+    gradient."""
 
     def __init__(self, d: int, heads: int, attn_dropout: float, relu_dropout: float, res_dropout: float, cross: bool,
                  cpu_kernels: str = "fused"):
@@ -382,16 +381,7 @@ class TransformerLayer(nn.Module):
         self.relu_dropout = relu_dropout
         self.res_dropout = res_dropout
 
-    def compiled(self, x, return_attention=False) -> bool:
-        """Whether ``forward`` runs as the two compiled sublayer nodes."""
-        return self.fused and not return_attention and fused_kernels_available(x)
-
-    def forward(self, x, x_mask, source=None, source_mask=None, return_attention=False, last_only=False, key_bias=None):
-        """``key_bias``: the compiled path's padding_bias of the keys' mask, when the caller has it."""
-        if self.compiled(x, return_attention):
-            if key_bias is None:
-                key_bias = padding_bias(x_mask if source is None else source_mask, x.dtype)  # (B, S)
-            return self._compiled_forward(x, source, key_bias, last_only), None
+    def forward(self, x, x_mask, source=None, source_mask=None, return_attention=False, last_only=False):
         h = self.norm_x(x)
         if source is None:
             kv, kv_mask = h, x_mask
@@ -404,21 +394,6 @@ class TransformerLayer(nn.Module):
         h = relu_dropout(self.ff1(self.norm_ff(x)), self.relu_dropout, self.training, self.fused)
         x = x + dropout(self.ff2(h), self.res_dropout, self.training, self.fused)
         return x, weights
-
-    def _compiled_forward(self, x, source, key_bias, last_only):
-        """The same function as the steps of ``forward``, as two compiled autograd nodes (attention
-        and feed-forward sublayers, each with its LayerNorms, linears, dropouts and residual): a
-        layer's ~25 autograd operations cost as much bookkeeping as arithmetic at these sizes."""
-        kernels = compiled_kernels()
-        attn, norm_s = self.attn, self.norm_source
-        p_attn, p_relu, p_res = (attn.dropout, self.relu_dropout, self.res_dropout) if self.training else (0.0, 0.0, 0.0)
-        x = kernels.attention_block(
-            x, source, key_bias, self.norm_x.weight, self.norm_x.bias, None if source is None else norm_s.weight,
-            None if source is None else norm_s.bias, attn.q.weight, attn.q.bias, attn.kv.weight, attn.kv.bias, attn.out.weight,
-            attn.out.bias, attn.heads, self.norm_x.eps, p_attn, p_res, last_only,
-        )  # (B, T, d), or (B, 1, d) with last_only
-        norm = self.norm_ff
-        return kernels.feed_forward(x, norm.weight, norm.bias, self.ff1.weight, self.ff1.bias, self.ff2.weight, self.ff2.bias, norm.eps, p_relu, p_res)
 
 
 class Transformer(nn.Module):
@@ -447,20 +422,63 @@ class Transformer(nn.Module):
         x = math.sqrt(d) * x + table[pos] * mask[..., None]  # (B, T, d); padding gets no position
         return dropout(x, self.embed_dropout, self.training, self.fused)
 
+    def compiled(self, x, return_attention=False) -> bool:
+        """Whether ``forward`` runs as the compiled stack node (``run_stacks``)."""
+        return self.fused and not return_attention and fused_kernels_available(x)
+
     def forward(self, x, mask, source=None, source_mask=None, return_attention=False, last_only=False):
         """``last_only``: compute the last step's output only, (B, 1, d); the same values as
         ``forward(...)[0][:, -1:]`` with the last layer's queries and feed-forward on one step."""
+        if self.compiled(x, return_attention):
+            return run_stacks([(self, x, mask, source, source_mask)], last_only=last_only)[0]
         x = self.embed(x, mask)
         if source is not None:
             source = self.embed(source, source_mask)
         maps = []
-        # The keys' padding bias of the compiled layers, once for the stack rather than per layer.
-        key_bias = padding_bias(mask if source is None else source_mask, x.dtype) if self.layers[0].compiled(x, return_attention) else None
         for i, layer in enumerate(self.layers):
             last = last_only and i == len(self.layers) - 1
-            x, w = layer(x, mask, source, source_mask, return_attention, last_only=last, key_bias=key_bias)
+            x, w = layer(x, mask, source, source_mask, return_attention, last_only=last)
             maps.append(w)
         return self.norm(x), (maps if return_attention else None)
+
+    def compiled_inputs(self, x, mask, source, source_mask, last_only) -> tuple[list, list, list]:
+        """The compiled stack node's tensors, ints and doubles for this stack (``stacks`` in
+        mskt/csrc/cpu_kernels.cpp): the embedded inputs, the keys' padding bias, every layer's
+        parameters, the final norm's, and the settings (dropout rates 0 in evaluation)."""
+        x = self.embed(x, mask)
+        source = self.embed(source, source_mask) if source is not None else x.new_empty(0)
+        key_bias = padding_bias(mask if source_mask is None else source_mask, x.dtype)  # (B, S)
+        tensors = [x, source, key_bias]
+        for layer in self.layers:
+            norm_s = layer.norm_source
+            no_source = (x.new_empty(0), x.new_empty(0))
+            tensors += [layer.norm_x.weight, layer.norm_x.bias, *((norm_s.weight, norm_s.bias) if norm_s is not None else no_source),
+                        layer.attn.q.weight, layer.attn.q.bias, layer.attn.kv.weight, layer.attn.kv.bias, layer.attn.out.weight,
+                        layer.attn.out.bias, layer.norm_ff.weight, layer.norm_ff.bias, layer.ff1.weight, layer.ff1.bias,
+                        layer.ff2.weight, layer.ff2.bias]
+        tensors += [self.norm.weight, self.norm.bias]
+        first = self.layers[0]
+        rates = (first.attn.dropout, first.relu_dropout, first.res_dropout) if self.training else (0.0, 0.0, 0.0)
+        return tensors, [len(self.layers), first.attn.heads, int(last_only)], [self.norm.eps, *rates]
+
+
+def run_stacks(calls, return_attention=False, last_only=False) -> list[tuple]:
+    """Independent transformer stacks: ``calls`` holds (transformer, x, mask, source, source_mask);
+    returns each one's (output, attention maps or None), as its ``forward`` would.
+
+    On the compiled path the stacks are one autograd node, and they run side by side, each on one
+    of torch's threads (``stacks`` in mskt/csrc/cpu_kernels.cpp): at this model's sizes two threads
+    make one stack only ~1.2x faster. Otherwise each runs its own ``forward``, one after the other.
+    """
+    if all(t.compiled(x, return_attention) for t, x, *_ in calls):
+        tensors, ints, doubles = [], [], []
+        for t, x, mask, source, source_mask in calls:
+            stack_tensors, stack_ints, stack_doubles = t.compiled_inputs(x, mask, source, source_mask, last_only)
+            tensors += stack_tensors
+            ints += stack_ints
+            doubles += stack_doubles
+        return [(y, None) for y in compiled_kernels().stacks(tensors, ints, doubles)]
+    return [t(x, mask, source, source_mask, return_attention, last_only) for t, x, mask, source, source_mask in calls]
 
 
 class ModalityEncoder(nn.Module):
@@ -640,8 +658,9 @@ class KTMulT(nn.Module):
     def reconstruct_audio(self, f_text, f_vision, masks, lengths):
         """theta(f_V), phi(f_L) and A' = delta([theta(f_V) || phi(f_L)]), all (B, T_text, d) except
         theta's own output, which stays on the vision grid for its consistency loss."""
-        from_vision, _ = self.theta(f_vision, masks["vision"])  # (B, T_v, d)
-        from_language, _ = self.phi(f_text, masks["text"])  # (B, T_l, d)
+        (from_vision, _), (from_language, _) = run_stacks(
+            [(self.theta, f_vision, masks["vision"], None, None), (self.phi, f_text, masks["text"], None, None)]
+        )  # (B, T_v, d), (B, T_l, d)
         T_l = f_text.shape[1]
         from_vision_on_text = from_vision
         if from_vision.shape[1] != T_l:
@@ -823,26 +842,25 @@ class KTMulT(nn.Module):
             internals.update({f"f_{m}": encoded[m] for m in present if m != "audio" or cfg.variant in ("full", "kt_any")})
 
         attention = {} if return_attention else None
-        last_steps = []
+        # Independent stacks go to run_stacks together: on the compiled path they run side by side.
+        pairs = [(s, t) for t in self.targets for s in present if s != t]
+        crossed = run_stacks([(self.crossmodal[f"{s}->{t}"], encoded[t], masks[t], encoded[s], masks[s]) for s, t in pairs],
+                             return_attention)
+        decoder_inputs = []
         for t in self.targets:
             if len(present) == 1:
-                h = encoded[t]  # (B, T_t, d): a single modality goes straight to the decoder
-            else:
-                outs = []
-                for s in present:
-                    if s == t:
-                        continue
-                    y, maps = self.crossmodal[f"{s}->{t}"](encoded[t], masks[t], encoded[s], masks[s], return_attention)
-                    outs.append(y)  # (B, T_t, d)
-                    if return_attention:
-                        attention[f"{s}->{t}"] = maps
-                h = torch.cat(outs, dim=2)  # (B, T_t, d * (n - 1))
-            # Only the last step is read, so the last layer computes it alone (all of it for the maps).
-            h, maps = self.memory[t](h, masks[t], return_attention=return_attention, last_only=not return_attention)
-            if return_attention:
-                attention[f"{t}->{t}"] = maps
-            last_steps.append(h[:, -1])  # (B, width): left padding makes the last step real
-        z = torch.cat(last_steps, dim=1)  # (B, head_in)
+                decoder_inputs.append(encoded[t])  # (B, T_t, d): a single modality goes straight to the decoder
+                continue
+            outs = [y for (s, target), (y, _) in zip(pairs, crossed) if target == t]  # each (B, T_t, d)
+            decoder_inputs.append(torch.cat(outs, dim=2))  # (B, T_t, d * (n - 1))
+        # Only the last step is read, so the last layer computes it alone (all of it for the maps).
+        decoded = run_stacks([(self.memory[t], h, masks[t], None, None) for t, h in zip(self.targets, decoder_inputs)],
+                             return_attention, last_only=not return_attention)
+        if return_attention:  # per target: its cross-modal maps, then its decoder's
+            for t, (_, decoder_maps) in zip(self.targets, decoded):
+                attention.update({f"{s}->{t}": maps for (s, target), (_, maps) in zip(pairs, crossed) if target == t})
+                attention[f"{t}->{t}"] = decoder_maps
+        z = torch.cat([h[:, -1] for h, _ in decoded], dim=1)  # (B, head_in): left padding makes the last step real
         z = z + self.proj2(relu_dropout(self.proj1(z), cfg.out_dropout, self.training, cfg.cpu_kernels == "fused"))
         pred = self.out(z)  # (B, n_outputs)
         pred = pred.squeeze(1) if cfg.task == "regression" else pred.view(-1, 4, 2)  # (B,) or (B, 4, 2)

@@ -7,9 +7,10 @@
   neighbours, reproducible by seed;
 - the compiled dropout: rate, scale, gradient, reproducible by torch's seed; relu-dropout against
   relu then dropout with the same factors; LayerNorm's kernel against torch's, values and gradients;
-- a transformer layer as its two compiled sublayer nodes (attention, feed-forward) against the same
-  layer on torch's operations: outputs and every gradient, cross-modal and self-attention, all steps
-  and the last step only, on fresh random shapes and padding;
+- independent transformer stacks as the compiled stack node (side by side on two threads, or one at
+  a time) against the same stacks on torch's operations: outputs and every gradient, cross-modal and
+  self-attention, all steps and the last step only, on fresh random shapes, padding and layer
+  counts; with dropout, bitwise the same on one thread and on two;
 - a model's evaluation predictions are the same with the kernels and with torch's operations;
 - a machine where the kernels cannot be built trains on torch's operations, with one warning.
 
@@ -30,7 +31,7 @@ import torch
 from mskt import kernels
 from mskt.config import Config
 from mskt.errors import ConfigError
-from mskt.model import Attention, LayerNorm, TransformerLayer, build_model, dropout, key_mask, relu_dropout
+from mskt.model import Attention, LayerNorm, Transformer, build_model, dropout, key_mask, relu_dropout, run_stacks
 
 try:
     from conftest import NO_DROPOUT, make_batch_fn, tiny_model_config
@@ -242,35 +243,90 @@ def test_fused_layer_norm_gradients_do_not_depend_on_the_thread_count():
             assert torch.equal(a, b)
 
 
+def random_stacks(g, kernels, d, heads, count, dropout=0.0):
+    """``count`` stacks of 1 to 3 layers, cross-modal or not at random, and their calls on fresh
+    random shapes and padding: (stacks, calls). Weights are not the initial ones (LayerNorm's
+    would hide mistakes)."""
+    B = int(torch.randint(1, 5, (1,), generator=g))
+    stacks, calls = [], []
+    for _ in range(count):
+        cross = bool(torch.randint(0, 2, (1,), generator=g))
+        layers = int(torch.randint(1, 4, (1,), generator=g))
+        T, S = (int(torch.randint(1, n, (1,), generator=g)) for n in (30, 40))
+        stack = Transformer(d, heads, layers, dropout, dropout, dropout, dropout, cross=cross, cpu_kernels=kernels).train()
+        with torch.no_grad():
+            for p in stack.parameters():
+                p.normal_(std=0.5, generator=g)
+        x, source = torch.randn(B, T, d, generator=g), torch.randn(B, S, d, generator=g)
+        mask = key_mask(torch.randint(0, T + 1, (B,), generator=g), T)
+        source_mask = key_mask(torch.randint(0, S + 1, (B,), generator=g), S)
+        stacks.append(stack)
+        calls.append((x, mask, source, source_mask) if cross else (x, mask, None, None))
+    return stacks, calls
+
+
+def stacks_with_gradients(stacks, calls, weights, last_only):
+    """run_stacks on fresh leaf copies of the inputs: outputs, then the gradients of (output *
+    weight).sum() for x, each source and every parameter, stack by stack."""
+    leaves = [[None if t is None or t.dtype == torch.bool else t.clone().requires_grad_() for t in call] for call in calls]
+    runs = [(stack, leaf[0], call[1], leaf[2], call[3]) for stack, leaf, call in zip(stacks, leaves, calls)]
+    outs = [y for y, _ in run_stacks(runs, last_only=last_only)]
+    inputs = [t for leaf in leaves for t in (leaf[0], leaf[2]) if t is not None] + [p for s in stacks for p in s.parameters()]
+    loss = sum((y * w).sum() for y, w in zip(outs, weights))
+    return [*outs, *torch.autograd.grad(loss, inputs)]
+
+
 @pytest.mark.parametrize("d,heads", [(30, 5), (12, 3), (14, 2)])
-@pytest.mark.parametrize("cross,last_only", [(True, False), (False, False), (False, True), (True, True)])
-def test_compiled_sublayers_equal_the_layer_on_torch_ops(d, heads, cross, last_only):
-    """Training mode without dropout (with it the masks differ, not their law): the same output
-    and the same gradients of x, the source and every weight."""
+@pytest.mark.parametrize("last_only", [False, True])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_compiled_stacks_equal_the_stacks_on_torch_ops(d, heads, last_only, threads):
+    """Several independent stacks as the compiled node (side by side on two threads when they
+    balance, one at a time otherwise) against each stack's layers on torch's operations, in
+    training mode without dropout (with it the masks differ, not their law): the same outputs and
+    the same gradients of every x, every source and every weight."""
     g, seed = fresh_generator()
-    B, T, S = (int(torch.randint(1, n, (1,), generator=g)) for n in (5, 30, 40))
-    S = S if cross else T
-    x, source = torch.randn(B, T, d, generator=g), torch.randn(B, S, d, generator=g)
-    x_mask = key_mask(torch.randint(0, T + 1, (B,), generator=g), T)
-    source_mask = key_mask(torch.randint(0, S + 1, (B,), generator=g), S)
-    layers = [TransformerLayer(d, heads, 0.0, 0.0, 0.0, cross, cpu_kernels=k).train() for k in ("fused", "torch")]
-    with torch.no_grad():
-        for p in layers[0].parameters():
-            p.normal_(std=0.5, generator=g)  # not the initial ones: LayerNorm's would hide mistakes
-    layers[1].load_state_dict(layers[0].state_dict())
-    weight = torch.randn(B, 1 if last_only else T, d, generator=g)
-    results = []
-    for layer in layers:
-        xs, src = x.clone().requires_grad_(), source.clone().requires_grad_()
-        out, _ = layer(xs, x_mask, src if cross else None, source_mask if cross else None, last_only=last_only)
-        inputs = [xs, src, *layer.parameters()] if cross else [xs, *layer.parameters()]
-        results.append((out, *torch.autograd.grad((out * weight).sum(), inputs)))
-    names = ["output", "x", *(["source"] if cross else []), *dict(layers[0].named_parameters())]
+    count = int(torch.randint(1, 7, (1,), generator=g))
+    fused, calls = random_stacks(g, "fused", d, heads, count)
+    plain = [Transformer(d, heads, len(s.layers), 0.0, 0.0, 0.0, 0.0, cross=s.layers[0].norm_source is not None, cpu_kernels="torch")
+             for s in fused]
+    for a, b in zip(plain, fused):
+        a.load_state_dict(b.state_dict())
+        a.train()
+    weights = [torch.randn(c[0].shape[0], 1 if last_only else c[0].shape[1], d, generator=g) for c in calls]
+    previous = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        results = [stacks_with_gradients(stacks, calls, weights, last_only) for stacks in (fused, plain)]
+    finally:
+        torch.set_num_threads(previous)
     # float32 sums in other orders: errors relative to the largest gradient (the keys' bias has a
     # gradient of exactly 0 in exact arithmetic, left as rounding noise of the terms that cancel).
-    scale = max(float(b.abs().max()) for b in results[1][1:])
-    for name, a, b in zip(names, *results):
-        torch.testing.assert_close(a, b, atol=1e-4 * scale, rtol=1e-4, msg=f"{name}, seed {seed}")
+    scale = max(float(b.abs().max()) for b in results[1][count:])
+    for i, (a, b) in enumerate(zip(*results)):
+        torch.testing.assert_close(a, b, atol=1e-4 * scale, rtol=1e-4, msg=f"tensor {i} of {len(results[0])}, seed {seed}")
+
+
+def test_compiled_stacks_do_not_depend_on_the_thread_count():
+    """With dropout and one torch seed, four equal stacks side by side on two threads and one at a
+    time on one thread draw the same masks and give the same outputs and gradients, bitwise: each
+    stack's kernels and products run in the same order on either schedule."""
+    g, _ = fresh_generator()
+    stacks, calls = random_stacks(g, "fused", 12, 3, 1, dropout=0.2)
+    copies = [Transformer(12, 3, len(stacks[0].layers), 0.2, 0.2, 0.2, 0.2, cross=calls[0][2] is not None).train() for _ in range(3)]
+    for c in copies:
+        c.load_state_dict(stacks[0].state_dict())
+    stacks, calls = stacks + copies, calls * 4
+    weights = [torch.randn(calls[0][0].shape, generator=g)] * 4
+    previous, results = torch.get_num_threads(), []
+    try:
+        for n in (2, 1):
+            torch.set_num_threads(n)
+            torch.manual_seed(3)
+            results.append(stacks_with_gradients(stacks, calls, weights, last_only=False))
+    finally:
+        torch.set_num_threads(previous)
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
 
 
 def test_the_compiled_bias_gradient_sums_each_column_in_a_fixed_order():
