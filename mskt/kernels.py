@@ -1,7 +1,7 @@
 """Compiled CPU kernels (``mskt/csrc``), built on first use and cached under ``build/``.
 
-The C++ kernels (``csrc/cpu_kernels.cpp``: attention, dropout, relu-dropout, LayerNorm, and a
-transformer layer's attention and feed-forward sublayers as autograd nodes) are built with
+The C++ kernels (``csrc/cpu_kernels.cpp``: attention, dropout, relu-dropout, LayerNorm, and
+groups of independent transformer stacks as one autograd node) are built with
 ``torch.utils.cpp_extension`` the first time a process asks for them (about a minute on two
 cores), into ``<project>/build/torch_extensions/``; later processes import the cached build
 directly (a few milliseconds) when a stamp beside it says it was built from the same source,
@@ -48,8 +48,8 @@ def compiled_kernels():
     """The compiled module, or ``None`` with one logged warning when it cannot be built here.
 
     Differentiable (C++ autograd nodes): ``attention``, ``dropout_autograd``,
-    ``relu_dropout_autograd``, ``layer_norm_autograd``, and a transformer layer's two sublayers,
-    ``attention_block`` and ``feed_forward``. The plain kernels under them: attention ``forward``
+    ``relu_dropout_autograd``, ``layer_norm_autograd``, and ``stacks`` (independent transformer
+    stacks, run side by side on torch's threads). The plain kernels under them: attention ``forward``
     and ``backward``, ``dropout``, ``relu_dropout`` and its backward, ``layer_norm`` and its
     backward, ``column_sums``, and ``dropout_factors`` (the factors a seed gives, for tests)."""
     from mskt.paths import project_root

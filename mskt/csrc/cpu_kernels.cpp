@@ -1,6 +1,7 @@
 // CPU kernels for training and evaluation in float32: multi-head attention with key padding and
 // dropout on the weights; dropout and relu-dropout whose masks are never stored; LayerNorm; and,
-// built from them, C++ autograd nodes, down to a transformer layer's two sublayers (at the end).
+// built from them, whole transformer stacks (layers and final LayerNorm) and one C++ autograd node
+// that runs a group of independent stacks, side by side on torch's threads when they balance (at the end).
 //
 // Attention. Why: at this model's head width (d_head = 6 or 12) attention is bound by passes over
 // (B*h, T, S) tensors, not by arithmetic. Eager PyTorch writes and reads scores, weights, a
