@@ -10,6 +10,7 @@
 // softmax, dropout and the weighted sum of values, with nothing of size (T, S) kept. Backward
 // recomputes the row's weights from the saved log-sum-exp (as flash attention does) and
 // regenerates the dropout mask from the same counter-based hash, so the mask is never stored.
+// Rows go two at a time through the loops over keys, sharing each load of the keys and values.
 //
 // Layouts: q (B, T, d) and kv (B, S, 2d) as the projections give them, heads side by side; each
 // task copies its head's keys and values transposed, (D, Sp) with S padded to a multiple of 16, so
