@@ -237,6 +237,10 @@ _label = st.one_of(st.just(0.0), st.sampled_from([-2.5, -1.5, -0.5, 0.5, 1.5, 2.
 METRICS = settings(max_examples=60, deadline=None, database=None)
 
 
+def _nonzero(v: float) -> float:
+    return v if v != 0 else 1.0
+
+
 def _same(a: dict, b: dict, rel=1e-9):
     assert a.keys() == b.keys()
     for k in a:
@@ -287,7 +291,9 @@ def test_regression_metrics_under_negation(pairs):
 
 
 @METRICS
-@given(pairs=st.lists(st.tuples(_finite.filter(lambda v: v != 0), _label.filter(lambda v: v != 0)), min_size=1, max_size=30))
+# Zeros are mapped away, not filtered: a third of _label's draws are 0, and filtering each pair
+# of a 30-pair list failed Hypothesis's filter_too_much health check in CI.
+@given(pairs=st.lists(st.tuples(_finite.map(_nonzero), _label.map(_nonzero)), min_size=1, max_size=30))
 def test_acc2_conventions_agree_without_zeros(pairs):
     p, y = (np.array(v) for v in zip(*pairs))
     m = regression_metrics(p, y)
