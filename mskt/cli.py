@@ -64,7 +64,7 @@ def _dataset_report(ds) -> str:
                 f"std {labels.std():.3f}, {int((labels == 0).sum())} exactly zero"
             )
         else:
-            from mskt.presets import EMOTIONS
+            from mskt.data.presets import EMOTIONS
 
             rates = ", ".join(f"{e} {labels[:, i].mean():.2f}" for i, e in enumerate(EMOTIONS))
             lines.append(f"  {s}: {len(sp)} samples, positive rate: {rates}")
@@ -76,19 +76,19 @@ def _dataset_report(ds) -> str:
 def cmd_data_info(args) -> int:
     path = Path(args.path)
     if path.suffix.lower() == ".csd":
-        from mskt.csd import csd_summary, format_csd_summary
+        from mskt.data.csd import csd_summary, format_csd_summary
 
         print(format_csd_summary(csd_summary(path)))
         return 0
-    from mskt.readers import load_dataset
+    from mskt.data.readers import load_dataset
 
     print(_dataset_report(load_dataset(args.path, scale=args.scale, seed=args.seed)))
     return 0
 
 
 def cmd_data_synth(args) -> int:
-    from mskt.store import write_store
-    from mskt.synthetic import make_synthetic
+    from mskt.data.store import write_store
+    from mskt.data.synthetic import make_synthetic
 
     ds = make_synthetic(args.preset, aligned=not args.unaligned, scale=args.scale, seed=args.seed)
     path = write_store(ds, args.out)
@@ -97,8 +97,8 @@ def cmd_data_synth(args) -> int:
 
 
 def cmd_data_convert(args) -> int:
-    from mskt.readers import load_dataset
-    from mskt.store import write_store
+    from mskt.data.readers import load_dataset
+    from mskt.data.store import write_store
 
     ds = load_dataset(args.input)
     path = write_store(ds, args.output)
@@ -107,8 +107,8 @@ def cmd_data_convert(args) -> int:
 
 
 def cmd_data_align(args) -> int:
-    from mskt.csd import align_csds
-    from mskt.store import write_store
+    from mskt.data.csd import align_csds
+    from mskt.data.store import write_store
 
     feats = {"text": args.text, "audio": args.audio, "vision": args.vision}
     ds = align_csds(feats, args.labels, seq_len=args.seq_len, name=args.name, task=args.task)
@@ -139,7 +139,7 @@ def cmd_train(args) -> int:
 def cmd_bench(args) -> int:
     import torch
 
-    from mskt.bench import PRESET_NAMES, run_bench, to_markdown
+    from mskt.experiments.bench import PRESET_NAMES, run_bench, to_markdown
     from mskt.model import VARIANTS
     from mskt.train import atomic_write_text, resolve_device
 
@@ -170,7 +170,7 @@ def cmd_bench(args) -> int:
 def _missing_options(args) -> dict:
     """The evaluate command's missing-modality options, checked before anything loads; {} = none given
     (the default protocol). Any one given switches to explicit masks: nothing else is missing."""
-    from mskt import missing
+    from mskt.data import missing
 
     given = any(v is not None for v in (args.missing, args.missing_rate, args.missing_mode, args.missing_seed))
     if not given:
@@ -195,8 +195,8 @@ def _missing_options(args) -> dict:
 
 
 def cmd_evaluate(args) -> int:
-    from mskt import missing
-    from mskt.readers import load_dataset
+    from mskt.data import missing
+    from mskt.data.readers import load_dataset
     from mskt.train import Tensors, atomic_write_text, describe, evaluate, load_run, model_config_for, resolve_device
 
     options = _missing_options(args)
@@ -223,7 +223,7 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_grid(args) -> int:
-    from mskt.grid import run_grid
+    from mskt.experiments.grid import run_grid
     from mskt.model import VARIANTS
 
     cfg = _config_from_args(args)
@@ -324,7 +324,7 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--precision", default="fp32", choices=("fp32", "bf16"))
     be.add_argument("--compile", action="store_true", help="torch.compile the training forward")
     be.add_argument("--reference", action="store_true",
-                    help="also time the public MulT code's training step (mskt.mult_reference) per preset, and each record's speed-up over it")
+                    help="also time the public MulT code's training step (mskt.experiments.mult_reference) per preset, and each record's speed-up over it")
     be.add_argument("--rounds", type=int, default=0,
                     help="with --reference: also measure each speed-up in one process, alternating the two codes for this many "
                          "rounds of --steps steps; the median ratio is robust to a machine whose speed drifts")

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mskt.errors import ConfigError
-from mskt.model import ModelConfig
+from mskt.model import ModelConfig, variant_class
 
 
 @dataclass
@@ -46,6 +46,10 @@ class Config(ModelConfig):
     precision: str = "fp32"  # "fp32", or "bf16": autocast to bfloat16 on CUDA (weights and optimizer stay fp32)
     compile: bool = False  # torch.compile the training forward (eager fallback); helps on CUDA, not on small CPUs
     lazy: bool = False  # read an .h5 store's features batch by batch from disk: datasets larger than memory
+    # CPU training: "fused" hands the model mskt.fast's compiled kernels where they are verified to
+    # compute what its Python code computes (the Python code runs elsewhere, and the log says so);
+    # "torch" runs the Python code throughout.
+    cpu_kernels: str = "fused"
 
     def check(self) -> None:
         """Every field's type, then its range (beyond ModelConfig's checks, which run after these so
@@ -53,7 +57,7 @@ class Config(ModelConfig):
         self._check_types()
         self._check_ranges()
         super().check()
-        allowed = {"scheduler": ("none", "plateau"), "select_on": ("valid_loss", "valid_metric"), "progress": ("auto", "on", "off"), "precision": ("fp32", "bf16")}
+        allowed = {"cpu_kernels": ("fused", "torch"), "scheduler": ("none", "plateau"), "select_on": ("valid_loss", "valid_metric"), "progress": ("auto", "on", "off"), "precision": ("fp32", "bf16")}
         for key, values in allowed.items():
             if getattr(self, key) not in values:
                 raise ConfigError(f"{key}={getattr(self, key)!r} is not allowed; choose one of {', '.join(values)}")
@@ -66,8 +70,8 @@ class Config(ModelConfig):
                 torch.device(self.device)
             except RuntimeError:
                 raise ConfigError(f"device={self.device!r} is not a device; use auto, cpu, cuda or cuda:N") from None
-        if self.variant == "kt" and self.kt_target == "teacher" and not self.teacher_run:
-            raise ConfigError("kt_target='teacher' needs teacher_run: the folder of a finished `full` run")
+        if variant_class(self.variant).uses_teacher(self) and not self.teacher_run:
+            raise ConfigError(f"variant {self.variant!r} with kt_target={self.kt_target!r} needs teacher_run: the folder of a finished `full` run")
 
     def _check_types(self) -> None:
         """A Config built directly (not through from_dict) gets the same type errors as from_dict."""
@@ -125,7 +129,7 @@ class Config(ModelConfig):
         return Config.from_dict(changes, base=self)
 
     def save(self, path) -> None:
-        from mskt.train import atomic_write_text
+        from mskt.paths import atomic_write_text
 
         atomic_write_text(Path(path), json.dumps(self.to_dict(), indent=2) + "\n")
 

@@ -19,7 +19,7 @@ Sentiment regression (MOSI, MOSEI); ``p`` = predictions and ``y`` = labels, both
   labels as the first argument. (MulT's code passes predictions first, which changes the
   weights; we do not reproduce that.)
 
-IEMOCAP emotions, in the order of ``mskt.presets.EMOTIONS``: the model emits ``(N, 4, 2)``
+IEMOCAP emotions, in the order of ``mskt.data.presets.EMOTIONS``: the model emits ``(N, 4, 2)``
 logits; per emotion, argmax over the last axis, then binary accuracy and weighted F1.
 ``mean_acc`` / ``mean_f1`` are the unweighted means over the four emotions.
 
@@ -35,7 +35,7 @@ import math
 import numpy as np
 
 from mskt.errors import ConfigError, DataError
-from mskt.presets import EMOTIONS
+from mskt.data.presets import EMOTIONS
 
 __all__ = [
     "regression_metrics",

@@ -8,7 +8,7 @@ key no notebook declares, or a value whose type differs from the declared defaul
 where the notebook declares ``smoke = False``), is an error that says what is expected.
 
 **A run never leaves figures that look complete from a notebook that failed.** Notebooks save
-figures with ``mskt.plots.save_figure``; while the runner executes a notebook it sets
+figures with ``mskt.viz.plots.save_figure``; while the runner executes a notebook it sets
 ``$MSKT_FIGURE_STAGING`` (the kernel inherits it) to ``<out>/.staging/<notebook>/``, and
 save_figure writes there instead, recording each figure's final path in a manifest. Only when the
 notebook has run to its last cell does the runner move the staged figures into place (``figures/``,
@@ -42,7 +42,7 @@ from pathlib import Path
 
 from mskt.errors import MsktError
 from mskt.paths import project_root, runs_dir
-from mskt.plots import STAGING_ENV, STAGING_MANIFEST
+from mskt.viz.plots import STAGING_ENV, STAGING_MANIFEST
 
 
 @dataclass

@@ -1,4 +1,5 @@
-"""Where outputs go: repo-relative ``runs/`` and ``figures/``, never the home directory.
+"""Where outputs go (repo-relative ``runs/`` and ``figures/``, never the home directory), and how
+they are written: whole, to a temporary name, then renamed.
 
 The project root is ``$MSKT_HOME`` if set, else the nearest folder at or above the working
 directory that holds both ``pyproject.toml`` and ``mskt/`` (so notebooks run from ``notebooks/``
@@ -28,3 +29,17 @@ def runs_dir() -> Path:
 
 def figures_dir() -> Path:
     return project_root() / "figures"
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def atomic_torch_save(obj, path: Path) -> None:
+    import torch
+
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)

@@ -134,7 +134,7 @@ def _fixed_seed():
 @pytest.fixture(scope="session")
 def tiny_mosi():
     """A tiny aligned MOSI-shaped synthetic dataset (13 / 8 / 8 samples, 50 steps)."""
-    from mskt.synthetic import make_synthetic
+    from mskt.data.synthetic import make_synthetic
 
     return make_synthetic("mosi", aligned=True, scale=0.01, seed=0)
 
@@ -142,6 +142,6 @@ def tiny_mosi():
 @pytest.fixture(scope="session")
 def tiny_iemocap():
     """A tiny aligned IEMOCAP-shaped synthetic dataset (emotions; 20 steps)."""
-    from mskt.synthetic import make_synthetic
+    from mskt.data.synthetic import make_synthetic
 
     return make_synthetic("iemocap", aligned=True, scale=0.005, seed=0)

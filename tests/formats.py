@@ -1,5 +1,5 @@
 """Writers for the pickle layouts users bring, built from REFERENCE.md ("Data formats a user will
-bring", items 1 and 2) and independent of ``mskt.readers``: the tests compare what a reader returns
+bring", items 1 and 2) and independent of ``mskt.data.readers``: the tests compare what a reader returns
 with what these writers put in.
 
 - ``write_mult_pickle``: MulT's ``mosi_data.pkl`` / ``mosei_senti_data(_noalign).pkl`` /
@@ -24,7 +24,7 @@ import numpy as np
 SPLIT_NAMES = ("train", "valid", "test")
 SMALL_SIZES = {"train": 6, "valid": 3, "test": 4}
 
-# Dims and steps copied from REFERENCE.md (deliberately not imported from mskt.presets).
+# Dims and steps copied from REFERENCE.md (deliberately not imported from mskt.data.presets).
 MULT_SHAPES = {
     "mosi": {"dims": {"text": 300, "audio": 5, "vision": 20}, "aligned": 50,
              "unaligned": {"text": 50, "audio": 375, "vision": 500}},

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from mskt import analysis
+from mskt.viz import analysis
 
 
 def _rec(pred, target, mask):

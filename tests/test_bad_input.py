@@ -24,10 +24,10 @@ import h5py
 import numpy as np
 import pytest
 
-from mskt.csd import CsdSequence, align_csds, csd_summary, read_csd, write_csd
+from mskt.data.csd import CsdSequence, align_csds, csd_summary, read_csd, write_csd
 from mskt.errors import DataError, MsktError
-from mskt.readers import load_dataset, safe_load_pickle
-from mskt.store import read_store, write_store
+from mskt.data.readers import load_dataset, safe_load_pickle
+from mskt.data.store import read_store, write_store
 
 try:
     import formats as fmt
@@ -217,7 +217,7 @@ def test_object_array_with_too_few_items_is_refused_not_a_crash(tmp_path):
     obj["valid"]["id"] = _ShortObjectArray()
     path = mmsa_file(tmp_path, obj)
     code = (
-        "import sys\nfrom mskt.readers import load_dataset\nfrom mskt.errors import DataError\n"
+        "import sys\nfrom mskt.data.readers import load_dataset\nfrom mskt.errors import DataError\n"
         f"try:\n    load_dataset({str(path)!r})\nexcept DataError as e:\n    print(e)\n    sys.exit(0)\nsys.exit(3)\n"
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)

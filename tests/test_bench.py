@@ -10,9 +10,9 @@ import sys
 
 import pytest
 
-from mskt.bench import CONFIGS, PRESET_NAMES, PUBLIC_MULT, RECORD_KEYS, bench_one, bench_public_mult, shapes_for, synthetic_batch, to_markdown
+from mskt.experiments.bench import CONFIGS, PRESET_NAMES, PUBLIC_MULT, RECORD_KEYS, bench_one, bench_public_mult, shapes_for, synthetic_batch, to_markdown
 from mskt.errors import ConfigError
-from mskt.presets import DATA_SHAPES
+from mskt.data.presets import DATA_SHAPES
 
 
 def test_every_preset_has_its_real_shapes():
@@ -37,7 +37,7 @@ def test_a_record(variant):
     assert set(RECORD_KEYS) <= set(record)
     assert record["train_samples_per_s"] > 0 and record["infer_samples_per_s"] > 0
     assert record["batch_size"] == 24
-    from mskt.kernels import compiled_kernels
+    from mskt.fast.build import compiled_kernels
 
     assert record["cpu_kernels"] == ("fused" if compiled_kernels() is not None else "torch")  # what actually ran
     # FLOPs of one training step per sample: at least the forward's matmuls, thrice for backward.
@@ -88,7 +88,7 @@ def test_the_public_mult_reference_trains():
     """Its step reaches every parameter and lowers the loss on a fixed batch (regression and emotions)."""
     import torch
 
-    from mskt import mult_reference
+    from mskt.experiments import mult_reference
 
     for preset in ("mosi", "iemocap"):
         shapes = shapes_for(preset)

@@ -42,7 +42,7 @@ def test_synth_writes_a_store_that_info_reads(tmp_path):
 
 
 def test_convert_a_mult_pickle_round_trips(tmp_path):
-    from mskt.readers import load_dataset
+    from mskt.data.readers import load_dataset
 
     pkl, _, _ = write_mult_pickle(tmp_path, "mosi")
     out_h5 = tmp_path / "mosi.h5"

@@ -9,7 +9,7 @@ import h5py
 import numpy as np
 import pytest
 
-from mskt.csd import (
+from mskt.data.csd import (
     CMU_MOSI_STANDARD_FOLDS,
     EPS,
     CsdSequence,

@@ -18,7 +18,7 @@ import sys
 import pytest
 import torch
 
-from mskt.distributed import Dist, weighted_share
+from mskt.train.distributed import Dist, weighted_share
 
 try:
     from conftest import TINY

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from mskt.config import Config
 from mskt.errors import ConfigError
 from mskt.model import Attention, Transformer, build_model, dropout, dropout_mask, key_mask
-from mskt.presets import MODALITIES
+from mskt.data.presets import MODALITIES
 from mskt.train import CompiledOrEager, FlatAdam, Tensors, autocast, keep_freed_memory, make_optimizer, training_step
 
 try:
@@ -355,8 +355,8 @@ def test_batched_data_path_equals_a_per_sample_loader(dataset, request):
 def test_lazy_h5_training_equals_in_memory_training(tiny_mosi, tmp_path):
     """``lazy=True`` reads each batch's rows from the .h5 store (non-finite values zeroed as an
     eager read does); the run is the same as with the store loaded whole."""
-    from mskt.readers import load_dataset
-    from mskt.store import write_store
+    from mskt.data.readers import load_dataset
+    from mskt.data.store import write_store
     from mskt.train import train
 
     path = write_store(tiny_mosi, tmp_path / "tiny.h5")

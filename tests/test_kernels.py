@@ -28,7 +28,7 @@ import numpy as np
 import pytest
 import torch
 
-from mskt import kernels
+from mskt.fast import kernels
 from mskt.config import Config
 from mskt.errors import ConfigError
 from mskt.model import Attention, LayerNorm, Transformer, build_model, dropout, key_mask, relu_dropout, run_stacks
@@ -57,7 +57,7 @@ def test_a_new_process_imports_the_built_kernels_without_torchs_loader():
         "import torch.utils.cpp_extension as ext\n"
         "def refuse(*a, **k): raise AssertionError('torch loader called')\n"
         "ext.load = refuse\n"
-        "from mskt.kernels import compiled_kernels\n"
+        "from mskt.fast.build import compiled_kernels\n"
         "import torch\n"
         "out, lse = compiled_kernels().forward(torch.randn(1, 2, 6), torch.randn(1, 3, 12), torch.zeros(1, 3), 1, 0.5, 0.0, 0)\n"
         "assert out.shape == (1, 2, 6)\n"
@@ -380,14 +380,14 @@ def test_a_machine_without_the_kernels_trains_on_torch_ops(monkeypatch, caplog, 
     monkeypatch.setenv("MSKT_HOME", str(tmp_path))  # a project with no build in it
     kernels.compiled_kernels.cache_clear()
     try:
-        with caplog.at_level(logging.WARNING, logger="mskt.kernels"):
+        with caplog.at_level(logging.WARNING, logger="mskt.fast.build"):
             assert kernels.compiled_kernels() is None
             torch.manual_seed(0)
             model = build_model(tiny_model_config(variant="full", cpu_kernels="fused")).train()
             batch = make_batch_fn(tiny_model_config(variant="full"), batch=4, seed=1)
             model.loss(model(batch), batch["labels"])["total"].backward()
         assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
-        unavailable = [r.getMessage() for r in caplog.records if r.name == "mskt.kernels" and "not available" in r.getMessage()]
+        unavailable = [r.getMessage() for r in caplog.records if r.name == "mskt.fast.build" and "not available" in r.getMessage()]
         assert len(unavailable) == 1 and "Ninja is required" in unavailable[0]  # once, however many layers asked
     finally:
         kernels.compiled_kernels.cache_clear()  # the next caller loads the real build again

@@ -23,7 +23,7 @@ from mskt.metrics import (
     regression_metrics,
     weighted_f1,
 )
-from mskt.presets import EMOTIONS
+from mskt.data.presets import EMOTIONS
 
 REGRESSION_KEYS = [
     "acc7",

@@ -29,7 +29,7 @@ import torch
 
 matplotlib.use("Agg")
 
-from mskt.missing import CONDITIONS, MissingError, evaluation_masks, missing_mask, parse_missing, step_mask
+from mskt.data.missing import CONDITIONS, MissingError, evaluation_masks, missing_mask, parse_missing, step_mask
 from mskt.model import MISSING_PATTERNS, MODALITIES, build_model
 
 try:
@@ -292,7 +292,8 @@ def test_evaluate_masks_do_not_depend_on_batch_size_and_never_read_missing_value
 
 
 def test_sweep_is_deterministic_by_seed_and_draws(tiny_runs, tiny_mosi):
-    from mskt import plots, robustness
+    from mskt.viz import plots
+    from mskt.experiments import robustness
 
     runs = {"kt_any": [tiny_runs[0].model], "kt": [tiny_runs[1].model]}
     one = robustness.sweep(runs, dataset=tiny_mosi, rates=(0.0, 0.5), seeds=(0, 1), batch_size=8)
@@ -315,7 +316,7 @@ def test_sweep_is_deterministic_by_seed_and_draws(tiny_runs, tiny_mosi):
 
 
 def test_explorer_views(tiny_runs, tiny_mosi):
-    from mskt import explorer, plots
+    from mskt.viz import explorer, plots
     from mskt.train import Tensors
 
     model = tiny_runs[0].model

@@ -30,7 +30,7 @@ from mskt.model import (
     key_mask,
     resample,
 )
-from mskt.presets import DATA_SHAPES
+from mskt.data.presets import DATA_SHAPES
 
 try:
     from conftest import NO_DROPOUT, TINY, lengths_for, make_batch_fn, steps_for, tiny_model_config

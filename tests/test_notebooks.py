@@ -145,7 +145,7 @@ def _notebook(cells: list[str]) -> dict:
 
 SAVE = (
     "from matplotlib.figure import Figure\n"
-    "from mskt.plots import save_figure\n"
+    "from mskt.viz.plots import save_figure\n"
     "fig = Figure(figsize=(1, 1))\n"
     "fig.add_subplot().plot([0, 1])\n"
     "save_figure(fig, {name!r}, figures_dir or None)"
@@ -214,7 +214,7 @@ def test_a_failing_notebook_exits_2_and_leaves_no_figure_looking_complete(failin
 def test_outside_the_runner_save_figure_writes_in_place(tmp_path, monkeypatch):
     from matplotlib.figure import Figure
 
-    from mskt.plots import STAGING_ENV, save_figure
+    from mskt.viz.plots import STAGING_ENV, save_figure
 
     monkeypatch.delenv(STAGING_ENV, raising=False)
     fig = Figure(figsize=(1, 1))

@@ -23,12 +23,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from mskt.csd import CsdSequence, csd_summary, read_csd, write_csd
-from mskt.dataset import DatasetMeta, MultimodalDataset, Split, validate
+from mskt.data.csd import CsdSequence, csd_summary, read_csd, write_csd
+from mskt.data.dataset import DatasetMeta, MultimodalDataset, Split, validate
 from mskt.errors import DataError, MsktError
 from mskt.metrics import emotion_metrics, regression_metrics, weighted_f1
-from mskt.readers import load_dataset, read_mult_pickle
-from mskt.store import read_store, write_store
+from mskt.data.readers import load_dataset, read_mult_pickle
+from mskt.data.store import read_store, write_store
 
 try:
     import formats as fmt

@@ -1,4 +1,4 @@
-"""Tests for mskt.readers: the MulT and MMSA pickle readers, the restricted unpickler and
+"""Tests for mskt.data.readers: the MulT and MMSA pickle readers, the restricted unpickler and
 ``load_dataset``.
 
 Every file here is written by ``tests/formats.py`` in the layouts REFERENCE.md describes, and every
@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from mskt.errors import DataError
-from mskt.readers import load_dataset, read_mmsa_pickle, read_mult_pickle, read_pickle, safe_load_pickle
+from mskt.data.readers import load_dataset, read_mmsa_pickle, read_mult_pickle, read_pickle, safe_load_pickle
 
 try:
     import formats as fmt
@@ -533,7 +533,7 @@ def test_directory_with_pickle_suffix(tmp_path):
 
 
 def test_synthetic_mosi_through_load_dataset():
-    pytest.importorskip("mskt.synthetic")
+    pytest.importorskip("mskt.data.synthetic")
     ds = load_dataset("synthetic:mosi", scale=0.02)
     assert ds.meta.format == "synthetic"
     assert ds.meta.name == "mosi" and ds.meta.task == "regression" and ds.meta.aligned is True
@@ -550,7 +550,7 @@ def test_synthetic_mosi_through_load_dataset():
 
 
 def test_synthetic_unaligned_and_seed():
-    pytest.importorskip("mskt.synthetic")
+    pytest.importorskip("mskt.data.synthetic")
     ds = load_dataset("synthetic:iemocap-unaligned", scale=0.01, seed=1)
     assert ds.meta.aligned is False and ds.meta.task == "emotions"
     assert ds.seq_lens == fmt.MULT_SHAPES["iemocap"]["unaligned"]

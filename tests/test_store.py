@@ -1,4 +1,4 @@
-"""Tests for mskt.store: the HDF5 feature store round trip (eager and lazy), its layout, atomic
+"""Tests for mskt.data.store: the HDF5 feature store round trip (eager and lazy), its layout, atomic
 writes, and the errors a broken store gives.
 
 Datasets come from ``tests/formats.py`` MulT pickles read by the reader, so the store is tested on
@@ -13,10 +13,10 @@ import h5py
 import numpy as np
 import pytest
 
-from mskt.dataset import MultimodalDataset
+from mskt.data.dataset import MultimodalDataset
 from mskt.errors import DataError
-from mskt.readers import load_dataset
-from mskt.store import read_store, write_store
+from mskt.data.readers import load_dataset
+from mskt.data.store import read_store, write_store
 
 try:
     import formats as fmt

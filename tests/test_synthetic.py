@@ -9,10 +9,10 @@ import logging
 import numpy as np
 import pytest
 
-from mskt.dataset import lengths_from_left_padding, validate
+from mskt.data.dataset import lengths_from_left_padding, validate
 from mskt.errors import ConfigError
-from mskt.presets import DATA_SHAPES, EMOTIONS, MODALITIES, SPLITS
-from mskt.synthetic import SyntheticConfig, make_synthetic, probe, ridge_r2
+from mskt.data.presets import DATA_SHAPES, EMOTIONS, MODALITIES, SPLITS
+from mskt.data.synthetic import SyntheticConfig, make_synthetic, probe, ridge_r2
 
 
 @pytest.fixture(autouse=True)

@@ -131,7 +131,7 @@ def test_run_folder_round_trip(tiny_mosi, tmp_path):
 
 def test_run_folder_round_trip_ctc_unaligned(tmp_path):
     """An unaligned CTC run reloads with its text grid recovered from the checkpoint."""
-    from mskt.synthetic import make_synthetic
+    from mskt.data.synthetic import make_synthetic
 
     ds = make_synthetic("mosi", aligned=False, scale=0.006, seed=1)  # 8 samples per split
     run = tmp_path / "ctc"

@@ -2,9 +2,9 @@
 
 ``sweep`` evaluates runs (folders or in-memory models) on a split under (1) the six fixed missing
 conditions of MMIN (every sample misses the same one or two modalities) and (2) random missing rates
-(each modality of each sample missing with probability r, ``mskt.missing``; or each time step, with
+(each modality of each sample missing with probability r, ``mskt.data.missing``; or each time step, with
 ``mode="step"``), over several mask seeds. One row per (run, protocol, mask seed) with every metric;
-``summarize`` gives mean and std over training seeds and mask seeds; ``mskt.plots.plot_robustness``
+``summarize`` gives mean and std over training seeds and mask seeds; ``mskt.viz.plots.plot_robustness``
 and ``plot_conditions`` draw them.
 
 Everything is deterministic by seed: masks come from their own seeded generators and models are
@@ -19,7 +19,7 @@ from pathlib import Path
 import pandas as pd
 
 from mskt.errors import MsktError
-from mskt.missing import CONDITIONS, RATES, check_mode, check_rate, parse_missing
+from mskt.data.missing import CONDITIONS, RATES, check_mode, check_rate, parse_missing
 from mskt.model import KTMulT
 
 ID_COLUMNS = ("label", "variant", "run_seed", "protocol", "condition", "rate", "mask_seed", "mode")
@@ -73,7 +73,7 @@ def sweep(runs, dataset=None, rates=RATES, conditions=CONDITIONS, seeds=(0, 1, 2
         raise MsktError("sweep: no runs given")
     models = [(label, _load(entry), entry) for label, entry in entries]
     if dataset is None:
-        from mskt.readers import load_dataset
+        from mskt.data.readers import load_dataset
 
         cfg = models[0][1].cfg
         dataset = load_dataset(cfg.data, scale=cfg.data_scale, seed=cfg.data_seed)

@@ -12,8 +12,8 @@ from pathlib import Path
 import pandas as pd
 
 from mskt.config import Config
-from mskt.paper import paper_row
-from mskt.readers import load_dataset
+from mskt.experiments.paper import paper_row
+from mskt.data.readers import load_dataset
 from mskt.train import atomic_write_text, train
 
 REGRESSION_REPORT = ("acc7", "acc2_nonzero", "f1_nonzero", "acc2_haszero", "f1_haszero", "mae", "corr")

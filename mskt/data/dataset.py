@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from mskt.errors import DataError
-from mskt.presets import EMOTIONS, MODALITIES, SPLITS, DataShape
+from mskt.data.presets import EMOTIONS, MODALITIES, SPLITS, DataShape
 
 log = logging.getLogger("mskt")
 

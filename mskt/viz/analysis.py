@@ -1,6 +1,6 @@
 """Analyses the notebooks display: reconstruction quality of A' against A, and attention maps.
 
-Functions return numbers and DataFrames; ``mskt.plots`` draws them.
+Functions return numbers and DataFrames; ``mskt.viz.plots`` draws them.
 
 Reconstruction quality is measured in standardised audio-feature units (a kt run with
 ``kt_target="raw"``: theta, phi and delta are read out through the model's audio readout), on

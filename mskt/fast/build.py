@@ -1,4 +1,4 @@
-"""Compiled CPU kernels (``mskt/csrc``), built on first use and cached under ``build/``.
+"""Compiled CPU kernels (``mskt/fast/csrc``), built on first use and cached under ``build/``.
 
 The C++ kernels (``csrc/cpu_kernels.cpp``: attention, dropout, relu-dropout, LayerNorm, and
 groups of independent transformer stacks as one autograd node) are built with

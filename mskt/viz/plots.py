@@ -121,7 +121,7 @@ def plot_label_distribution(dataset):
     import pandas as pd
     import seaborn as sns
 
-    from mskt.presets import EMOTIONS
+    from mskt.data.presets import EMOTIONS
 
     fig, ax = _fig()
     if dataset.meta.task == "regression":
@@ -351,7 +351,7 @@ def plot_attention(maps: dict, sample: int = 0, layer: int = 0, head: int | None
     one head or the mean over heads. ``maps``: {"source->target": list over layers of (B, h, T, S)}.
     With ``lengths`` ({modality: (B,)}), each map is cropped to the sample's real steps (A′ lives on
     the text grid). ``reconstructed_audio`` labels audio as A′ (kt) rather than A (full).
-    ``relative=True`` draws maps from ``mskt.analysis.average_attention`` (relative positions, weight
+    ``relative=True`` draws maps from ``mskt.viz.analysis.average_attention`` (relative positions, weight
     relative to uniform, centred on 1)."""
     import numpy as np
 
@@ -398,7 +398,7 @@ def plot_attention(maps: dict, sample: int = 0, layer: int = 0, head: int | None
 
 
 def plot_results(table, metrics=("acc2_nonzero", "f1_nonzero", "mae", "corr"), paper: dict | None = None, title: str | None = None):
-    """Mean ± std over seeds per row of ``table`` (mskt.grid.summarize), top to bottom in table order,
+    """Mean ± std over seeds per row of ``table`` (mskt.experiments.grid.summarize), top to bottom in table order,
     for a few metrics; the paper's values as black diamonds. Dots, not bars: the axes do not start at
     zero, and a bar's length would exaggerate the differences."""
     import numpy as np
@@ -435,7 +435,7 @@ def _metric_axis(metric: str) -> tuple[float, str]:
 
 
 def _sweep_metrics(frame, metrics):
-    from mskt.robustness import metric_columns
+    from mskt.experiments.robustness import metric_columns
 
     return list(metrics) if metrics else [m for m in metric_columns(frame) if m != "loss" and frame[m].notna().any()]
 
@@ -448,7 +448,7 @@ def _seed_counts(frame) -> str:
 
 
 def plot_robustness(frame, metrics=None, labels=None, title: str | None = None):
-    """Every metric against the missing rate (``mskt.robustness.sweep`` rows with protocol "rate"):
+    """Every metric against the missing rate (``mskt.experiments.robustness.sweep`` rows with protocol "rate"):
     one panel per metric, one line per label (variant), mean over training and mask seeds with a
     ±1 std band."""
     import math
@@ -512,7 +512,7 @@ def plot_conditions(frame, metrics=None, labels=None, title: str | None = None):
 
 
 def plot_sample_view(view: dict, max_features: int = 40):
-    """One sample under one missing pattern (``mskt.explorer.sample_view``): the prediction with the
+    """One sample under one missing pattern (``mskt.viz.explorer.sample_view``): the prediction with the
     pattern and with nothing missing against the label; for each reconstructed modality its real and
     reconstructed standardised features (features × real steps; at most ``max_features`` rows, those
     of largest variance); and the cross-modal attention of the last layer, mean over heads."""
@@ -542,7 +542,7 @@ def plot_sample_view(view: dict, max_features: int = 40):
         ax.invert_yaxis()
         ax.set_xlabel("sentiment")
     else:
-        from mskt.presets import EMOTIONS
+        from mskt.data.presets import EMOTIONS
 
         def prob(logits):
             z = np.asarray(logits, dtype=float)  # (4, 2)

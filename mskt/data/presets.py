@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-MODALITIES = ("text", "audio", "vision")
+from mskt.modalities import MODALITIES  # noqa: F401 -- re-exported: the data speak of the same three
 SPLITS = ("train", "valid", "test")
 EMOTIONS = ("neutral", "happy", "sad", "angry")  # MulT's IEMOCAP label order
 

@@ -5,7 +5,7 @@ trained with a consistency loss against real audio, recover some of the benefit 
 is missing at test time?) is only meaningful on data where (1) audio carries sentiment information,
 (2) that information is *largely but not fully* recoverable from L and V, and (3) recovering it needs
 a non-linear map of *both* L and V. This generator builds such data, in exactly the shapes and
-conventions of the public MulT files (see ``mskt.presets`` and ``mskt.dataset``), so every part of
+conventions of the public MulT files (see ``mskt.data.presets`` and ``mskt.data.dataset``), so every part of
 the pipeline can be tested and studied without downloading anything. ``probe`` measures (1)-(3)
 with closed-form ridge regressions.
 
@@ -78,7 +78,7 @@ real (unpadded) steps are computed.
    correlation time in real time does not depend on the frame rate; noise is white per frame.
    Then a fraction ``audio_neg_inf_rate`` of the real audio values is set to -inf, as in the
    COVAREP log features of the public files, and (unless ``replace_nonfinite=False``)
-   ``mskt.dataset.replace_nonfinite`` sets them to 0 and records the counts in ``meta.nonfinite``.
+   ``mskt.data.dataset.replace_nonfinite`` sets them to 0 and records the counts in ``meta.nonfinite``.
 
 So audio is largely (fraction ~p of its signal variance) a function of what L and V jointly see, not
 fully (the private part, the noise, and audio's own affect view), and the function is non-linear
@@ -111,9 +111,9 @@ from statistics import NormalDist
 
 import numpy as np
 
-from mskt.dataset import DatasetMeta, MultimodalDataset, Split, replace_nonfinite, validate
+from mskt.data.dataset import DatasetMeta, MultimodalDataset, Split, replace_nonfinite, validate
 from mskt.errors import ConfigError
-from mskt.presets import EMOTIONS, MODALITIES, SPLITS, data_shape
+from mskt.data.presets import EMOTIONS, MODALITIES, SPLITS, data_shape
 
 __all__ = ["SyntheticConfig", "knob_names", "make_synthetic", "probe", "pooled_features", "ridge_r2"]
 

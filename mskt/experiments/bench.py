@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from mskt.presets import DATA_SHAPES, MODALITIES
+from mskt.data.presets import DATA_SHAPES, MODALITIES
 
 CONFIGS = {
     "paper": {},
@@ -183,7 +183,7 @@ def bench_one(preset: str, variant: str, config: str = "mult", steps: int = 10, 
         eval_batch["audio"] = None
     model.eval()
     n_infer, infer_seconds = _time_inference(model, eval_batch, steps * cfg.batch_size, device)
-    from mskt.kernels import compiled_kernels
+    from mskt.fast.build import compiled_kernels
 
     kernels = "fused" if cfg.cpu_kernels == "fused" and device.type == "cpu" and compiled_kernels() is not None else "torch"
     return _record(preset, variant, config, steps * cfg.batch_size / train_seconds, n_infer / infer_seconds, mem.peak_mb,
@@ -244,12 +244,12 @@ def _time_inference(forward, batch: dict, samples: int, device) -> tuple[int, fl
 
 
 def bench_public_mult(preset: str, steps: int = 10, warmup: int = 3, device=None, peak: float | None = None) -> dict:
-    """The record of the public MulT code's training step (:mod:`mskt.mult_reference`, its
+    """The record of the public MulT code's training step (:mod:`mskt.experiments.mult_reference`, its
     hyperparameters: d=30, 5 layers, 5 heads, batch 24; all three modalities) at ``preset``'s
     shapes: the baseline of the speed targets, timed like every other record."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from mskt import mult_reference
+    from mskt.experiments import mult_reference
     from mskt.train import resolve_device
 
     device = resolve_device("auto") if device is None else torch.device(device)
@@ -281,7 +281,7 @@ def interleaved_speedup(preset: str, variant: str = "full", config: str = "mult"
     Returns ``{"median": ..., "rounds": [...]}``: the median ratio and every round's."""
     import statistics
 
-    from mskt import mult_reference
+    from mskt.experiments import mult_reference
     from mskt.model import build_model
     from mskt.train import make_optimizer, resolve_device, training_step
 

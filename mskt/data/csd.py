@@ -41,11 +41,11 @@ The SDK's recipe (``examples/mmdatasdk_examples/full_examples/process_mosi.py``)
    the SDK's own ``process_mosei.py``, with ``seq_len=50``) *left*-pads: it prepends ``seq_len``
    zero rows and keeps the last ``seq_len`` rows. So a segment longer than ``seq_len`` words keeps
    its **last** ``seq_len`` words, a shorter one is zero-padded at the front. That is already our
-   left-padding convention (see :mod:`mskt.dataset`). ``keep="first"`` gives the truncation of the
+   left-padding convention (see :mod:`mskt.data.dataset`). ``keep="first"`` gives the truncation of the
    SDK's ``direction=True`` variant (first ``seq_len`` words) but the result is still stored
    left-padded. ``lengths`` hold the true (post-truncation) lengths.
 5. **Non-finite values** (COVAREP's ``-inf``) propagate through the average exactly as in numpy and
-   are then set to 0 and counted by :func:`mskt.dataset.replace_nonfinite`, as the public MulT
+   are then set to 0 and counted by :func:`mskt.data.dataset.replace_nonfinite`, as the public MulT
    pipeline did.
 
 Splits
@@ -69,9 +69,9 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from mskt.dataset import DatasetMeta, MultimodalDataset, Split, replace_nonfinite, validate
+from mskt.data.dataset import DatasetMeta, MultimodalDataset, Split, replace_nonfinite, validate
 from mskt.errors import ConfigError, DataError
-from mskt.presets import EMOTIONS, MODALITIES, SPLITS
+from mskt.data.presets import EMOTIONS, MODALITIES, SPLITS
 
 log = logging.getLogger("mskt")
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from mskt.errors import MsktError
-from mskt.model import MISSING_PATTERNS, MODALITIES
+from mskt.modalities import MISSING_PATTERNS, MODALITIES
 
 MODES = ("sample", "step")
 # The six fixed conditions, named as the CLI takes them: "audio", "audio,vision", ...

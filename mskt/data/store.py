@@ -26,9 +26,9 @@ import h5py
 import numpy as np
 
 from mskt import __version__
-from mskt.dataset import DatasetMeta, MultimodalDataset, Split, replace_nonfinite, validate
+from mskt.data.dataset import DatasetMeta, MultimodalDataset, Split, replace_nonfinite, validate
 from mskt.errors import DataError
-from mskt.presets import MODALITIES, SPLITS
+from mskt.data.presets import MODALITIES, SPLITS
 
 STORE_VERSION = 1
 _SAMPLES_PER_CHUNK_BYTES = 1 << 20  # ~1 MiB chunks: big enough to compress, small enough to read a batch
@@ -137,7 +137,7 @@ def read_store(path, lazy: bool = False) -> MultimodalDataset:
 
     Every problem is a DataError naming the file and the HDF5 key: empty, not HDF5, truncated, a
     damaged chunk (stores written by this version carry checksums), missing or mistyped groups,
-    datasets or attributes, and whatever :func:`mskt.dataset.validate` refuses. A lazy read checks
+    datasets or attributes, and whatever :func:`mskt.data.dataset.validate` refuses. A lazy read checks
     feature chunks only when they are indexed. An eager read also sets non-finite feature values
     to 0 and counts them, as the pickle readers do.
     """

@@ -19,7 +19,7 @@ Design decisions the paper leaves open (each is a config field):
   loss; ``kt_target="teacher"`` loads and freezes the audio encoder of a trained ``full`` run.
   Audio is a target only, never read on the prediction path of kt / language / vision /
   language_vision.
-- **Padding.** Sequences are left-padded (see ``mskt.dataset``); the last step is always real and is
+- **Padding.** Sequences are left-padded (see ``mskt.data.dataset``); the last step is always real and is
   what MulT's head reads. Keys at padded steps are masked in every attention.
 - **Any missing modality (``kt_any``, beyond the paper).** ``batch["missing"]`` (B, 3) marks, per
   sample, which modalities are missing; the first thing forward does is replace their values by
@@ -42,7 +42,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from mskt.kernels import compiled_kernels
+from mskt.fast.build import compiled_kernels
 
 MODALITIES = ("text", "audio", "vision")
 VARIANTS = ("full", "kt", "language_vision", "language", "vision", "kt_any")

@@ -1,7 +1,7 @@
 """An interactive robustness explorer: pick a sample, switch modalities off, and see the prediction,
 the reconstructed features against the real ones, and the cross-modal attention, live.
 
-``sample_view`` computes one view (numbers only); ``mskt.plots.plot_sample_view`` draws it; and
+``sample_view`` computes one view (numbers only); ``mskt.viz.plots.plot_sample_view`` draws it; and
 ``explorer`` wires both into an ipywidgets control for JupyterLab. Headless (papermill), notebooks
 draw ``plot_sample_view`` for a few samples and patterns instead.
 
@@ -16,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from mskt.missing import parse_missing
+from mskt.data.missing import parse_missing
 from mskt.model import MODALITIES, KTMulT, key_mask, resample
 from mskt.train import Tensors
 
@@ -87,7 +87,7 @@ def explorer(model: KTMulT, data: Tensors, samples=None):
     import matplotlib.pyplot as plt
     from IPython.display import display
 
-    from mskt import plots
+    from mskt.viz import plots
 
     samples = list(range(len(data))) if samples is None else [int(s) for s in samples]
     picker = widgets.Dropdown(options=[(f"test sample {s}", s) for s in samples], description="sample")

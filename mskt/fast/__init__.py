@@ -1,0 +1,76 @@
+"""Accelerators, applied to a built model from outside; the model's Python code stays the one truth.
+
+- :func:`accelerate`: compiled CPU kernels in place of the layers' kernel functions, and transformer
+  stacks as one compiled node, each only where verified to compute the same function
+  (``mskt.fast.stacks`` says how); elsewhere the Python code runs and the log says so, once.
+- ``mskt.fast.optim.FlatAdam``: Adam over the parameters as one flat tensor.
+- ``mskt.fast.runtime``: glibc's malloc setting, bf16 autocast, torch.compile with an eager fallback.
+- ``mskt.fast.build``: builds and loads the C++ library (``csrc/cpu_kernels.cpp``).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch.nn as nn
+
+from mskt.fast.build import compiled_kernels
+from mskt.fast.kernels import COMPILED_KERNELS, CompiledKernels, fused_kernels_available
+from mskt.fast.stacks import StackAccelerator, source_verified
+from mskt.model.layers import TORCH_KERNELS, Transformer
+
+log = logging.getLogger("mskt.fast")
+
+__all__ = ["COMPILED_KERNELS", "CompiledKernels", "accelerate", "accelerated_stacks", "compiled_kernels", "fused_kernels_available"]
+
+
+def accelerate(model: nn.Module) -> nn.Module:
+    """Hand ``model`` (in place; returned for chaining) the compiled CPU kernels where they compute
+    the same function as its Python code.
+
+    - Modules whose ``kernels`` is the stock table get :data:`COMPILED_KERNELS` (attention, dropout,
+      relu-dropout), provided the stock functions are the ones the kernels were checked against.
+    - Every :class:`~mskt.model.layers.Transformer` gets a ``StackAccelerator``: it runs compiled
+      where verified (structure, source digest, a numeric check), and calls its Python ``forward``
+      otherwise. The stacks that run their Python code are logged now, one line per reason, and any
+      stack whose code changes later is re-verified and logged when it next runs.
+
+    A model on another device than the CPU, or a machine where the kernels do not build, keeps its
+    Python code throughout (the kernel functions fall back per call too).
+    """
+    if compiled_kernels() is None:
+        return model  # compiled_kernels() has said why, once
+    if any(p.device.type != "cpu" for p in model.parameters()):
+        log.info("mskt.fast: the model is not on the CPU; the compiled CPU kernels are not used")
+        return model
+    ok, why = source_verified()
+    if ok:
+        for m in model.modules():
+            if getattr(m, "kernels", None) is TORCH_KERNELS:
+                m.kernels = COMPILED_KERNELS
+    fell_back = {}
+    for name, m in model.named_modules():
+        if isinstance(m, Transformer):
+            m.accelerator = StackAccelerator(name)
+            reason = m.accelerator.verify(m, quiet=True)
+            if reason:
+                fell_back.setdefault(reason, []).append(name)
+    for reason, names in fell_back.items():
+        shown = ", ".join(names[:6]) + (f" and {len(names) - 6} more" if len(names) > 6 else "")
+        log.warning("mskt.fast: %d stack%s run%s its Python code (%s): %s", len(names), "s" if len(names) > 1 else "",
+                    "" if len(names) > 1 else "s", shown, reason)
+    return model
+
+
+def accelerated_stacks(model: nn.Module) -> dict:
+    """{stack name: True if the compiled node stands in for it now, else the reason it does not}."""
+    out = {}
+    for name, m in model.named_modules():
+        if isinstance(m, Transformer):
+            acc = m.accelerator
+            if acc is None:
+                out[name] = "not accelerated"
+            else:
+                why = acc.verify(m, quiet=True) if acc.signature is None else ""
+                out[name] = True if not why and acc.signature is not None else why
+    return out

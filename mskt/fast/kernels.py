@@ -1,0 +1,53 @@
+"""The compiled kernel functions, as a table the layers call (``mskt.model.layers.Kernels``).
+
+Each compiled function computes what the Python one it replaces computes: attention with key
+padding and dropout, dropout, relu then dropout. Their dropout masks are a hash of a seed drawn
+from torch's generator and each element's index: the same law as the Python masks, other draws.
+``tests/test_kernels.py`` checks each against the Python function (values, gradients, the
+dropout law). Where an input is not for them (not float32 on CPU, a torch.compile trace, the
+library did not build), they call the Python function.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from mskt.fast.build import compiled_kernels
+from mskt.model.layers import Kernels, padding_bias
+
+
+def fused_kernels_available(x: torch.Tensor) -> bool:
+    """Whether the compiled kernels can take ``x``: float32 on CPU, they build here, and no
+    torch.compile graph is being traced (it cannot trace them; it gets torch's operations)."""
+    if x.device.type != "cpu" or x.dtype != torch.float32 or torch.compiler.is_compiling():
+        return False
+    return compiled_kernels() is not None
+
+
+class CompiledKernels(Kernels):
+    """:class:`~mskt.model.layers.Kernels` with compiled CPU functions where they can run."""
+
+    name = "compiled"
+
+    def dropout(self, x, p, training):
+        if training and p > 0 and fused_kernels_available(x):
+            return compiled_kernels().dropout_autograd(x, p)
+        return super().dropout(x, p, training)
+
+    def relu_dropout(self, x, p, training):
+        # One pass each way: the backward reads only the output (where it is not 0, x was positive and kept).
+        if training and p > 0 and fused_kernels_available(x):
+            return compiled_kernels().relu_dropout_autograd(x, p)
+        return super().relu_dropout(x, p, training)
+
+    def attention(self, q, kv, source_mask, heads, p):
+        # Each query row's scores, softmax, dropout and weighted sum in a row buffer; the backward
+        # recomputes the weights from the saved log-sum-exp and the mask from its seed, so nothing of
+        # size (T, S) is stored. It reads q (B, T, d) and kv (B, S, 2d) as the projections lay them out.
+        if fused_kernels_available(q):
+            d = q.shape[2]
+            return compiled_kernels().attention(q, kv, padding_bias(source_mask, q.dtype), heads, (d // heads) ** -0.5, p)  # (B, T, d)
+        return super().attention(q, kv, source_mask, heads, p)
+
+
+COMPILED_KERNELS = CompiledKernels()

@@ -1,0 +1,41 @@
+"""Variants by name. A variant is one class in one file, registered with ``@register("name")``;
+``mskt.model.build_model`` builds whichever ``cfg.variant`` names (MMSA's model registry).
+
+A notebook or a user module can register a variant of its own: once its file is imported, every
+command, notebook and analysis takes its name, as they ask the model what it reads and rebuilds
+(``inputs``, ``fuses``, ``reconstructs``), never its name.
+"""
+
+from __future__ import annotations
+
+from mskt.errors import ConfigError
+
+
+class _Registry(dict):
+    """name -> variant class, in registration order. Iterating gives the names (``VARIANTS``)."""
+
+    def __repr__(self) -> str:
+        return f"VARIANTS({', '.join(self)})"
+
+
+VARIANTS = _Registry()
+
+
+def register(name: str):
+    """Class decorator: ``@register("kt_mlp") class KTMLP(KT): ...`` makes ``variant="kt_mlp"`` buildable."""
+
+    def add(cls):
+        if name in VARIANTS and VARIANTS[name].__qualname__ != cls.__qualname__:
+            raise ConfigError(f"variant {name!r} is registered already, by {VARIANTS[name].__module__}.{VARIANTS[name].__qualname__}")
+        cls.name = name
+        VARIANTS[name] = cls
+        return cls
+
+    return add
+
+
+def variant_class(name: str):
+    try:
+        return VARIANTS[name]
+    except KeyError:
+        raise ConfigError(f"variant={name!r} is not allowed; choose one of {', '.join(VARIANTS)}") from None

@@ -1,0 +1,99 @@
+"""Evaluation: predictions and metrics of a split, under the missing-modality protocols."""
+
+from __future__ import annotations
+
+import torch
+
+from mskt.data.batching import Tensors
+from mskt.metrics import compute_metrics
+from mskt.model import KTMulT
+
+
+@torch.inference_mode()
+def predict(model: KTMulT, data: Tensors, batch_size: int = 256, return_internals: bool = False, missing=None,
+            missing_rate: float = 0.0, missing_mode: str = "sample", missing_seed: int = 0) -> dict:
+    """Predictions (numpy) for a whole split, in order; with internals, also f_* and A' tensors.
+    By default every modality is given as it is; ``missing`` etc. as in :func:`evaluate`."""
+    model.eval()
+    preds, internals = [], {}
+    for batch in _missing_batches(model, data, batch_size, missing, missing_rate, missing_mode, missing_seed, default_protocol=False):
+        out = model(batch, return_internals=return_internals)
+        preds.append(out.pred.float().cpu())
+        for key, value in out.internals.items():
+            internals.setdefault(key, []).append(value.float().cpu())
+    result = {"pred": torch.cat(preds).numpy(), "labels": data.labels.cpu().numpy()}
+    if return_internals:
+        result["internals"] = {k: torch.cat(v).numpy() for k, v in internals.items()}
+    return result
+
+
+
+def _missing_batches(model, data: Tensors, batch_size, missing, rate, mode, seed, rank=0, world=1, default_protocol=True):
+    """The batches of this rank's part of ``data``, in order, with what the protocol removes.
+
+    Masks are built once for the whole split (``mskt.data.missing.evaluation_masks``), so they do not
+    depend on batch size or the number of ranks. No protocol asked (``missing`` None, rate 0) and
+    ``default_protocol``: the model's ``test_missing`` modalities (audio, but for ``full``) are
+    missing: a model that reads them gets them marked missing (and may reconstruct them), the others
+    do not get them at all.
+    """
+    from mskt.data.missing import evaluation_masks
+
+    masks = evaluation_masks(len(data), {m: x.shape[1] for m, x in data.features.items()}, missing, rate, mode, seed)
+    absent = model.test_missing if default_protocol else ()  # the paper's test setting: audio missing
+    if masks is None and any(m in model.inputs for m in absent):  # it reads them: it gets them marked missing
+        masks = evaluation_masks(len(data), {}, absent)
+    mine = data.shard_index(rank, world).cpu()  # rows of the whole split, for its masks
+    part = data.shard(rank, world)
+    for index in part.batch_indices(batch_size):
+        batch = part.batch(index)
+        if masks is not None:
+            batch = masks.apply(batch, mine[index.cpu()])
+        elif absent:  # it never reads them: they are not given at all
+            batch = {**batch, **{m: None for m in absent}}
+        yield batch
+
+
+
+@torch.inference_mode()
+def evaluate(model: KTMulT, data: Tensors, batch_size: int = 256, dist=None, missing=None, missing_rate: float = 0.0,
+             missing_mode: str = "sample", missing_seed: int = 0) -> dict:
+    """Metrics (mskt.metrics names) and the mean task loss on a split.
+
+    By default (the paper's test setting) the model's ``test_missing`` modalities are missing (audio,
+    for every variant but ``full``) and every other modality present: kt never gets audio; a variant
+    that reads audio (kt_any) gets it marked missing for every sample and reconstructs it.
+
+    Missing modalities (``mskt.data.missing``): ``missing`` names modalities missing for every sample
+    ("audio,vision" or a tuple; ``()`` = nothing missing); ``missing_rate`` r makes each other
+    modality of each sample missing with probability r (``missing_mode="sample"``; a sample left with
+    nothing is drawn again) or zeroes each of its time steps with probability r
+    (``missing_mode="step"``), from a generator seeded by ``missing_seed``. Given either, every
+    variant gets every modality that is not missing; missing ones are zero-filled (kt_any
+    reconstructs them instead; kt never reads audio, language_vision ignores it).
+
+    Under DDP (``dist``), each rank predicts its part and every rank gets the metrics of the whole
+    split, so all ranks select the same epoch.
+    """
+    from mskt.model import task_loss
+
+    model.eval()
+    world, rank = (dist.world, dist.rank) if dist is not None else (1, 0)
+    preds = []
+    for batch in _missing_batches(model, data, batch_size, missing, missing_rate, missing_mode, missing_seed, rank, world):
+        preds.append(model(batch).pred.float().cpu())
+    pred = torch.cat(preds) if preds else torch.empty((0,) + tuple(data.labels.shape[1:]) + ((2,) if model.cfg.task != "regression" else ()))
+    if world > 1:
+        pred = torch.cat(dist.gather(pred))  # rank order = split order: the parts are contiguous
+    labels = data.labels.cpu()
+    metrics = compute_metrics(model.cfg.task, pred.numpy(), labels.numpy())
+    metrics["loss"] = float(task_loss(pred, labels, model.cfg.task))
+    return metrics
+
+
+
+def selection_score(metrics: dict, task: str, select_on: str) -> float:
+    """Lower is better."""
+    if select_on == "valid_loss":
+        return metrics["loss"]
+    return metrics["mae"] if task == "regression" else -metrics["mean_f1"]

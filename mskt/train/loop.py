@@ -1,0 +1,298 @@
+"""The training loop.
+
+A run writes ``runs/<name>/``: ``config.json``, ``history.csv`` (one row per epoch: every loss term
+on train and valid, valid metrics), ``checkpoint.pt`` (the best epoch on validation),
+``last.pt`` (the last completed epoch with optimizer and RNG states, for ``--resume``) and
+``metrics.json`` (test metrics of that checkpoint, which epoch it was). Every file is written to a
+temporary name and renamed, so a run killed at any moment leaves a loadable folder, and a resumed
+run ends with exactly the metrics of one that was never interrupted.
+
+Data stay whole tensors in memory and batches are index selections: no per-sample Python, no
+worker processes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+import torch
+
+from mskt.config import Config
+from mskt.data.batching import Tensors
+from mskt.data.dataset import MultimodalDataset
+from mskt.errors import DataError, MsktError
+from mskt.fast import accelerate
+from mskt.fast.optim import FlatAdam
+from mskt.fast.runtime import CompiledOrEager, autocast, keep_freed_memory
+from mskt.metrics import format_metrics
+from mskt.model import KTMulT, build_model, key_mask
+from mskt.paths import atomic_torch_save, atomic_write_text
+from mskt.train.checkpoints import _restore_rng, _training_state, load_checkpoint, load_teacher_audio_encoder
+from mskt.train.evaluation import evaluate, selection_score
+from mskt.train.setup import resolve_device, set_seed
+
+log = logging.getLogger(__name__)
+
+
+def _progress_enabled(setting: str) -> bool:
+    if setting != "auto":
+        return setting == "on"
+    return sys.stderr.isatty() and not os.environ.get("CI")
+
+
+
+@dataclass
+class RunResult:
+    dir: Path | None
+    config: Config
+    history: "object"  # pandas DataFrame
+    metrics: dict  # {"test": ..., "valid": ..., "best_epoch": ...}
+    model: KTMulT
+
+
+
+def default_run_name(cfg: Config, dataset: MultimodalDataset) -> str:
+    align = "" if dataset.meta.aligned else "-unaligned"
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    return f"{dataset.meta.name}{align}-{cfg.variant}-seed{cfg.seed}-{stamp}"
+
+
+
+def model_config_for(cfg: Config, dataset: MultimodalDataset) -> Config:
+    """``cfg`` with the data-dependent fields (dims, task) taken from the dataset."""
+    dims = dataset.dims
+    return cfg.replace(
+        text_dim=dims["text"], audio_dim=dims["audio"], vision_dim=dims["vision"],
+        text_steps=dataset.seq_lens["text"], task=dataset.meta.task,
+    )
+
+
+
+def feature_statistics(data: Tensors, modality: str, chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and std per feature of ``modality`` over the real (unpadded) steps of a split, each (D_m,).
+
+    Read in chunks of samples (in float64), so a lazy split is never loaded whole.
+    """
+    total = sum_x = sum_xx = 0.0
+    for index in data.batch_indices(chunk):
+        x = data.batch(index)[modality].double()  # (n, T, D)
+        real = key_mask(data.lengths[modality].index_select(0, index), x.shape[1])[..., None]  # (n, T, 1)
+        x = torch.where(real, x, 0.0)
+        total = total + real.sum()
+        sum_x = sum_x + x.sum(dim=(0, 1))
+        sum_xx = sum_xx + (x * x).sum(dim=(0, 1))
+    n = torch.as_tensor(total).clamp(min=1)
+    mean = sum_x / n
+    var = (sum_xx / n - mean * mean).clamp(min=0)
+    return mean.float(), var.sqrt().float()
+
+
+
+class NonFiniteLoss(MsktError):
+    pass
+
+
+
+def make_optimizer(model: KTMulT, cfg: Config) -> torch.optim.Optimizer:
+    """Adam over the trainable parameters, held as one flat tensor (:class:`FlatAdam`); fused (one
+    kernel rather than a dozen small ops) where this torch supports it for the device."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    try:
+        return FlatAdam(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
+    except RuntimeError:  # a device without a fused kernel
+        return FlatAdam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+
+def training_step(model: KTMulT, optimizer: torch.optim.Optimizer, cfg: Config, forward=None):
+    """``step(batch, weight=1.0) -> loss terms``: forward (``forward``, default the model: a DDP or
+    compiled wrapper of it), loss, backward of ``weight`` x total, gradient clipping, optimizer step.
+
+    The gradient norm is checked before the step: a NaN or inf loss raises :class:`NonFiniteLoss`
+    and the weights stay as they were. Under DDP the norm is taken of the all-reduced gradient, the
+    same on every rank, so every rank stops at the same step.
+    """
+    forward = forward if forward is not None else model
+    if cfg.compile:
+        forward = CompiledOrEager(forward)
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    collect = getattr(optimizer, "collect_gradients", None)  # FlatAdam: the gradients into its flat one
+    device = next(model.parameters()).device
+    keep_freed_memory(device)
+    max_norm = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
+
+    def step(batch: dict, weight: float = 1.0) -> dict:
+        with autocast(cfg, device):
+            terms = model.loss(forward(batch), batch["labels"])
+        optimizer.zero_grad(set_to_none=True)
+        (terms["total"] * weight).backward()
+        if collect is not None:
+            collect()
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        if not (torch.isfinite(terms["total"]) and torch.isfinite(norm)):
+            detail = ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in terms.items())
+            raise NonFiniteLoss(f"the training loss became {float(terms['total'].detach())} (gradient norm {float(norm)}; {detail})")
+        optimizer.step()
+        return terms
+
+    return step
+
+
+
+def train(
+    cfg: Config,
+    out_dir: str | Path | None = None,
+    dataset: MultimodalDataset | None = None,
+    save: bool = True,
+    resume: bool = False,
+) -> RunResult:
+    """Train ``cfg`` and evaluate its best-on-validation checkpoint on test.
+
+    ``out_dir`` defaults to ``runs/<dataset>-<variant>-seed<seed>-<time>``; ``save=False`` keeps
+    everything in memory (tests). ``dataset`` skips loading ``cfg.data``. ``resume=True`` continues
+    the run in ``out_dir`` from its last completed epoch (``last.pt``: weights, optimizer, scheduler
+    and every RNG state), so it ends with exactly the metrics of a run that was never interrupted.
+
+    Under torchrun (``WORLD_SIZE`` > 1) this is DistributedDataParallel training: each rank takes
+    its share of every global batch of ``batch_size``, validation and test predictions are gathered
+    over the whole split, and only rank 0 writes the run folder.
+    """
+    import pandas as pd
+    from tqdm.auto import tqdm
+
+    from mskt.train.distributed import Dist, weighted_share
+    from mskt.paths import runs_dir
+    from mskt.data.readers import load_dataset
+
+    if dataset is None:
+        dataset = load_dataset(cfg.data, scale=cfg.data_scale, seed=cfg.data_seed, lazy=cfg.lazy)
+    cfg = model_config_for(cfg, dataset)
+    empty = [s for s in ("train", "valid", "test") if len(dataset.splits[s]) == 0]
+    if empty:
+        raise DataError(f"{dataset.meta.source}: the {', '.join(empty)} split(s) have no samples; training needs all three")
+    dist = Dist.from_env()
+    device = resolve_device(cfg.device)
+    dist.init(device)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    save = save and dist.is_main
+    run_dir = None
+    if save or resume:
+        run_dir = Path(out_dir) if out_dir is not None else runs_dir() / default_run_name(cfg, dataset)
+    state = None
+    if resume and (run_dir / "last.pt").exists():  # none yet: the run stopped in its first epoch
+        state = load_checkpoint(run_dir / "last.pt")
+    if save:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        cfg.save(run_dir / "config.json")
+
+    set_seed(cfg.seed)
+    data = {s: Tensors.from_split(sp, cfg.task, device, lazy=cfg.lazy) for s, sp in dataset.splits.items()}
+    model = build_model(cfg).to(device)
+    if model.uses_teacher(cfg):
+        load_teacher_audio_encoder(model, cfg.teacher_run)
+    for m in model.standardises():  # its consistency targets, standardised per feature
+        model.set_statistics(m, *feature_statistics(data["train"], m))
+    if cfg.cpu_kernels == "fused":
+        accelerate(model)
+    if dist.world > 1:
+        torch.manual_seed(cfg.seed + dist.rank)  # each rank its own dropout masks; the weights come from rank 0
+    optimizer = make_optimizer(model, cfg)
+    scheduler = None
+    if cfg.scheduler == "plateau":
+        scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="min", patience=20, factor=0.1)
+    generator = torch.Generator().manual_seed(cfg.seed)  # the same on every rank: one global order per epoch
+
+    history, best = [], {"score": math.inf, "epoch": 0, "state": None}
+    first_epoch = 1
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        if scheduler is not None:
+            scheduler.load_state_dict(state["scheduler"])
+        _restore_rng(state, generator)
+        history = json.loads(state["history"])
+        best = {"score": state["best_score"], "epoch": state["best_epoch"], "state": state["best_state"]}
+        first_epoch = state["epoch"] + 1
+        log.info("resuming %s after epoch %d of %d", run_dir, state["epoch"], cfg.epochs)
+    step = training_step(model, optimizer, cfg, forward=dist.wrap(model))
+
+    started = time.perf_counter()
+    show = _progress_enabled(cfg.progress) and dist.is_main
+    epochs = tqdm(range(first_epoch, cfg.epochs + 1), desc=f"{cfg.variant}", disable=not show)
+    for epoch in epochs:
+        model.train()
+        sums, t0 = {}, time.perf_counter()
+        for index in data["train"].batch_indices(cfg.batch_size, generator):
+            index, weight = weighted_share(index, dist)  # (b,) this rank's samples of the global batch
+            batch = data["train"].batch(index)
+            try:
+                terms = step(batch, weight)
+            except NonFiniteLoss as e:
+                raise MsktError(
+                    f"epoch {epoch}: {e}; the last good checkpoint is {run_dir / 'checkpoint.pt' if run_dir else 'not saved'}"
+                ) from None
+            n = len(index) * (weight > 0)
+            sums["n"] = sums.get("n", 0.0) + n
+            for k, v in terms.items():
+                sums[k] = sums.get(k, 0.0) + float(v.detach()) * n
+        sums = dist.sum(sums)
+        train_seconds = time.perf_counter() - t0
+        valid = evaluate(model, data["valid"], cfg.eval_batch_size, dist)
+        if scheduler is not None:
+            scheduler.step(valid["loss"])
+        row = {"epoch": epoch, **{f"train_{k}": v / sums["n"] for k, v in sums.items() if k != "n"}}
+        row.update({f"valid_{k}": float(v) for k, v in valid.items()})
+        row.update(lr=optimizer.param_groups[0]["lr"], train_samples_per_s=sums["n"] / train_seconds)
+        score = selection_score(valid, cfg.task, cfg.select_on)
+        row["selected"] = bool(score < best["score"])
+        history.append(row)
+        if score < best["score"]:
+            best = {"score": score, "epoch": epoch, "state": {k: v.detach().clone() for k, v in model.state_dict().items()}}
+            if save:
+                atomic_torch_save({"model": best["state"], "config": cfg.to_dict(), "epoch": epoch}, run_dir / "checkpoint.pt")
+        if save:
+            atomic_write_text(run_dir / "history.csv", pd.DataFrame(history).to_csv(index=False))
+            atomic_torch_save(_training_state(model, optimizer, scheduler, generator, epoch, history, best), run_dir / "last.pt")
+        epochs.set_postfix(valid_loss=f"{valid['loss']:.4f}", best=best["epoch"])
+
+    model.load_state_dict(best["state"])
+    test = evaluate(model, data["test"], cfg.eval_batch_size, dist)
+    metrics = {
+        "test": test,
+        "valid": {k.removeprefix("valid_"): v for k, v in history[best["epoch"] - 1].items() if k.startswith("valid_")},
+        "best_epoch": best["epoch"],
+        "epochs": cfg.epochs,
+        "variant": cfg.variant,
+        "data": dataset.meta.source,
+        "dataset": dataset.meta.name,
+        "aligned": dataset.meta.aligned,
+        "seed": cfg.seed,
+        "seconds": time.perf_counter() - started,
+        "world_size": dist.world,
+    }
+    if save:
+        atomic_write_text(run_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+    return RunResult(dir=run_dir, config=cfg, history=pd.DataFrame(history), metrics=metrics, model=model)
+
+
+
+def resume(run_dir, dataset: MultimodalDataset | None = None) -> RunResult:
+    """Continue the run in ``run_dir`` from its last completed epoch (``mskt train --resume DIR``)."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.json").exists():
+        raise MsktError(f"{run_dir}: not a run folder (no config.json), nothing to resume")
+    return train(Config.load(run_dir / "config.json"), out_dir=run_dir, dataset=dataset, resume=True)
+
+
+
+def describe(metrics: dict) -> str:
+    return format_metrics({k: v for k, v in metrics.items() if k != "loss"})
