@@ -1,13 +1,13 @@
 """Every fast path computes the same function as the plain one, on fresh random inputs.
 
-- fused attention (the compiled CPU kernel, and torch's SDPA) against the explicit
+- fused attention (the compiled CPU kernel ``mskt.fast`` hands a module, and torch's SDPA) against the explicit
   softmax(QK^T/sqrt(d) + mask) V, values and every gradient, with and without dropout;
 - the compiled dropout against dropout's definition, and the fallback when the kernels cannot build;
 - the cheaper CPU dropout against dropout's definition (rate, scale, gradient, reproducibility);
 - attention dropout on the explicit path against the same mask applied by hand;
 - the CPU training attention with dropout (``DropoutAttention``: its own backward) against the
   explicit path with the same mask, values and every gradient;
-- the memory transformer's last-step-only last layer against the full computation;
+- the memory transformer's last-step-only last layer against the full computation, plain and accelerated;
 - fused Adam over one flat tensor (FlatAdam) against torch's reference Adam over the separate tensors;
 - torch.compile against eager, and the eager fallback when compiling fails;
 - whole-tensor batching against a reference per-sample loader (torch DataLoader + collate).
@@ -26,9 +26,13 @@ import torch.nn.functional as F
 
 from mskt.config import Config
 from mskt.errors import ConfigError
-from mskt.model import Attention, Transformer, build_model, dropout, dropout_mask, key_mask
 from mskt.data.presets import MODALITIES
-from mskt.train import CompiledOrEager, FlatAdam, Tensors, autocast, keep_freed_memory, make_optimizer, training_step
+from mskt.fast import accelerate, accelerated_stacks, compiled_kernels
+from mskt.fast.kernels import COMPILED_KERNELS
+from mskt.fast.optim import FlatAdam
+from mskt.fast.runtime import CompiledOrEager, autocast, keep_freed_memory
+from mskt.model import TORCH_KERNELS, Attention, Transformer, build_model, dropout, dropout_mask, key_mask
+from mskt.train import Tensors, make_optimizer, training_step
 
 try:
     from conftest import NO_DROPOUT, TINY, make_batch_fn, tiny_model_config, tiny_run_config
@@ -40,6 +44,26 @@ def fresh_generator():
     """A generator seeded from the OS: each run of the suite draws new inputs."""
     seed = int(np.random.SeedSequence().entropy % 2**31)
     return torch.Generator().manual_seed(seed), seed
+
+
+def attention_module(d, heads, dropout, kernels):
+    """An Attention module; ``kernels="fused"``: with the compiled kernel functions (what
+    ``mskt.fast.accelerate`` hands a verified model's modules), "torch": its stock ones."""
+    attn = Attention(d, heads, dropout=dropout)
+    assert attn.kernels is TORCH_KERNELS
+    if kernels == "fused":
+        attn.kernels = COMPILED_KERNELS
+    return attn
+
+
+def accelerated(module, kernels):
+    """``module`` as is ("torch"), or accelerated ("fused"; where the kernels build, every stack
+    verified to run as the compiled node)."""
+    if kernels == "fused":
+        accelerate(module)
+        if compiled_kernels() is not None:
+            assert all(v is True for v in accelerated_stacks(module).values()), accelerated_stacks(module)
+    return module
 
 
 def random_attention_inputs(g, d=12, heads=3):
@@ -58,7 +82,7 @@ def random_attention_inputs(g, d=12, heads=3):
 def test_fused_attention_equals_explicit_attention(repeat, kernels):
     g, seed = fresh_generator()
     x, source, mask = random_attention_inputs(g)
-    attn = Attention(12, 3, dropout=0.0, cpu_kernels=kernels)
+    attn = attention_module(12, 3, 0.0, kernels)
     fused, none = attn(x, source, mask)
     explicit, weights = attn(x, source, mask, return_attention=True)
     assert none is None
@@ -76,7 +100,7 @@ def test_fused_attention_equals_explicit_attention(repeat, kernels):
 def test_fused_attention_gradients_equal_explicit_ones(kernels):
     g, seed = fresh_generator()
     x, source, mask = random_attention_inputs(g)
-    attn = Attention(12, 3, dropout=0.0, cpu_kernels=kernels)
+    attn = attention_module(12, 3, 0.0, kernels)
     grads = []
     for explicit in (False, True):
         xs = x.clone().requires_grad_()
@@ -131,7 +155,7 @@ def test_cpu_dropout_masks_are_uniform_across_positions():
 def test_attention_dropout_applies_one_mask_to_the_weights():
     g, seed = fresh_generator()
     x, source, mask = random_attention_inputs(g)
-    attn = Attention(12, 3, dropout=0.2, cpu_kernels="torch").train()
+    attn = attention_module(12, 3, 0.2, "torch").train()
     torch.manual_seed(seed)
     out, _ = attn(x, source, mask)
     # By hand: the same weights, the same mask drawn from the same RNG state, dropout's scale.
@@ -154,7 +178,7 @@ def test_cpu_dropout_attention_equals_the_explicit_path_with_the_same_mask(repea
     g, seed = fresh_generator()
     x, source, mask = random_attention_inputs(g)
     p = float(torch.empty(1).uniform_(0.05, 0.6, generator=g))
-    attn = Attention(12, 3, dropout=p, cpu_kernels="torch").train()
+    attn = attention_module(12, 3, p, "torch").train()
     weight = torch.randn(x.shape[0], x.shape[1], 12, generator=g)
     results = []
     for explicit in (False, True):
@@ -176,7 +200,7 @@ def test_cpu_dropout_attention_never_attends_to_padded_keys(kernels):
     x, source, mask = random_attention_inputs(g)
     mask[0, : max(1, mask.shape[1] // 2)] = False
     mask[0, -1] = True
-    attn = Attention(12, 3, dropout=0.3, cpu_kernels=kernels).train()
+    attn = attention_module(12, 3, 0.3, kernels).train()
     poisoned = torch.where(mask[..., None], source, torch.full_like(source, 1e6))
     torch.manual_seed(seed)
     a, _ = attn(x, source, mask)
@@ -189,10 +213,11 @@ def test_cpu_dropout_attention_never_attends_to_padded_keys(kernels):
 # The memory transformer's last layer on the last step only
 
 
+@pytest.mark.parametrize("kernels", ["fused", "torch"])
 @pytest.mark.parametrize("layers", [1, 3])
-def test_last_only_equals_the_last_step_of_the_full_output(layers):
+def test_last_only_equals_the_last_step_of_the_full_output(layers, kernels):
     g, seed = fresh_generator()
-    stack = Transformer(12, 3, layers, 0.0, 0.0, 0.0, 0.0).eval()
+    stack = accelerated(Transformer(12, 3, layers, 0.0, 0.0, 0.0, 0.0), kernels).eval()
     x, _, _ = random_attention_inputs(g)
     lengths = torch.randint(1, x.shape[1] + 1, (x.shape[0],), generator=g)
     mask = key_mask(lengths, x.shape[1])
@@ -202,12 +227,13 @@ def test_last_only_equals_the_last_step_of_the_full_output(layers):
     torch.testing.assert_close(last, full[:, -1:], atol=1e-5, rtol=1e-5, msg=f"seed {seed}")
 
 
+@pytest.mark.parametrize("kernels", ["fused", "torch"])
 @pytest.mark.parametrize("variant", ["full", "kt", "language_vision"])
-def test_model_predictions_do_not_depend_on_the_last_only_shortcut(variant):
-    """return_attention=True computes every memory step (for the maps); the default path only the
-    last one. Both predict the same."""
+def test_model_predictions_do_not_depend_on_the_last_only_shortcut(variant, kernels):
+    """return_attention=True computes every memory step (for the maps) with the Python code; the
+    default path only the last one (as the compiled node, when accelerated). Both predict the same."""
     cfg = tiny_model_config(variant=variant, **NO_DROPOUT)
-    model = build_model(cfg).eval()
+    model = accelerated(build_model(cfg), kernels).eval()
     batch = make_batch_fn(cfg, aligned=False, seed=int(fresh_generator()[1]))
     with torch.no_grad():
         torch.testing.assert_close(model(batch).pred, model(batch, return_attention=True).pred, atol=1e-5, rtol=1e-5)

@@ -1,17 +1,19 @@
-"""The compiled CPU kernels (mskt/csrc/cpu_kernels.cpp) compute the same function as the plain path.
+"""The compiled CPU kernels (mskt/fast/csrc/cpu_kernels.cpp) compute the same function as the plain path.
 
 - the compiled attention (training, with dropout) against autograd through the explicit steps with the
   kernel's own dropout factors: outputs and the gradients of inputs, source and every weight, on
   fresh random shapes, padding and head widths (the specialised ones and one read at run time);
 - its dropout factors have dropout's law: rate, exact inverse keep rate, no correlation between
   neighbours, reproducible by seed;
-- the compiled dropout: rate, scale, gradient, reproducible by torch's seed; relu-dropout against
-  relu then dropout with the same factors; LayerNorm's kernel against torch's, values and gradients;
-- independent transformer stacks as the compiled stack node (side by side on two threads, or one at
-  a time) against the same stacks on torch's operations: outputs and every gradient, cross-modal and
-  self-attention, all steps and the last step only, on fresh random shapes, padding and layer
-  counts; with dropout, bitwise the same on one thread and on two;
-- a model's evaluation predictions are the same with the kernels and with torch's operations;
+- the compiled dropout (``COMPILED_KERNELS.dropout``): rate, scale, gradient, reproducible by torch's
+  seed; relu-dropout against relu then dropout with the same factors; the LayerNorm kernel (which
+  the stack node's norms compute) against torch's, values and gradients;
+- independent transformer stacks of an accelerated model (``mskt.fast.accelerate``: the compiled
+  stack node, side by side on two threads, or one at a time) against the same stacks on torch's
+  operations: outputs and every gradient, cross-modal and self-attention, all steps and the last
+  step only, on fresh random shapes, padding and layer counts; with dropout, bitwise the same on one
+  thread and on two;
+- an accelerated model's evaluation predictions and gradients are the same as the plain model's;
 - a machine where the kernels cannot be built trains on torch's operations, with one warning.
 
 Where they cannot be built (no compiler) these tests are skipped, unless ``MSKT_REQUIRE_KERNELS=1``
@@ -28,10 +30,11 @@ import numpy as np
 import pytest
 import torch
 
-from mskt.fast import kernels
 from mskt.config import Config
 from mskt.errors import ConfigError
-from mskt.model import Attention, LayerNorm, Transformer, build_model, dropout, key_mask, relu_dropout, run_stacks
+from mskt.fast import accelerate, accelerated_stacks, kernels
+from mskt.fast.kernels import COMPILED_KERNELS
+from mskt.model import TORCH_KERNELS, Attention, Transformer, build_model, key_mask, run_stacks
 
 try:
     from conftest import NO_DROPOUT, make_batch_fn, tiny_model_config
@@ -71,6 +74,24 @@ def fresh_generator():
     return torch.Generator().manual_seed(seed), seed
 
 
+def with_compiled_kernels(module):
+    """``module`` with the compiled kernel functions in place of torch's, as ``accelerate`` hands
+    them to a verified model (the layers' own code runs, the kernels under it change)."""
+    for m in module.modules():
+        if getattr(m, "kernels", None) is TORCH_KERNELS:
+            m.kernels = COMPILED_KERNELS
+    assert all(getattr(m, "kernels", COMPILED_KERNELS) is COMPILED_KERNELS for m in module.modules())
+    return module
+
+
+def assert_runs_compiled(model):
+    """Every transformer stack of ``model`` runs as the compiled node (accelerate verified it), so a
+    comparison with the plain model compares two implementations, not the Python code with itself."""
+    found = accelerated_stacks(model)
+    assert found and all(v is True for v in found.values()), {k: v for k, v in found.items() if v is not True}
+    assert all(m.kernels is COMPILED_KERNELS for m in model.modules() if hasattr(m, "kernels"))
+
+
 def explicit_attention(attn, x, source, mask, factors):
     """softmax(q k^T / sqrt(dh), padded keys masked) times the dropout factors, times v: autograd
     through every step."""
@@ -93,7 +114,7 @@ def test_fused_attention_with_dropout_equals_the_explicit_steps_with_its_mask(d,
     lengths = torch.randint(0, S + 1, (B,), generator=g)
     mask = key_mask(lengths, S)
     p = float(torch.empty(1).uniform_(0.05, 0.6, generator=g))
-    attn = Attention(d, heads, dropout=p, cpu_kernels="fused").train()
+    attn = with_compiled_kernels(Attention(d, heads, dropout=p)).train()
     weight = torch.randn(B, T, d, generator=g)
 
     xs, src = x.clone().requires_grad_(), source.clone().requires_grad_()
@@ -118,7 +139,7 @@ def test_fused_attention_does_not_depend_on_the_thread_count():
     """Each (batch, head) is one task whose rows run in order: outputs and gradients are bitwise
     the same on any number of threads, so a seeded run repeats on any machine with the kernels."""
     torch.manual_seed(0)
-    attn = Attention(30, 5, dropout=0.1, cpu_kernels="fused").train()
+    attn = with_compiled_kernels(Attention(30, 5, dropout=0.1)).train()
     x, source = torch.randn(6, 40, 30), torch.randn(6, 70, 30)
     mask = key_mask(torch.tensor([70, 3, 50, 1, 70, 22]), 70)
     threads, results = torch.get_num_threads(), []
@@ -170,7 +191,7 @@ def test_kernel_dropout_factors_have_dropouts_law(p):
 def test_fused_dropout_has_the_right_rate_scale_and_gradient(p):
     n = 400_003  # not a multiple of the kernel's 1024-element chunks
     x = torch.ones(n, requires_grad=True)
-    y = dropout(x, p, training=True, fused=True)
+    y = COMPILED_KERNELS.dropout(x, p, training=True)
     kept = y != 0
     rate = 1 - kept.float().mean().item()
     assert abs(rate - p) < 5 * math.sqrt(p * (1 - p) / n)
@@ -183,10 +204,10 @@ def test_fused_dropout_has_the_right_rate_scale_and_gradient(p):
 def test_fused_dropout_is_reproducible_by_seed_and_fresh_otherwise():
     x = torch.randn(3, 50, 40)
     torch.manual_seed(5)
-    a = dropout(x, 0.3, True, fused=True)
-    b = dropout(x, 0.3, True, fused=True)
+    a = COMPILED_KERNELS.dropout(x, 0.3, True)
+    b = COMPILED_KERNELS.dropout(x, 0.3, True)
     torch.manual_seed(5)
-    assert torch.equal(dropout(x, 0.3, True, fused=True), a)
+    assert torch.equal(COMPILED_KERNELS.dropout(x, 0.3, True), a)
     assert not torch.equal(a, b)
 
 
@@ -195,7 +216,7 @@ def test_fused_relu_dropout_is_relu_then_dropout_with_the_kernels_factors(p):
     g, seed = fresh_generator()
     x = torch.randn(int(torch.randint(1, 5000, (1,), generator=g)), generator=g, requires_grad=True)
     torch.manual_seed(seed)
-    y = relu_dropout(x, p, training=True, fused=True)
+    y = COMPILED_KERNELS.relu_dropout(x, p, training=True)
     torch.manual_seed(seed)
     kernel_seed = int(torch.empty((), dtype=torch.int64).random_())
     # The elementwise kernels take element i's factor from (row i // 1024, key i % 1024).
@@ -208,17 +229,22 @@ def test_fused_relu_dropout_is_relu_then_dropout_with_the_kernels_factors(p):
     torch.testing.assert_close(a, b, msg=f"seed {seed}")
 
 
+def compiled_layer_norm(norm, x):
+    """``norm(x)`` by the compiled LayerNorm kernel (the one the stack node's norms compute)."""
+    return kernels.compiled_kernels().layer_norm_autograd(x, norm.weight, norm.bias, norm.eps)
+
+
 @pytest.mark.parametrize("width", [30, 60, 7, 120])
 def test_fused_layer_norm_equals_torchs(width):
     g, seed = fresh_generator()
     shape = (int(torch.randint(1, 30, (1,), generator=g)), int(torch.randint(1, 600, (1,), generator=g)), width)
-    fused, plain = LayerNorm(width, fused=True), torch.nn.LayerNorm(width)
+    fused, plain = torch.nn.LayerNorm(width), torch.nn.LayerNorm(width)
     with torch.no_grad():
         fused.weight.normal_(generator=g), fused.bias.normal_(generator=g)
     plain.load_state_dict(fused.state_dict())
     x = (3 * torch.randn(shape, generator=g) + 1).requires_grad_()
     weight = torch.randn(shape, generator=g)
-    outs = [norm(x) for norm in (fused, plain)]
+    outs = [compiled_layer_norm(fused, x), plain(x)]
     torch.testing.assert_close(outs[0], outs[1], atol=1e-5, rtol=1e-5, msg=f"seed {seed}")
     grads = [torch.autograd.grad((out * weight).sum(), [x, norm.weight, norm.bias]) for out, norm in zip(outs, (fused, plain))]
     # The weight and bias gradients are fp32 sums over up to 17k rows, in different orders: their
@@ -229,13 +255,13 @@ def test_fused_layer_norm_equals_torchs(width):
 
 def test_fused_layer_norm_gradients_do_not_depend_on_the_thread_count():
     x = torch.randn(40, 300, 30, requires_grad=True)
-    norm = LayerNorm(30, fused=True)
+    norm = torch.nn.LayerNorm(30)
     threads = torch.get_num_threads()
     grads = []
     try:
         for n in (1, 2, 3):
             torch.set_num_threads(n)
-            grads.append(torch.autograd.grad(norm(x).square().sum(), [x, norm.weight, norm.bias]))
+            grads.append(torch.autograd.grad(compiled_layer_norm(norm, x).square().sum(), [x, norm.weight, norm.bias]))
     finally:
         torch.set_num_threads(threads)
     for other in grads[1:]:
@@ -243,20 +269,23 @@ def test_fused_layer_norm_gradients_do_not_depend_on_the_thread_count():
             assert torch.equal(a, b)
 
 
-def random_stacks(g, kernels, d, heads, count, dropout=0.0):
+def random_stacks(g, compiled, d, heads, count, dropout=0.0):
     """``count`` stacks of 1 to 3 layers, cross-modal or not at random, and their calls on fresh
     random shapes and padding: (stacks, calls). Weights are not the initial ones (LayerNorm's
-    would hide mistakes)."""
+    would hide mistakes). ``compiled``: each stack is accelerated (``mskt.fast.accelerate``) and
+    verified to run as the compiled node."""
     B = int(torch.randint(1, 5, (1,), generator=g))
     stacks, calls = [], []
     for _ in range(count):
         cross = bool(torch.randint(0, 2, (1,), generator=g))
         layers = int(torch.randint(1, 4, (1,), generator=g))
         T, S = (int(torch.randint(1, n, (1,), generator=g)) for n in (30, 40))
-        stack = Transformer(d, heads, layers, dropout, dropout, dropout, dropout, cross=cross, cpu_kernels=kernels).train()
+        stack = Transformer(d, heads, layers, dropout, dropout, dropout, dropout, cross=cross).train()
         with torch.no_grad():
             for p in stack.parameters():
                 p.normal_(std=0.5, generator=g)
+        if compiled:
+            assert_runs_compiled(accelerate(stack))
         x, source = torch.randn(B, T, d, generator=g), torch.randn(B, S, d, generator=g)
         mask = key_mask(torch.randint(0, T + 1, (B,), generator=g), T)
         source_mask = key_mask(torch.randint(0, S + 1, (B,), generator=g), S)
@@ -286,12 +315,14 @@ def test_compiled_stacks_equal_the_stacks_on_torch_ops(d, heads, last_only, thre
     the same gradients of every x, every source and every weight."""
     g, seed = fresh_generator()
     count = int(torch.randint(1, 7, (1,), generator=g))
-    fused, calls = random_stacks(g, "fused", d, heads, count)
-    plain = [Transformer(d, heads, len(s.layers), 0.0, 0.0, 0.0, 0.0, cross=s.layers[0].norm_source is not None, cpu_kernels="torch")
+    fused, calls = random_stacks(g, True, d, heads, count)
+    plain = [Transformer(d, heads, len(s.layers), 0.0, 0.0, 0.0, 0.0, cross=s.layers[0].norm_source is not None)
              for s in fused]
-    for a, b in zip(plain, fused):
+    for a, b, call in zip(plain, fused, calls):
         a.load_state_dict(b.state_dict())
         a.train()
+        assert a.accelerator is None and a.kernels is TORCH_KERNELS  # the plain stack: its Python code
+        assert b.accelerator.takes(b, call[0])  # the accelerated one: the compiled node takes this call
     weights = [torch.randn(c[0].shape[0], 1 if last_only else c[0].shape[1], d, generator=g) for c in calls]
     previous = torch.get_num_threads()
     try:
@@ -311,10 +342,11 @@ def test_compiled_stacks_do_not_depend_on_the_thread_count():
     time on one thread draw the same masks and give the same outputs and gradients, bitwise: each
     stack's kernels and products run in the same order on either schedule."""
     g, _ = fresh_generator()
-    stacks, calls = random_stacks(g, "fused", 12, 3, 1, dropout=0.2)
+    stacks, calls = random_stacks(g, True, 12, 3, 1, dropout=0.2)
     copies = [Transformer(12, 3, len(stacks[0].layers), 0.2, 0.2, 0.2, 0.2, cross=calls[0][2] is not None).train() for _ in range(3)]
     for c in copies:
         c.load_state_dict(stacks[0].state_dict())
+        assert_runs_compiled(accelerate(c))
     stacks, calls = stacks + copies, calls * 4
     weights = [torch.randn(calls[0][0].shape, generator=g)] * 4
     previous, results = torch.get_num_threads(), []
@@ -345,11 +377,14 @@ def test_the_compiled_bias_gradient_sums_each_column_in_a_fixed_order():
 
 @pytest.mark.parametrize("variant", ["full", "kt"])
 def test_model_predictions_are_the_same_with_compiled_kernels_and_torch_ops(variant):
-    """Evaluation has no dropout: both settings compute the same function on the same weights."""
+    """Evaluation has no dropout: the accelerated model (compiled kernels and stack nodes) and the
+    plain one compute the same function on the same weights."""
     torch.manual_seed(0)
-    fused = build_model(tiny_model_config(variant=variant, cpu_kernels="fused")).eval()
-    plain = build_model(tiny_model_config(variant=variant, cpu_kernels="torch")).eval()
+    fused = accelerate(build_model(tiny_model_config(variant=variant))).eval()
+    plain = build_model(tiny_model_config(variant=variant)).eval()
     plain.load_state_dict(fused.state_dict())
+    assert_runs_compiled(fused)
+    assert all(v == "not accelerated" for v in accelerated_stacks(plain).values())
     batch = make_batch_fn(tiny_model_config(variant=variant), batch=6, seed=3)
     with torch.no_grad():
         torch.testing.assert_close(fused(batch).pred, plain(batch).pred, atol=1e-5, rtol=1e-5)
@@ -357,9 +392,10 @@ def test_model_predictions_are_the_same_with_compiled_kernels_and_torch_ops(vari
 
 def test_training_step_gradients_are_the_same_without_dropout():
     torch.manual_seed(0)
-    cfgs = [tiny_model_config(variant="full", cpu_kernels=k, **NO_DROPOUT) for k in ("fused", "torch")]
-    fused, plain = (build_model(c).train() for c in cfgs)
+    cfgs = [tiny_model_config(variant="full", **NO_DROPOUT) for _ in range(2)]
+    fused, plain = accelerate(build_model(cfgs[0])).train(), build_model(cfgs[1]).train()
     plain.load_state_dict(fused.state_dict())
+    assert_runs_compiled(fused)
     batch = make_batch_fn(cfgs[0], batch=6, seed=4)
     grads = []
     for model in (fused, plain):
@@ -383,10 +419,17 @@ def test_a_machine_without_the_kernels_trains_on_torch_ops(monkeypatch, caplog, 
         with caplog.at_level(logging.WARNING, logger="mskt.fast.build"):
             assert kernels.compiled_kernels() is None
             torch.manual_seed(0)
-            model = build_model(tiny_model_config(variant="full", cpu_kernels="fused")).train()
+            model = accelerate(build_model(tiny_model_config(variant="full"))).train()
             batch = make_batch_fn(tiny_model_config(variant="full"), batch=4, seed=1)
             model.loss(model(batch), batch["labels"])["total"].backward()
+            # Handed the compiled kernel functions anyway, each falls back to torch's operations per call.
+            handed = with_compiled_kernels(build_model(tiny_model_config(variant="full"))).train()
+            handed.loss(handed(batch), batch["labels"])["total"].backward()
         assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+        assert all(p.grad is not None for p in handed.parameters() if p.requires_grad)
+        # accelerate left the model's Python code in place: torch's kernel functions, no stack accelerated.
+        assert all(m.kernels is TORCH_KERNELS for m in model.modules() if hasattr(m, "kernels"))
+        assert all(v == "not accelerated" for v in accelerated_stacks(model).values())
         unavailable = [r.getMessage() for r in caplog.records if r.name == "mskt.fast.build" and "not available" in r.getMessage()]
         assert len(unavailable) == 1 and "Ninja is required" in unavailable[0]  # once, however many layers asked
     finally:
@@ -394,6 +437,13 @@ def test_a_machine_without_the_kernels_trains_on_torch_ops(monkeypatch, caplog, 
 
 
 def test_cpu_kernels_is_a_checked_choice():
+    """A run's choice (train() and load_run() accelerate the model when "fused"), not the model's:
+    the model's config has no such field."""
+    import dataclasses
+
+    from mskt.model import ModelConfig
+
     assert Config().cpu_kernels == "fused"
+    assert "cpu_kernels" in Config.fields() and "cpu_kernels" not in {f.name for f in dataclasses.fields(ModelConfig)}
     with pytest.raises(ConfigError, match="cpu_kernels"):
         Config.from_dict({"cpu_kernels": "cuda"})

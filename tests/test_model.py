@@ -22,13 +22,13 @@ import torch
 from mskt.config import PRESETS, preset
 from mskt.errors import ConfigError
 from mskt.model import (
-    VARIANT_MODALITIES,
     VARIANTS,
     ModelConfig,
     build_model,
     consistency_loss,
     key_mask,
     resample,
+    variant_class,
 )
 from mskt.data.presets import DATA_SHAPES
 
@@ -60,8 +60,13 @@ def expected_pred_shape(task):
     return (B,) if task == "regression" else (B, 4, 2)
 
 
+def fused_modalities(variant):
+    """The modalities ``variant``'s cross-modal transformers attend among (kt: A' counts as audio)."""
+    return variant_class(variant).fuses
+
+
 def valid_targets(variant):
-    present = VARIANT_MODALITIES[variant]
+    present = fused_modalities(variant)
     return ("all",) + (present if len(present) > 1 else ())
 
 
@@ -101,7 +106,7 @@ def test_output_shapes(variant, task, aligned, targets):
         assert out.pred.shape == expected_pred_shape(task)
         assert torch.isfinite(out.pred).all()
         d = cfg.d_model
-        for m in VARIANT_MODALITIES[variant]:
+        for m in fused_modalities(variant):
             if variant == "kt" and m == "audio":
                 continue
             assert out.internals[f"f_{m}"].shape == (B, steps[m], d)
@@ -125,7 +130,7 @@ def test_output_shapes_ctc_unaligned(variant, task):
     out = model(batch)
     assert out.pred.shape == expected_pred_shape(task)
     terms = model.loss(out, batch["labels"])
-    aligned_inputs = [m for m in VARIANT_MODALITIES[variant] if m != "text" and not (variant == "kt" and m == "audio")]
+    aligned_inputs = [m for m in fused_modalities(variant) if m != "text" and not (variant == "kt" and m == "audio")]
     assert sorted(k for k in terms if k.startswith("ctc_")) == sorted(f"ctc_{m}" for m in aligned_inputs)
     assert torch.isfinite(terms["total"])
     model.eval()
@@ -331,7 +336,7 @@ def test_explicit_attention_matches_fused_path(variant, aligned, ctc):
     assert fused.attention is None
     torch.testing.assert_close(explicit.pred, fused.pred, atol=1e-5, rtol=0)
     steps, lengths = steps_for(aligned), batch["lengths"]
-    present = VARIANT_MODALITIES[variant]
+    present = fused_modalities(variant)
     expected_keys = {f"{t}->{t}" for t in model.targets}
     if len(present) > 1:
         expected_keys |= {f"{s}->{t}" for t in model.targets for s in present if s != t}
@@ -376,7 +381,7 @@ def test_padded_values_do_not_change_predictions(variant, aligned):
     model, cfg = build(aligned, variant=variant)  # kernels are 1: no step sees its neighbour
     assert cfg.text_kernel == cfg.audio_kernel == cfg.vision_kernel == 1
     batch = make_batch_fn(cfg, aligned)
-    inputs = [m for m in VARIANT_MODALITIES[variant] if not (variant == "kt" and m == "audio")]
+    inputs = [m for m in fused_modalities(variant) if not (variant == "kt" and m == "audio")]
     model.eval()
     with torch.no_grad():
         ref = model(batch).pred
@@ -654,9 +659,9 @@ def test_key_mask():
         ({"variant": "audio_only"}, "variant"),
         ({"task": "classification"}, "task"),
         ({"targets": "everything"}, "targets"),
-        ({"variant": "language", "targets": "vision"}, "not an input"),
-        ({"variant": "vision", "targets": "audio"}, "not an input"),
-        ({"variant": "language_vision", "targets": "audio"}, "not an input"),
+        ({"variant": "language", "targets": "vision"}, "not a modality variant .* fuses"),
+        ({"variant": "vision", "targets": "audio"}, "not a modality variant .* fuses"),
+        ({"variant": "language_vision", "targets": "audio"}, "not a modality variant .* fuses"),
         ({"d_model": 10, "heads": 4}, "divisible"),
         ({"consistency": "l3"}, "consistency"),
         ({"kt_target": "oracle"}, "kt_target"),
@@ -677,3 +682,24 @@ def test_model_config_targets():
     assert tiny_model_config(variant="kt", targets="audio").target_modalities() == ("audio",)
     assert tiny_model_config(variant="language", targets="text").target_modalities() == ("text",)
     assert ModelConfig(task="emotions").n_outputs == 8 and ModelConfig().n_outputs == 1
+
+
+def test_builtin_variants_declare_what_they_read_fuse_and_reconstruct():
+    """The registry's classes declare the modalities that VARIANT_MODALITIES used to list (``fuses``),
+    what the prediction path reads from the batch (``inputs``: kt never reads audio) and what they
+    rebuild (``reconstructs``); every name builds its own class."""
+    assert list(VARIANTS) == ["full", "kt", "language_vision", "language", "vision", "kt_any"]
+    expected = {  # variant: (inputs, fuses, reconstructs)
+        "full": (("text", "audio", "vision"), ("text", "audio", "vision"), ()),
+        "kt": (("text", "vision"), ("text", "audio", "vision"), ("audio",)),
+        "kt_any": (("text", "audio", "vision"), ("text", "audio", "vision"), ("text", "audio", "vision")),
+        "language_vision": (("text", "vision"), ("text", "vision"), ()),
+        "language": (("text",), ("text",), ()),
+        "vision": (("vision",), ("vision",), ()),
+    }
+    for name, (inputs, fuses, reconstructs) in expected.items():
+        cls = variant_class(name)
+        assert (tuple(cls.inputs), tuple(cls.fuses), tuple(cls.reconstructs)) == (inputs, fuses, reconstructs), name
+        assert type(build_model(tiny_model_config(variant=name))) is cls
+    with pytest.raises(ConfigError, match="variant"):
+        variant_class("audio_only")

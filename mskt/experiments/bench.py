@@ -15,7 +15,6 @@ Timing is noisy on shared machines: compare numbers from one run, never across r
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
 import threading
@@ -132,9 +131,9 @@ def _sync(device):
 def train_flops_per_sample(model, batch: dict) -> float:
     """FLOPs of one training step (forward + backward) over the batch size. Counted on the explicit
     attention path (``return_attention=True``): the same function as the fused kernels, whose
-    CPU implementations the FLOP counter does not know. ``model`` should be built with
-    ``cpu_kernels="torch"``: layers called without ``return_attention`` (kt's theta, phi and delta)
-    would otherwise run the compiled kernel, which the counter does not see."""
+    CPU implementations the FLOP counter does not know. ``model`` should not be accelerated
+    (``mskt.fast``): stacks called without ``return_attention`` (kt's theta, phi and delta) would
+    otherwise run the compiled node, which the counter does not see."""
     from torch.utils.flop_counter import FlopCounterMode
 
     model.train()
@@ -158,11 +157,21 @@ def bench_config(preset: str, variant: str, config: str = "mult", precision: str
     return Config.from_dict(values)
 
 
+def _built(cfg, device):
+    """The model as ``mskt train`` builds it: accelerated by mskt.fast when ``cpu_kernels="fused"``."""
+    from mskt.fast import accelerate
+    from mskt.model import build_model
+
+    model = build_model(cfg).to(device)
+    return accelerate(model) if cfg.cpu_kernels == "fused" else model
+
+
 def bench_one(preset: str, variant: str, config: str = "mult", steps: int = 10, warmup: int = 3, device=None,
               precision: str = "fp32", compile: bool = False, peak: float | None = None) -> dict:
     """One record: ``preset`` at its real shapes, ``variant``, ``config`` ("paper" or "mult")."""
     from mskt.model import build_model
     from mskt.train import make_optimizer, resolve_device, training_step
+    from mskt.train.evaluation import default_test_batch
 
     device = resolve_device("auto") if device is None else torch.device(device)
     shapes = shapes_for(preset)
@@ -170,17 +179,15 @@ def bench_one(preset: str, variant: str, config: str = "mult", steps: int = 10, 
     torch.manual_seed(0)
     # FLOPs grow linearly with the batch; two samples keep the explicit attention maps small. Torch's
     # operations throughout: the FLOP counter cannot see inside the compiled kernels.
-    flops = train_flops_per_sample(build_model(dataclasses.replace(cfg, cpu_kernels="torch")).to(device), synthetic_batch(shapes, 2, device, seed=2))
+    flops = train_flops_per_sample(build_model(cfg).to(device), synthetic_batch(shapes, 2, device, seed=2))
 
     with PeakMemory(device) as mem:  # weights, optimizer state, batch and activations
-        model = build_model(cfg).to(device)
+        model = _built(cfg, device)
         batch = synthetic_batch(shapes, cfg.batch_size, device)
         optimizer = make_optimizer(model, cfg)
         train_seconds = _time_steps(training_step(model, optimizer, cfg), batch, steps, warmup, device)
 
-    eval_batch = synthetic_batch(shapes, cfg.eval_batch_size, device, seed=1)
-    if variant != "full":
-        eval_batch["audio"] = None
+    eval_batch = default_test_batch(model, synthetic_batch(shapes, cfg.eval_batch_size, device, seed=1))
     model.eval()
     n_infer, infer_seconds = _time_inference(model, eval_batch, steps * cfg.batch_size, device)
     from mskt.fast.build import compiled_kernels
@@ -282,14 +289,13 @@ def interleaved_speedup(preset: str, variant: str = "full", config: str = "mult"
     import statistics
 
     from mskt.experiments import mult_reference
-    from mskt.model import build_model
     from mskt.train import make_optimizer, resolve_device, training_step
 
     device = resolve_device("auto") if device is None else torch.device(device)
     shapes = shapes_for(preset)
     cfg = bench_config(preset, variant, config)
     torch.manual_seed(0)
-    model = build_model(cfg).to(device)
+    model = _built(cfg, device)
     ours = training_step(model, make_optimizer(model, cfg), cfg)
     public_model = mult_reference.MULTModel(shapes.dims, n_outputs=1 if shapes.task == "regression" else 8).to(device).train()
     public = mult_reference.training_step(public_model, shapes.task)

@@ -57,8 +57,8 @@ def accelerate(model: nn.Module) -> nn.Module:
                 fell_back.setdefault(reason, []).append(name)
     for reason, names in fell_back.items():
         shown = ", ".join(names[:6]) + (f" and {len(names) - 6} more" if len(names) > 6 else "")
-        log.warning("mskt.fast: %d stack%s run%s its Python code (%s): %s", len(names), "s" if len(names) > 1 else "",
-                    "" if len(names) > 1 else "s", shown, reason)
+        what = f"{len(names)} stacks run their" if len(names) > 1 else "1 stack runs its"
+        log.warning("mskt.fast: %s Python code (%s): %s", what, shown, reason)
     return model
 
 

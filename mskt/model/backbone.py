@@ -36,6 +36,9 @@ class Output:
     internals: dict = field(default_factory=dict)  # f_*, reconstructions and their targets (return_internals)
     attention: dict | None = None  # "source->target" -> list over layers of (B, heads, T, S)
     aux: dict = field(default_factory=dict)  # training-only tensors the loss needs
+    # With return_attention or return_internals: {m: (B,)} real steps of the grid each fused modality
+    # lived on in this forward (A' of kt on the text grid; every grid the text's under CTC).
+    lengths: dict | None = None
 
 
 class MulT(nn.Module):
@@ -129,6 +132,15 @@ class MulT(nn.Module):
 
     def check_missing(self, given: torch.Tensor) -> None:
         """Refuse missing patterns the variant cannot predict from (``given``: (B, 3) bool)."""
+
+    def reconstruction_sources(self, modality: str) -> dict:
+        """{label: (internals key, grid modality)} of each reconstruction of ``modality``: the
+        prediction from each other modality (``{m}_from_{s}``, on s's grid) and the fused one
+        (``{m}_reconstruction``, on m's grid). Analyses read these; a variant that names or places
+        them otherwise overrides it."""
+        sources = {s: (f"{modality}_from_{s}", s) for s in MODALITIES if s != modality}
+        sources["fused"] = (f"{modality}_reconstruction", modality)
+        return sources
 
     def read_out(self, modality: str, reconstruction: torch.Tensor) -> torch.Tensor | None:
         """A reconstruction of ``modality`` (B, T, d) read out to its real features (B, T, D_m) in the
@@ -246,7 +258,8 @@ class MulT(nn.Module):
         z = z + self.proj2(self.kernels.relu_dropout(self.proj1(z), cfg.out_dropout, self.training))
         pred = self.out(z)  # (B, n_outputs)
         pred = pred.squeeze(1) if cfg.task == "regression" else pred.view(-1, 4, 2)  # (B,) or (B, 4, 2)
-        return Output(pred=pred, internals=internals, attention=attention, aux=aux)
+        grids = {m: mask.sum(dim=1) for m, mask in masks.items() if m in self.fuses} if return_attention or return_internals else None
+        return Output(pred=pred, internals=internals, attention=attention, aux=aux, lengths=grids)
 
     # -- loss ---------------------------------------------------------------------------------
 

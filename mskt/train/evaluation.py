@@ -6,6 +6,7 @@ import torch
 
 from mskt.data.batching import Tensors
 from mskt.metrics import compute_metrics
+from mskt.modalities import MODALITIES
 from mskt.model import KTMulT
 
 
@@ -26,6 +27,17 @@ def predict(model: KTMulT, data: Tensors, batch_size: int = 256, return_internal
         result["internals"] = {k: torch.cat(v).numpy() for k, v in internals.items()}
     return result
 
+
+
+def default_test_batch(model: KTMulT, batch: dict) -> dict:
+    """``batch`` as the default (the paper's) test protocol gives it to ``model``: its
+    ``test_missing`` modalities marked missing where it reads them, left out where it does not."""
+    absent = model.test_missing
+    if any(m in model.inputs for m in absent):
+        B = batch["labels"].shape[0]
+        missing = torch.tensor([m in absent for m in MODALITIES], device=batch["labels"].device).expand(B, -1)  # (B, 3)
+        return {**batch, "missing": missing}
+    return {**batch, **{m: None for m in absent}}
 
 
 def _missing_batches(model, data: Tensors, batch_size, missing, rate, mode, seed, rank=0, world=1, default_protocol=True):

@@ -2,9 +2,11 @@
 
 Functions return numbers and DataFrames; ``mskt.viz.plots`` draws them.
 
-Reconstruction quality is measured in standardised audio-feature units (a kt run with
-``kt_target="raw"``: theta, phi and delta are read out through the model's audio readout), on
-real steps only, each reconstruction on its own time grid with the real audio resampled onto it.
+Reconstruction quality is measured in standardised feature units (a model that reads its
+reconstructions out to the features: kt with ``kt_target="raw"``, whose theta, phi and delta share
+one audio readout, or kt_any), on real steps only, each reconstruction on its own time grid with the
+real features resampled onto it. Which reconstructions there are, and on which grid, the model says
+(``reconstruction_sources``).
 """
 
 from __future__ import annotations
@@ -15,32 +17,34 @@ import torch
 
 from mskt.model import KTMulT, key_mask, resample
 from mskt.train import Tensors
-
-SOURCES = {"vision": "audio_from_vision", "language": "audio_from_language", "fused": "audio_reconstruction"}
-
+from mskt.train.evaluation import default_test_batch
 
 @torch.inference_mode()
-def reconstructions(model: KTMulT, data: Tensors, batch_size: int = 256) -> dict:
-    """For every sample: the real standardised audio and theta / phi / delta's reconstructions of it,
-    on each reconstruction's grid. Returns {source: {"pred", "target", "mask"}} of numpy arrays
-    (N, T, D_a), (N, T, D_a), (N, T), plus "prediction" (N, ...) and "labels"."""
+def reconstructions(model: KTMulT, data: Tensors, batch_size: int = 256, modality: str = "audio") -> dict:
+    """For every sample: the real standardised features of ``modality`` and each reconstruction of it
+    (``model.reconstruction_sources``: kt's theta, phi and delta), on each reconstruction's grid.
+    Returns {source: {"pred", "target", "mask"}} of numpy arrays (N, T, D_m), (N, T, D_m), (N, T),
+    plus "prediction" (N, ...) and "labels". Needs a model that reads its reconstructions out to the
+    features (``read_out``: kt with kt_target='raw', kt_any)."""
     cfg = model.cfg
-    if cfg.variant != "kt" or cfg.kt_target != "raw":
-        raise ValueError(f"reconstruction quality needs a kt run with kt_target='raw' (this run: {cfg.variant}, {cfg.kt_target})")
+    probe = torch.zeros(1, 1, cfg.d_model, device=next(model.parameters()).device)
+    if modality not in model.reconstructs or model.read_out(modality, probe) is None:
+        raise ValueError(f"reconstruction quality of {modality} needs a model that reconstructs it and reads it out to its "
+                         f"features (kt with kt_target='raw', or kt_any); this run: {cfg.variant}, kt_target={cfg.kt_target}")
+    sources = model.reconstruction_sources(modality)
     model.eval()
-    parts = {s: {"pred": [], "target": [], "mask": []} for s in SOURCES}
+    parts = {s: {"pred": [], "target": [], "mask": []} for s in sources}
     preds = []
     for batch in data.batches(batch_size):
         out = model(batch, return_internals=True)
-        target = out.internals["audio_features"]  # (B, T_a, D_a), standardised, padding 0
-        len_a = batch["lengths"]["audio"]
+        target = out.internals[f"{modality}_features"]  # (B, T_m, D_m), standardised, padding 0
+        len_m = batch["lengths"][modality]
         preds.append(out.pred.float().cpu())
-        for source, key in SOURCES.items():
-            grid = "vision" if source == "vision" else "text"
-            pred = model.audio_readout(out.internals[key])  # (B, T_grid, D_a)
+        for source, (key, grid) in sources.items():
+            pred = model.read_out(modality, out.internals[key])  # (B, T_grid, D_m)
             T = pred.shape[1]
-            length = batch["lengths"][grid]
-            on_grid = target if T == target.shape[1] else resample(target, len_a, T, length)  # (B, T, D_a)
+            length = out.lengths.get(grid, batch["lengths"][grid])  # the grid as the forward used it
+            on_grid = target if T == target.shape[1] else resample(target, len_m, T, length)  # (B, T, D_m)
             parts[source]["pred"].append(pred.cpu())
             parts[source]["target"].append(on_grid.cpu())
             parts[source]["mask"].append(key_mask(length, T).cpu())
@@ -48,6 +52,11 @@ def reconstructions(model: KTMulT, data: Tensors, batch_size: int = 256) -> dict
     result["prediction"] = torch.cat(preds).numpy()
     result["labels"] = data.labels.cpu().numpy()
     return result
+
+
+def _sources(rec: dict) -> list:
+    """The reconstructions in a :func:`reconstructions` result, in the model's order."""
+    return [k for k, v in rec.items() if isinstance(v, dict)]
 
 
 def _real(x: np.ndarray, mask: np.ndarray) -> np.ndarray:
@@ -72,7 +81,7 @@ def quality_summary(rec: dict, seed: int = 0) -> pd.DataFrame:
     baseline (training-mean audio; the audio of another, shuffled sample): MSE, R^2, cosine."""
     rows = []
     rng = np.random.default_rng(seed)
-    for source in SOURCES:
+    for source in _sources(rec):
         r = rec[source]
         pred, target = _real(r["pred"], r["mask"]), _real(r["target"], r["mask"])
         rows.append({"reconstruction": f"A' from {source}", "mse": float(((pred - target) ** 2).mean()), "r2": _r2(pred, target), "cosine": _cosine(pred, target)})
@@ -91,7 +100,7 @@ def quality_summary(rec: dict, seed: int = 0) -> pd.DataFrame:
 def error_per_dimension(rec: dict, feature_names=None) -> pd.DataFrame:
     """MSE per audio feature for each reconstruction; long format (source, feature, mse)."""
     rows = []
-    for source in SOURCES:
+    for source in _sources(rec):
         r = rec[source]
         err = ((_real(r["pred"], r["mask"]) - _real(r["target"], r["mask"])) ** 2).mean(axis=0)  # (D_a,)
         names = feature_names or [f"audio_{i:03d}" for i in range(len(err))]
@@ -103,7 +112,7 @@ def error_per_position(rec: dict, bins: int = 10) -> pd.DataFrame:
     """MSE against the relative position of a step in its utterance (0 = first real step, 1 = last),
     in ``bins`` bins; long format (source, position, mse)."""
     rows = []
-    for source in SOURCES:
+    for source in _sources(rec):
         r = rec[source]
         N, T, _ = r["pred"].shape
         length = r["mask"].sum(axis=1, keepdims=True)  # (N, 1)
@@ -139,16 +148,15 @@ def per_sample_errors(rec: dict) -> pd.DataFrame:
 @torch.inference_mode()
 def attention_maps(model: KTMulT, data: Tensors, samples) -> dict:
     """Attention weights of the chosen samples (indices into ``data``), from the explicit attention
-    path: {"source->target": [per layer (n, heads, T_target, T_source) numpy]}; "t->t" keys are the
-    self-attention decoder's. Also "lengths" {modality: (n,)} to crop padding when drawing."""
+    path, with the inputs the default test protocol gives (as ``evaluate``): {"source->target": [per
+    layer (n, heads, T_target, T_source) numpy]}; "t->t" keys are the self-attention decoder's. Also
+    "lengths" {modality: (n,)}, the real steps of each grid as the forward used it, to crop padding."""
     model.eval()
     index = torch.as_tensor(list(samples), dtype=torch.long, device=data.labels.device)
-    batch = data.batch(index)
-    if model.cfg.variant != "full":
-        batch = {**batch, "audio": None}
+    batch = default_test_batch(model, data.batch(index))  # as evaluate() gives it
     out = model(batch, return_attention=True)
     maps = {k: [w.float().cpu().numpy() for w in layers] for k, layers in out.attention.items()}
-    maps["lengths"] = {m: v.cpu().numpy() for m, v in batch["lengths"].items()}
+    maps["lengths"] = {m: v.cpu().numpy() for m, v in out.lengths.items()}  # each grid's real steps, as the forward used them
     return maps
 
 
@@ -164,11 +172,9 @@ def average_attention(model: KTMulT, data: Tensors, max_samples: int = 256, bins
     n = min(len(data), max_samples)
     maps = attention_maps(model, data, range(n))
     lengths = maps.pop("lengths")
-    reconstructed = model.cfg.variant == "kt"
 
     def length(modality, i, steps):
-        grid = "text" if modality == "audio" and reconstructed else modality
-        return int(min(steps, max(1, lengths[grid][i])))
+        return int(min(steps, max(1, lengths[modality][i])))
 
     out = {}
     for key, layers in maps.items():

@@ -5,9 +5,9 @@ the reconstructed features against the real ones, and the cross-modal attention,
 ``explorer`` wires both into an ipywidgets control for JupyterLab. Headless (papermill), notebooks
 draw ``plot_sample_view`` for a few samples and patterns instead.
 
-Reconstructions are shown for ``kt_any`` (any missing modality) and ``kt`` (audio, always
-reconstructed); for other variants a missing modality is zero-filled and only the prediction and
-attention change. The real features of a missing modality are read here for display only: the
+Reconstructions are shown for what the model reconstructs and reads out to the features
+(``model.reconstructs``, ``model.read_out``: kt_any any missing modality, kt audio, always); for
+other variants a missing modality is zero-filled and only the prediction and attention change. The real features of a missing modality are read here for display only: the
 model's forward pass never sees them (``batch["missing"]``).
 """
 
@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from mskt.data.missing import parse_missing
-from mskt.model import MODALITIES, KTMulT, key_mask, resample
+from mskt.model import MODALITIES, KTMulT, resample
 from mskt.train import Tensors
 
 
@@ -38,30 +38,24 @@ def sample_view(model: KTMulT, data: Tensors, index: int, missing=()) -> dict:
     model.eval()
     cfg = model.cfg
     missing = parse_missing(missing)
-    if cfg.variant == "kt":  # kt reconstructs audio whatever is given
-        missing = tuple(m for m in MODALITIES if m in missing or m == "audio")
+    # What the model rebuilds without ever reading it (kt's audio) is reconstructed whatever is given.
+    always = tuple(m for m in model.reconstructs if m not in model.inputs)
+    missing = tuple(m for m in MODALITIES if m in missing or m in always)
     idx = torch.as_tensor([int(index)], device=data.labels.device)
     batch = data.batch(idx)
     mask = torch.tensor([[m in missing for m in MODALITIES]], device=data.labels.device)
     out = model({**batch, "missing": mask}, return_attention=True, return_internals=True)
     full = model({**batch, "missing": torch.zeros_like(mask)})
 
-    grid = dict(batch["lengths"])
-    if model.ctc is not None:  # every modality aligned onto the text grid
-        grid = {m: batch["lengths"]["text"] for m in MODALITIES}
+    grid = {m: out.lengths.get(m, batch["lengths"][m]) for m in MODALITIES}  # as the forward used them
     views = {}
     for m in missing:
-        if cfg.variant == "kt_any":
-            rec = model.readout[m](out.internals[f"reconstruction_{m}"])  # (1, T, D_m)
-            real = model.standardised(m, batch[m], batch["lengths"][m])  # (1, T_raw, D_m): display only
-            length = grid[m]
-        elif cfg.variant == "kt" and m == "audio" and cfg.kt_target == "raw":
-            rec = model.audio_readout(out.internals["audio_reconstruction"])  # (1, T_text, D_a): A' on the text grid
-            real = (batch["audio"] - model.audio_mean) / model.audio_std
-            real = torch.where(key_mask(batch["lengths"]["audio"], real.shape[1])[..., None], real, 0.0)
-            length = batch["lengths"]["text"]
-        else:
+        key = f"{m}_reconstruction"
+        rec = model.read_out(m, out.internals[key]) if m in model.reconstructs and key in out.internals else None
+        if rec is None:  # zero-filled, or reconstructed in another space than the features
             continue
+        real = model.standardised(m, batch[m], batch["lengths"][m])  # (1, T_raw, D_m): display only
+        length = grid[m]
         T = rec.shape[1]
         if real.shape[1] != T:
             real = resample(real, batch["lengths"][m], T, length)
@@ -69,8 +63,6 @@ def sample_view(model: KTMulT, data: Tensors, index: int, missing=()) -> dict:
         r, p = real[0, -n:].float().cpu().numpy(), rec[0, -n:].float().cpu().numpy()  # (n, D_m)
         views[m] = {"real": r, "reconstructed": p, "r2": _r2(p, r)}
     lengths = {m: int(grid[m][0]) for m in MODALITIES}
-    if cfg.variant == "kt":
-        lengths["audio"] = lengths["text"]
     attention = {k: w[-1][0].float().cpu().numpy() for k, w in (out.attention or {}).items()}
     label = batch["labels"][0].cpu().numpy()
     return {

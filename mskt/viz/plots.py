@@ -349,8 +349,9 @@ def plot_attention(maps: dict, sample: int = 0, layer: int = 0, head: int | None
                    relative: bool = False):
     """Cross-modal attention of one sample: a heatmap per direction (source → target) for one layer,
     one head or the mean over heads. ``maps``: {"source->target": list over layers of (B, h, T, S)}.
-    With ``lengths`` ({modality: (B,)}), each map is cropped to the sample's real steps (A′ lives on
-    the text grid). ``reconstructed_audio`` labels audio as A′ (kt) rather than A (full).
+    With ``lengths`` ({modality: (B,)}: the real steps of each grid as the forward used it, as
+    ``analysis.attention_maps`` gives them), each map is cropped to the sample's real steps.
+    ``reconstructed_audio`` labels audio as A′ (reconstructed) rather than A (real).
     ``relative=True`` draws maps from ``mskt.viz.analysis.average_attention`` (relative positions, weight
     relative to uniform, centred on 1)."""
     import numpy as np
@@ -365,8 +366,7 @@ def plot_attention(maps: dict, sample: int = 0, layer: int = 0, head: int | None
     def real_steps(modality, n):
         if lengths is None:
             return n
-        grid = "text" if modality == "audio" and reconstructed_audio else modality
-        return int(max(1, min(n, lengths[grid][sample])))
+        return int(max(1, min(n, lengths[modality][sample])))
 
     for ax, key in zip(axes.flat, directions):
         w = np.asarray(maps[key][layer][sample])  # (h, T, S)

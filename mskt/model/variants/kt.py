@@ -65,6 +65,11 @@ class KT(MulT):
             return self.audio_readout(reconstruction)  # (B, T, d) -> (B, T, D_a)
         return None  # aux / teacher: A' lives in the audio encoder's space, where its target is
 
+    def reconstruction_sources(self, modality):
+        # theta's prediction stays on the vision grid; phi's and A' live on the text grid.
+        return {"vision": ("audio_from_vision", "vision"), "language": ("audio_from_language", "text"),
+                "fused": ("audio_reconstruction", "text")}
+
     def set_audio_statistics(self, mean: torch.Tensor, std: torch.Tensor) -> None:
         """Per-feature training-set mean and std of audio, the standardisation of kt_target='raw'."""
         self.set_statistics("audio", mean, std)
