@@ -32,7 +32,20 @@ def test_the_mult_config_is_the_public_codes():
 
 
 @pytest.mark.parametrize("variant", ["full", "kt"])
-def test_a_record(variant):
+def test_a_record(variant, monkeypatch):
+    from mskt.fast import stacks
+
+    compiled_calls = []
+    run_compiled = stacks.compiled_stacks
+
+    def counted(calls, last_only):
+        import torch
+
+        if torch.is_grad_enabled():  # a training step's (accelerate's own numeric check runs without grad)
+            compiled_calls.append(len(calls))
+        return run_compiled(calls, last_only)
+
+    monkeypatch.setattr(stacks, "compiled_stacks", counted)
     record = bench_one("iemocap", variant, "mult", steps=1, warmup=1, peak=1e10)
     assert set(RECORD_KEYS) <= set(record)
     assert record["train_samples_per_s"] > 0 and record["infer_samples_per_s"] > 0
@@ -40,6 +53,8 @@ def test_a_record(variant):
     from mskt.fast.build import compiled_kernels
 
     assert record["cpu_kernels"] == ("fused" if compiled_kernels() is not None else "torch")  # what actually ran
+    # ... and it did run: the timed model is accelerated (mskt.fast) exactly when the record says "fused".
+    assert bool(compiled_calls) == (record["cpu_kernels"] == "fused")
     # FLOPs of one training step per sample: at least the forward's matmuls, thrice for backward.
     assert 1e7 < record["train_flops_per_sample"] < 1e10
     assert 0 < record["peak_fraction"]

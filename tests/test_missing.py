@@ -126,8 +126,12 @@ def test_kt_any_shapes_and_loss_terms(aligned):
     out = model(batch, return_internals=True)
     for m in MODALITIES:
         assert out.internals[f"f_{m}"].shape == (B, steps[m], d)
-        assert out.internals[f"reconstruction_{m}"].shape == (B, steps[m], d)  # m' on m's own grid
+        assert out.internals[f"{m}_reconstruction"].shape == (B, steps[m], d)  # m' on m's own grid
         assert out.internals[f"{m}_features"].shape == (B, steps[m], cfg.dim(m))
+        # read_out maps m' to the units of {m}_features, by the readout its consistency loss trains.
+        read = model.read_out(m, out.internals[f"{m}_reconstruction"])
+        assert read.shape == out.internals[f"{m}_features"].shape
+        assert torch.equal(read, model.readout[m](out.internals[f"{m}_reconstruction"]))
         for s in MODALITIES:
             if s != m:
                 assert out.internals[f"{m}_from_{s}"].shape == (B, steps[s], d)  # on the source's grid
@@ -153,8 +157,8 @@ def test_kt_any_missing_modality_is_replaced_by_its_reconstruction():
             assert torch.equal(pred[gone], out.pred[gone]), m  # the missing values are never read
             assert not torch.allclose(pred[~gone], out.pred[~gone]), m  # present values are
             # f_m is m' where m is missing and the encoder's output where present.
-            assert torch.equal(out.internals[f"f_{m}"][gone], out.internals[f"reconstruction_{m}"][gone])
-            assert not torch.allclose(out.internals[f"f_{m}"][~gone], out.internals[f"reconstruction_{m}"][~gone])
+            assert torch.equal(out.internals[f"f_{m}"][gone], out.internals[f"{m}_reconstruction"][gone])
+            assert not torch.allclose(out.internals[f"f_{m}"][~gone], out.internals[f"{m}_reconstruction"][~gone])
 
 
 @pytest.mark.parametrize("aligned", [True, False])

@@ -35,7 +35,7 @@ def test_import_has_no_side_effects(tmp_path):
     import subprocess
     import sys
 
-    code = "import mskt, mskt.model, mskt.train, mskt.data.readers, mskt.cli, torch; print(torch.get_default_dtype(), torch.get_num_threads())"
+    code = "import mskt, mskt.model, mskt.fast, mskt.train, mskt.data, mskt.data.readers, mskt.cli, torch; print(torch.get_default_dtype(), torch.get_num_threads())"
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, check=True)
     base = subprocess.run([sys.executable, "-c", "import torch; print(torch.get_default_dtype(), torch.get_num_threads())"], cwd=tmp_path, capture_output=True, text=True, check=True)
     assert out.stdout == base.stdout

@@ -129,6 +129,27 @@ def test_run_folder_round_trip(tiny_mosi, tmp_path):
     assert evaluate(model, test) == result.metrics["test"]
 
 
+def test_cpu_kernels_decides_whether_train_and_load_run_accelerate(tiny_mosi, tmp_path):
+    """cpu_kernels is the run's choice: "fused" runs (trained and reloaded) are accelerated by
+    mskt.fast where the kernels build, "torch" runs keep the model's Python code; either way the
+    same weights predict the same."""
+    from mskt.fast import accelerated_stacks, compiled_kernels
+
+    runs = {k: train(tiny_run_config(variant="kt", epochs=1, cpu_kernels=k), out_dir=tmp_path / k, dataset=tiny_mosi) for k in ("fused", "torch")}
+    loaded = {k: load_run(tmp_path / k)[1] for k in runs}
+    for model in (runs["torch"].model, loaded["torch"]):
+        assert all(v == "not accelerated" for v in accelerated_stacks(model).values())
+    for model in (runs["fused"].model, loaded["fused"]):
+        status = accelerated_stacks(model)
+        if compiled_kernels() is not None:
+            assert status and all(v is True for v in status.values()), status
+        else:
+            assert all(v == "not accelerated" for v in status.values())
+    loaded["torch"].load_state_dict(loaded["fused"].state_dict())
+    test = split_tensors(tiny_mosi, "test", "regression")
+    np.testing.assert_allclose(predict(loaded["fused"], test)["pred"], predict(loaded["torch"], test)["pred"], atol=1e-5, rtol=1e-5)
+
+
 def test_run_folder_round_trip_ctc_unaligned(tmp_path):
     """An unaligned CTC run reloads with its text grid recovered from the checkpoint."""
     from mskt.data.synthetic import make_synthetic

@@ -24,30 +24,39 @@ def fused_kernels_available(x: torch.Tensor) -> bool:
     return compiled_kernels() is not None
 
 
+def _stock_kernels() -> bool:
+    """Whether the Python kernel functions are still the ones the compiled ones were checked
+    against (a later edit or patch of ``Kernels`` or its helpers shows here)."""
+    from mskt.fast.stacks import source_verified
+
+    return source_verified()[0]
+
+
 class CompiledKernels(Kernels):
-    """:class:`~mskt.model.layers.Kernels` with compiled CPU functions where they can run."""
+    """:class:`~mskt.model.layers.Kernels` with compiled CPU functions where they can run, and the
+    Python functions wherever those were edited since (``_stock_kernels``)."""
 
     name = "compiled"
 
     def dropout(self, x, p, training):
-        if training and p > 0 and fused_kernels_available(x):
+        if training and p > 0 and fused_kernels_available(x) and _stock_kernels():
             return compiled_kernels().dropout_autograd(x, p)
-        return super().dropout(x, p, training)
+        return Kernels.dropout(self, x, p, training)
 
     def relu_dropout(self, x, p, training):
         # One pass each way: the backward reads only the output (where it is not 0, x was positive and kept).
-        if training and p > 0 and fused_kernels_available(x):
+        if training and p > 0 and fused_kernels_available(x) and _stock_kernels():
             return compiled_kernels().relu_dropout_autograd(x, p)
-        return super().relu_dropout(x, p, training)
+        return Kernels.relu_dropout(self, x, p, training)
 
     def attention(self, q, kv, source_mask, heads, p):
         # Each query row's scores, softmax, dropout and weighted sum in a row buffer; the backward
         # recomputes the weights from the saved log-sum-exp and the mask from its seed, so nothing of
         # size (T, S) is stored. It reads q (B, T, d) and kv (B, S, 2d) as the projections lay them out.
-        if fused_kernels_available(q):
+        if fused_kernels_available(q) and _stock_kernels():
             d = q.shape[2]
             return compiled_kernels().attention(q, kv, padding_bias(source_mask, q.dtype), heads, (d // heads) ** -0.5, p)  # (B, T, d)
-        return super().attention(q, kv, source_mask, heads, p)
+        return Kernels.attention(self, q, kv, source_mask, heads, p)
 
 
 COMPILED_KERNELS = CompiledKernels()
