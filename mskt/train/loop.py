@@ -1,15 +1,5 @@
-"""The training loop.
-
-A run writes ``runs/<name>/``: ``config.json``, ``history.csv`` (one row per epoch: every loss term
-on train and valid, valid metrics), ``checkpoint.pt`` (the best epoch on validation),
-``last.pt`` (the last completed epoch with optimizer and RNG states, for ``--resume``) and
-``metrics.json`` (test metrics of that checkpoint, which epoch it was). Every file is written to a
-temporary name and renamed, so a run killed at any moment leaves a loadable folder, and a resumed
-run ends with exactly the metrics of one that was never interrupted.
-
-Data stay whole tensors in memory and batches are index selections: no per-sample Python, no
-worker processes.
-"""
+"""The training loop: seeding, the model and its accelerators, epochs, selection on validation,
+the run folder (what it holds: ``mskt.train``'s docstring), resuming."""
 
 from __future__ import annotations
 
