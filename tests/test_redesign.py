@@ -22,7 +22,7 @@ import torch.nn as nn
 
 from conftest import NO_DROPOUT, make_batch_fn, tiny_model_config, tiny_run_config
 from mskt.fast import accelerate, accelerated_stacks, compiled_kernels
-from mskt.fast.stacks import MIRRORED_SOURCE, mirrored_code
+from mskt.fast.source import MIRRORED_SOURCE, mirrored_code
 from mskt.model import VARIANTS, TransformerLayer, build_model, register
 from mskt.model.variants.kt import KT
 from mskt.train import train
@@ -38,7 +38,7 @@ def test_the_mirrored_source_digest_is_the_recorded_one():
     digest, _ = mirrored_code()
     assert digest == MIRRORED_SOURCE, (
         f"the layer code the compiled stacks node mirrors changed (digest {digest}); if csrc/cpu_kernels.cpp was changed "
-        "to compute the same function, set mskt.fast.stacks.MIRRORED_SOURCE to it")
+        "to compute the same function, set mskt.fast.source.MIRRORED_SOURCE to it")
 
 
 @pytest.mark.parametrize("variant", BUILT_IN)

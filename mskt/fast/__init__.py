@@ -16,7 +16,8 @@ import torch.nn as nn
 
 from mskt.fast.build import compiled_kernels
 from mskt.fast.kernels import COMPILED_KERNELS, CompiledKernels, fused_kernels_available
-from mskt.fast.stacks import StackAccelerator, source_verified
+from mskt.fast.source import source_verified
+from mskt.fast.stacks import StackAccelerator
 from mskt.model.layers import TORCH_KERNELS, Transformer
 
 log = logging.getLogger("mskt.fast")
@@ -64,13 +65,5 @@ def accelerate(model: nn.Module) -> nn.Module:
 
 def accelerated_stacks(model: nn.Module) -> dict:
     """{stack name: True if the compiled node stands in for it now, else the reason it does not}."""
-    out = {}
-    for name, m in model.named_modules():
-        if isinstance(m, Transformer):
-            acc = m.accelerator
-            if acc is None:
-                out[name] = "not accelerated"
-            else:
-                why = acc.verify(m, quiet=True) if acc.signature is None else ""
-                out[name] = True if not why and acc.signature is not None else why
-    return out
+    return {name: "not accelerated" if m.accelerator is None else (m.accelerator.verify(m, quiet=True) or True)
+            for name, m in model.named_modules() if isinstance(m, Transformer)}

@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from mskt.fast.build import compiled_kernels
+from mskt.fast.source import source_verified
 from mskt.model.layers import Kernels, padding_bias
 
 
@@ -27,8 +28,6 @@ def fused_kernels_available(x: torch.Tensor) -> bool:
 def _stock_kernels() -> bool:
     """Whether the Python kernel functions are still the ones the compiled ones were checked
     against (a later edit or patch of ``Kernels`` or its helpers shows here)."""
-    from mskt.fast.stacks import source_verified
-
     return source_verified()[0]
 
 

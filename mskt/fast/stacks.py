@@ -14,127 +14,35 @@ is called and again whenever something it checked changes (every call compares a
 2. **Source.** A digest of the source of the Python code the node mirrors (``Transformer.forward``,
    ``TransformerLayer.forward``, ``Attention.forward``, the ``Kernels`` functions, and every function
    of ``mskt.model`` they reach), comments and docstrings left out, equals :data:`MIRRORED_SOURCE`,
-   the digest of the code the C++ was written from. An edited source file, a class-level
+   the digest of the code the C++ was written from (``mskt.fast.source``). An edited source file, a class-level
    monkeypatch or a replaced helper changes it.
 3. **Numbers.** On a random input, in evaluation mode, the node's output equals the Python
    forward's within 1e-4 (relative), once per stack.
 
 Otherwise the stack's Python code runs (with the compiled kernel functions under it), and the log
 says once, in one line, which stacks fell back and why. Changing the model's code on purpose, with
-the C++ changed to match, means updating :data:`MIRRORED_SOURCE` (the test that checks the stock
+the C++ changed to match, means updating ``mskt.fast.source.MIRRORED_SOURCE`` (the test that checks the stock
 model runs compiled prints the new digest).
 """
 
 from __future__ import annotations
 
-import hashlib
-import inspect
-import io
 import logging
-import textwrap
-import tokenize
 
 import torch
 import torch.nn as nn
 
 from mskt.fast.build import compiled_kernels
 from mskt.fast.kernels import fused_kernels_available
-from mskt.model.layers import Attention, Kernels, Transformer, TransformerLayer, padding_bias
+from mskt.fast.source import source_verified
+from mskt.model.layers import Attention, Transformer, TransformerLayer, padding_bias
 
 log = logging.getLogger("mskt.fast")
-
-# The digest of the Python code the compiled node mirrors (see the module docstring, point 2).
-MIRRORED_SOURCE = "f835affe7568913005a4259c5ad679cabcbc0e89"
-
-
-def mirrored_roots() -> tuple:
-    """The roots of the mirrored code, as they are now (a class-level monkeypatch shows here); the
-    digest follows the functions of mskt.model they name."""
-    return (Transformer.forward, TransformerLayer.forward, Attention.forward, Kernels)
 
 LAYER_PARAMETERS = ("norm_x.weight", "norm_x.bias", "attn.q.weight", "attn.q.bias", "attn.kv.weight", "attn.kv.bias",
                     "attn.out.weight", "attn.out.bias", "norm_ff.weight", "norm_ff.bias", "ff1.weight", "ff1.bias",
                     "ff2.weight", "ff2.bias")
 CROSS_PARAMETERS = ("norm_source.weight", "norm_source.bias")
-
-
-# ----------------------------------------------------------------------------------------------
-# Point 2: the source digest
-
-
-def _normalised_source(obj) -> str:
-    """``obj``'s source as tokens, without comments, blank lines or docstrings."""
-    source = textwrap.dedent(inspect.getsource(obj))
-    tokens = [t for t in tokenize.generate_tokens(io.StringIO(source).readline) if t.type not in (tokenize.COMMENT, tokenize.NL)]
-    kept, i = [], 0
-    while i < len(tokens):
-        t = tokens[i]
-        # A docstring: a string statement right after a block opens (":" NEWLINE INDENT STRING NEWLINE).
-        if (t.type == tokenize.STRING and i >= 3 and tokens[i - 1].type == tokenize.INDENT and tokens[i - 2].type == tokenize.NEWLINE
-                and tokens[i - 3].string == ":" and i + 1 < len(tokens) and tokens[i + 1].type == tokenize.NEWLINE):
-            i += 2
-            continue
-        kept.append(t.string if t.type != tokenize.INDENT else "<indent>")
-        i += 1
-    return " ".join(kept)
-
-
-def _code_names(code) -> set:
-    names = set(code.co_names)
-    for const in code.co_consts:
-        if inspect.iscode(const):
-            names |= _code_names(const)
-    return names
-
-
-def _model_globals(func) -> list:
-    """(globals, name, object) for each function or class of mskt.model that ``func`` names."""
-    found = []
-    for name in sorted(_code_names(func.__code__)):
-        obj = func.__globals__.get(name)
-        if (inspect.isfunction(obj) or inspect.isclass(obj)) and getattr(obj, "__module__", "").startswith("mskt.model"):
-            found.append((func.__globals__, name, obj))
-    return found
-
-
-def mirrored_code() -> tuple[str, list]:
-    """The digest of the mirrored code, and the (globals, name, object) bindings it followed (a
-    binding that changes later, e.g. a monkeypatched helper, means the code changed)."""
-    seen, parts, bindings = set(), [], []
-    todo = list(mirrored_roots())
-    while todo:
-        obj = todo.pop(0)
-        if id(obj) in seen:
-            continue
-        seen.add(id(obj))
-        parts.append(f"{getattr(obj, '__qualname__', obj)}: {_normalised_source(obj)}")
-        functions = [v for v in vars(obj).values() if inspect.isfunction(v) or isinstance(v, (staticmethod, classmethod))] if inspect.isclass(obj) else [obj]
-        for f in functions:
-            f = getattr(f, "__func__", f)
-            for binding in _model_globals(f):
-                bindings.append(binding)
-                todo.append(binding[2])
-    return hashlib.sha1("\n".join(parts).encode()).hexdigest(), bindings
-
-
-_SOURCE_STATE = {}  # what mirrored_code() found, keyed by the identity of the roots and bindings
-
-
-def source_verified() -> tuple[bool, str]:
-    """Whether the mirrored code is the code the node was written from (point 2), and why not."""
-    roots = mirrored_roots()[:3] + (Kernels.dropout, Kernels.relu_dropout, Kernels.attention)
-    state = _SOURCE_STATE.get("state")
-    if state is not None and state["roots"] == roots and all(g.get(n) is o for g, n, o in state["bindings"]):
-        return state["ok"], state["why"]
-    try:
-        digest, bindings = mirrored_code()
-    except (OSError, TypeError) as e:  # source not available (e.g. a function made by exec)
-        digest, bindings = None, []
-        why = f"the source of the code it mirrors cannot be read ({e})"
-    else:
-        why = "" if digest == MIRRORED_SOURCE else f"the model's layer code differs from the code the compiled node mirrors (source digest {digest[:12]})"
-    _SOURCE_STATE["state"] = {"roots": roots, "bindings": bindings, "ok": not why, "why": why, "digest": digest}
-    return not why, why
 
 
 # ----------------------------------------------------------------------------------------------
@@ -155,7 +63,10 @@ def structure_problem(stack: nn.Module) -> str:
     """Why the compiled node cannot stand in for this stack's structure ('' if it can)."""
     if type(stack) is not Transformer:
         return f"it is a {type(stack).__name__}, not a Transformer"
-    cross = stack.layers[0].norm_source is not None if len(stack.layers) else False
+    if not len(stack.layers):
+        return "it has no layers"
+    first = stack.layers[0]
+    cross = first.norm_source is not None
     expected = {"norm": nn.LayerNorm, "layers": nn.ModuleList}
     for i, layer in enumerate(stack.layers):
         p = f"layers.{i}"
@@ -189,9 +100,6 @@ def structure_problem(stack: nn.Module) -> str:
         return f"parameter {extra[0]} is not one the compiled node reads" if extra else "parameters differ from the stock stack"
     if list(stack.buffers()):
         return "it has buffers, which the compiled node does not read"
-    first = stack.layers[0] if len(stack.layers) else None
-    if first is None:
-        return "it has no layers"
     for i, layer in enumerate(stack.layers):
         if (layer.attn.heads, layer.attn.dropout, layer.relu_dropout, layer.res_dropout) != (first.attn.heads, first.attn.dropout, first.relu_dropout, first.res_dropout):
             return f"layer {i}'s heads or dropout rates differ from layer 0's (the node reads them once per stack)"

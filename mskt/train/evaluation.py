@@ -28,7 +28,6 @@ def predict(model: KTMulT, data: Tensors, batch_size: int = 256, return_internal
     return result
 
 
-
 def default_test_batch(model: KTMulT, batch: dict) -> dict:
     """``batch`` as the default (the paper's) test protocol gives it to ``model``: its
     ``test_missing`` modalities marked missing where it reads them, left out where it does not."""
@@ -52,19 +51,15 @@ def _missing_batches(model, data: Tensors, batch_size, missing, rate, mode, seed
     from mskt.data.missing import evaluation_masks
 
     masks = evaluation_masks(len(data), {m: x.shape[1] for m, x in data.features.items()}, missing, rate, mode, seed)
-    absent = model.test_missing if default_protocol else ()  # the paper's test setting: audio missing
-    if masks is None and any(m in model.inputs for m in absent):  # it reads them: it gets them marked missing
-        masks = evaluation_masks(len(data), {}, absent)
     mine = data.shard_index(rank, world).cpu()  # rows of the whole split, for its masks
     part = data.shard(rank, world)
     for index in part.batch_indices(batch_size):
         batch = part.batch(index)
         if masks is not None:
             batch = masks.apply(batch, mine[index.cpu()])
-        elif absent:  # it never reads them: they are not given at all
-            batch = {**batch, **{m: None for m in absent}}
+        elif default_protocol:
+            batch = default_test_batch(model, batch)
         yield batch
-
 
 
 @torch.inference_mode()
@@ -101,7 +96,6 @@ def evaluate(model: KTMulT, data: Tensors, batch_size: int = 256, dist=None, mis
     metrics = compute_metrics(model.cfg.task, pred.numpy(), labels.numpy())
     metrics["loss"] = float(task_loss(pred, labels, model.cfg.task))
     return metrics
-
 
 
 def selection_score(metrics: dict, task: str, select_on: str) -> float:
