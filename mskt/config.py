@@ -20,6 +20,7 @@ from pathlib import Path
 
 from mskt.errors import ConfigError
 from mskt.model import ModelConfig, variant_class
+from mskt.model.config import MODEL_RANGES, check_ranges
 
 
 @dataclass
@@ -94,12 +95,7 @@ class Config(ModelConfig):
             value = getattr(self, name)
             if isinstance(value, float) and not math.isfinite(value):
                 raise ConfigError(f"{name} must be a finite number, found {value!r}")
-        for name, (low, high, note) in RANGES.items():
-            value = getattr(self, name)
-            low_ok = low is None or (value > low[0] if low[1] == "(" else value >= low[0])
-            high_ok = high is None or (value < high[0] if high[1] == ")" else value <= high[0])
-            if not (low_ok and high_ok):
-                raise ConfigError(f"{name} must be in {_interval(low, high)}{note}, found {value!r}")
+        check_ranges(self, RANGES)
 
     # -- round trips ---------------------------------------------------------------------------
 
@@ -145,34 +141,12 @@ class Config(ModelConfig):
 
 _TYPES = {"int": int, "float": float, "str": str, "bool": bool}
 
-# The allowed range of every numeric field, checked by Config.check: (low, high, note), each bound
-# (value, "[" or "(") for inclusive or exclusive, None for unbounded. Kernels (odd, >= 1) are checked
-# by ModelConfig.check; every float must also be finite.
+# The allowed range of every numeric field (the model's, MODEL_RANGES, and the run's), in the form
+# ``mskt.model.config.check_ranges`` reads. Kernels (odd, >= 1) are checked by ModelConfig.check;
+# every float must also be finite.
 _SEED_MAX = 2**63 - 1  # torch.manual_seed takes 64 bits; the headroom keeps seed + i (grid, ranks) in range
 RANGES = {
-    "text_dim": ((1, "["), None, ""),
-    "audio_dim": ((1, "["), None, ""),
-    "vision_dim": ((1, "["), None, ""),
-    "text_steps": ((1, "["), None, ""),
-    "d_model": ((1, "["), None, ""),
-    "heads": ((1, "["), None, " (and must divide d_model)"),
-    "encoder_layers": ((0, "["), None, " (0: no self-attention in the modality encoders)"),
-    "kt_layers": ((1, "["), None, ""),
-    "crossmodal_layers": ((1, "["), None, ""),
-    "memory_layers": ((1, "["), None, ""),
-    "attn_dropout": ((0.0, "["), (1.0, ")"), ""),
-    "attn_dropout_audio": ((0.0, "["), (1.0, ")"), ""),
-    "attn_dropout_vision": ((0.0, "["), (1.0, ")"), ""),
-    "relu_dropout": ((0.0, "["), (1.0, ")"), ""),
-    "res_dropout": ((0.0, "["), (1.0, ")"), ""),
-    "embed_dropout": ((0.0, "["), (1.0, ")"), ""),
-    "out_dropout": ((0.0, "["), (1.0, ")"), ""),
-    "lambda_vision": ((0.0, "["), None, " (a loss weight; 0 turns the term off)"),
-    "lambda_language": ((0.0, "["), None, " (a loss weight; 0 turns the term off)"),
-    "lambda_fused": ((0.0, "["), None, " (a loss weight; 0 turns the term off)"),
-    "lambda_aux": ((0.0, "["), None, " (a loss weight; 0 turns the term off)"),
-    "lambda_any": ((0.0, "["), None, " (a loss weight; 0 turns the term off)"),
-    "modality_dropout": ((0.0, "["), (1.0, "]"), " (kt_any: the share of training samples given a random missing pattern)"),
+    **MODEL_RANGES,
     "data_scale": ((0.0, "("), (100.0, "]"), " (a multiple of the synthetic preset's split sizes; 100x MOSEI would not fit in memory)"),
     "data_seed": ((0, "["), (_SEED_MAX, "]"), ""),
     "epochs": ((1, "["), None, ""),
@@ -184,11 +158,6 @@ RANGES = {
     "eval_batch_size": ((1, "["), None, ""),
     "threads": ((0, "["), (1024, "]"), " (0: torch's default)"),
 }
-
-
-def _interval(low, high) -> str:
-    """``[1, inf)``, ``(0.0, 100.0]``: the allowed range, as the error message prints it."""
-    return f"{low[1]}{low[0]}, " + (f"{high[0]}{high[1]}" if high is not None else "inf)")
 
 
 def coerce(key: str, value, type_name) -> object:

@@ -70,6 +70,7 @@ class ModelConfig:
         return (self.targets,)
 
     def check(self) -> None:
+        check_ranges(self, MODEL_RANGES)
         if self.variant not in VARIANTS:
             raise ConfigError(f"variant={self.variant!r} is not allowed; choose one of {', '.join(VARIANTS)}")
         allowed = {
@@ -83,9 +84,6 @@ class ModelConfig:
                 raise ConfigError(f"{key}={getattr(self, key)!r} is not allowed; choose one of {', '.join(values)}")
         if self.targets != "all" and self.targets not in variant_class(self.variant).fuses:
             raise ConfigError(f"targets={self.targets!r} is not a modality variant {self.variant!r} fuses")
-        for key in ("d_model", "heads", "kt_layers", "crossmodal_layers", "memory_layers", "text_dim", "audio_dim", "vision_dim", "text_steps"):
-            if getattr(self, key) < 1:
-                raise ConfigError(f"{key} must be at least 1, found {getattr(self, key)}")
         if self.d_model % self.heads:
             raise ConfigError(f"d_model={self.d_model} must be divisible by heads={self.heads}")
         for key in ("text_kernel", "audio_kernel", "vision_kernel"):
@@ -94,8 +92,48 @@ class ModelConfig:
                     f"{key} must be an odd integer >= 1 (the Conv1d projection pads (k-1)//2 per side, so an even "
                     f"kernel would change the number of steps), found {getattr(self, key)}"
                 )
-        if self.encoder_layers < 0:
-            raise ConfigError(f"encoder_layers must be >= 0, found {self.encoder_layers}")
-        if not 0.0 <= self.modality_dropout <= 1.0:
-            raise ConfigError(f"modality_dropout must be in [0.0, 1.0], found {self.modality_dropout!r}")
         variant_class(self.variant).check_config(self)  # the variant's own rules
+
+
+# The allowed range of every numeric model field: (low, high, note), each bound (value, "[" or "(")
+# for inclusive or exclusive, None for unbounded. The run Config adds its own fields' (mskt.config.RANGES).
+MODEL_RANGES = {
+    "text_dim": ((1, "["), None, ""),
+    "audio_dim": ((1, "["), None, ""),
+    "vision_dim": ((1, "["), None, ""),
+    "text_steps": ((1, "["), None, ""),
+    "d_model": ((1, "["), None, ""),
+    "heads": ((1, "["), None, " (and must divide d_model)"),
+    "encoder_layers": ((0, "["), None, " (0: no self-attention in the modality encoders)"),
+    "kt_layers": ((1, "["), None, ""),
+    "crossmodal_layers": ((1, "["), None, ""),
+    "memory_layers": ((1, "["), None, ""),
+    "attn_dropout": ((0.0, "["), (1.0, ")"), ""),
+    "attn_dropout_audio": ((0.0, "["), (1.0, ")"), ""),
+    "attn_dropout_vision": ((0.0, "["), (1.0, ")"), ""),
+    "relu_dropout": ((0.0, "["), (1.0, ")"), ""),
+    "res_dropout": ((0.0, "["), (1.0, ")"), ""),
+    "embed_dropout": ((0.0, "["), (1.0, ")"), ""),
+    "out_dropout": ((0.0, "["), (1.0, ")"), ""),
+    "lambda_vision": ((0.0, "["), None, " (a loss weight; 0 turns the term off)"),
+    "lambda_language": ((0.0, "["), None, " (a loss weight; 0 turns the term off)"),
+    "lambda_fused": ((0.0, "["), None, " (a loss weight; 0 turns the term off)"),
+    "lambda_aux": ((0.0, "["), None, " (a loss weight; 0 turns the term off)"),
+    "lambda_any": ((0.0, "["), None, " (a loss weight; 0 turns the term off)"),
+    "modality_dropout": ((0.0, "["), (1.0, "]"), " (kt_any: the share of training samples given a random missing pattern)"),
+}
+
+
+def check_ranges(cfg, ranges: dict) -> None:
+    """``ConfigError`` naming the first field of ``cfg`` outside its range in ``ranges``."""
+    for name, (low, high, note) in ranges.items():
+        value = getattr(cfg, name)
+        low_ok = low is None or (value > low[0] if low[1] == "(" else value >= low[0])
+        high_ok = high is None or (value < high[0] if high[1] == ")" else value <= high[0])
+        if not (low_ok and high_ok):
+            raise ConfigError(f"{name} must be in {_interval(low, high)}{note}, found {value!r}")
+
+
+def _interval(low, high) -> str:
+    """``[1, inf)``, ``(0.0, 100.0]``: the allowed range, as the error message prints it."""
+    return f"{low[1]}{low[0]}, " + (f"{high[0]}{high[1]}" if high is not None else "inf)")
