@@ -98,8 +98,16 @@ def parse_params(items) -> dict:
 _NO_DEFAULT = object()  # a parameter whose default is not a literal: any value is accepted
 
 
+_ANNOTATIONS = {"bool": bool, "int": int, "float": float, "str": str, "list": list, "dict": dict}
+
+
 def declared_defaults(path: Path) -> dict:
-    """Name -> default value of each assignment in the notebook's cell tagged 'parameters'."""
+    """Name -> default value of each assignment in the notebook's cell tagged 'parameters'.
+
+    Parameters follow papermill's typed convention, ``epochs: int = 10  # help``; the annotation,
+    where it is one of bool/int/float/str/list/dict, is the parameter's type (``x: float = 1``
+    declares a float), and a default that does not fit it is an error naming the parameter.
+    """
     nb = json.loads(path.read_text())
     for cell in nb["cells"]:
         if "parameters" in cell.get("metadata", {}).get("tags", []):
@@ -107,13 +115,26 @@ def declared_defaults(path: Path) -> dict:
             defaults = {}
             for node in tree.body:
                 if isinstance(node, ast.Assign):
-                    try:
-                        value = ast.literal_eval(node.value)
-                    except ValueError:
-                        value = _NO_DEFAULT
-                    for t in node.targets:
-                        if isinstance(t, ast.Name):
-                            defaults[t.id] = value
+                    targets, value_node, annotation = node.targets, node.value, None
+                elif isinstance(node, ast.AnnAssign) and node.value is not None:
+                    targets, value_node = [node.target], node.value
+                    annotation = node.annotation.id if isinstance(node.annotation, ast.Name) else None
+                else:
+                    continue
+                try:
+                    value = ast.literal_eval(value_node)
+                except ValueError:
+                    value = _NO_DEFAULT
+                kind = _ANNOTATIONS.get(annotation)
+                if kind is not None and value is not _NO_DEFAULT:
+                    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+                        value = float(value)
+                    elif not _KINDS[kind][0](value):
+                        name = targets[0].id if isinstance(targets[0], ast.Name) else "?"
+                        raise MsktError(f"{path.name}: parameter {name} is annotated {annotation} but its default is {value!r}")
+                for t in targets:
+                    if isinstance(t, ast.Name):
+                        defaults[t.id] = value
             return defaults
     raise MsktError(f"{path.name}: no cell tagged 'parameters'")
 
