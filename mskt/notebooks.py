@@ -282,6 +282,18 @@ def _failing_cell(output: Path) -> str:
     return "unknown cell"
 
 
+def _absolute_paths(params: dict) -> dict:
+    """Relative paths given by the caller, made absolute against the caller's working directory:
+    the notebooks run in notebooks/, where ``figures_dir=figs`` or ``data=mosi_data.pkl`` would
+    otherwise mean another place. A path is a ``*_dir`` value or a string naming an existing file."""
+    absolute = {}
+    for key, value in params.items():
+        if isinstance(value, str) and value and not os.path.isabs(value) and (key.endswith("_dir") or Path(value).exists()):
+            value = str(Path(value).resolve())
+        absolute[key] = value
+    return absolute
+
+
 def run_notebooks(smoke: bool = False, only=None, params: dict | None = None, out_dir=None, log=print) -> list[NotebookResult]:
     """Execute the numbered notebooks (or ``only`` those) in order; stop at the first failure.
 
@@ -306,7 +318,7 @@ def run_notebooks(smoke: bool = False, only=None, params: dict | None = None, ou
         "run_dir": str(out_dir / "kt-run"),
         "out_dir": str(out_dir),
         "figures_dir": str(out_dir / "figures") if smoke else "",
-        **params,
+        **_absolute_paths(params),
     }
     summary = {
         "status": "running",

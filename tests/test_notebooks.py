@@ -22,7 +22,10 @@ EXPECTED_FIGURES = {
     "03_reconstruction_quality.ipynb": ["03_reconstruction_quality", "03_error_breakdown", "03_examples", "03_projection", "03_error_relation"],
     "04_attention_maps.ipynb": ["04_attention_sample0_layer1", "04_attention_average"],
     "05_ablations.ipynb": ["05_results", "05_ablations"],
-    "06_robustness.ipynb": ["06_robustness_rates", "06_robustness_conditions", "06_robustness_steps", "06_explorer_sample0_missing_audio"],
+    "06_robustness.ipynb": ["06_robustness_rates", "06_robustness_conditions", "06_robustness_steps", "06_robustness_matched",
+                            "06_explorer_sample0_missing_audio"],
+    "07_tuning.ipynb": ["07_optimization_history", "07_param_importances", "07_slice"],
+    "08_when_kt_helps.ipynb": ["08_label_efficiency", "08_phase_diagram", "08_robustness"],
 }
 
 
@@ -78,10 +81,12 @@ def test_smoke_runs_write_only_into_their_own_folder(smoke_run):
 def test_a_relative_output_folder_is_resolved_before_the_notebooks_change_directory(tmp_path, monkeypatch):
     monkeypatch.setenv("MSKT_HOME", str(ROOT))  # the notebooks are found from the project root, not the cwd
     monkeypatch.chdir(tmp_path)
-    results = run_notebooks(smoke=True, only=["02"], out_dir="relative-out", log=lambda line: None)
+    results = run_notebooks(smoke=True, only=["02"], out_dir="relative-out", params={"figures_dir": "relative-figs"}, log=lambda line: None)
     assert results[0].status == "ok", results[0].error
     assert (tmp_path / "relative-out" / "kt-run" / "metrics.json").is_file()
+    assert (tmp_path / "relative-figs" / "02_training_history.png").is_file()  # a *_dir parameter too
     assert not (ROOT / "notebooks" / "relative-out").exists()
+    assert not (ROOT / "notebooks" / "relative-figs").exists()
 
 
 def test_unknown_parameters_are_refused(tmp_path):
