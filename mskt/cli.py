@@ -10,6 +10,8 @@
     mskt grid --data PATH --variants full,kt,... --seeds 3 --out DIR [--<any config key> VALUE]
     mskt bench [--presets mosi,mosi-unaligned] [--variants full,kt] [--config paper|mult] [--reference [--rounds R]] [--json PATH]
     mskt notebooks [--smoke] [--only 03] [--param key=value]
+    mskt tune --data PATH --variant V --trials N [--study NAME] [--storage URL] [--space FILE] [--prune] [--timeout S] [--<any config key> VALUE]
+    mskt tune --finalize --seeds K [--study NAME] [--storage URL]
 
 Expected errors (bad files, bad options) print one line and exit 2; no traceback.
 """
@@ -82,7 +84,7 @@ def cmd_data_info(args) -> int:
         return 0
     from mskt.data.readers import load_dataset
 
-    print(_dataset_report(load_dataset(args.path, scale=args.scale, seed=args.seed)))
+    print(_dataset_report(load_dataset(args.path, scale=args.scale, seed=args.seed, dataset=args.dataset)))
     return 0
 
 
@@ -100,7 +102,7 @@ def cmd_data_convert(args) -> int:
     from mskt.data.readers import load_dataset
     from mskt.data.store import write_store
 
-    ds = load_dataset(args.input)
+    ds = load_dataset(args.input, dataset=args.dataset)
     path = write_store(ds, args.output)
     print(f"wrote {path} from {args.input} ({ds.meta.format}, {', '.join(f'{s} {len(sp)}' for s, sp in ds.splits.items())})")
     return 0
@@ -202,7 +204,7 @@ def cmd_evaluate(args) -> int:
     options = _missing_options(args)
     cfg, model = load_run(args.run)
     data_source = args.data or cfg.data
-    ds = load_dataset(data_source, scale=cfg.data_scale, seed=cfg.data_seed)
+    ds = load_dataset(data_source, scale=cfg.data_scale, seed=cfg.data_seed, dataset=cfg.dataset)  # the run's identity: its metrics
     wanted = model_config_for(cfg, ds)
     for key in ("text_dim", "audio_dim", "vision_dim", "task") + (("text_steps",) if model.cfg.ctc_align else ()):
         if getattr(wanted, key) != getattr(model.cfg, key):
@@ -244,6 +246,48 @@ def cmd_grid(args) -> int:
     return 0
 
 
+def cmd_tune(args) -> int:
+    from mskt.experiments import tune as tuning
+
+    if args.finalize:
+        given = sorted(k[4:] for k, v in vars(args).items() if k.startswith("cfg_") and v is not None and k not in ("cfg_data", "cfg_variant"))
+        if given or args.preset or args.space or args.prune:
+            raise MsktError(f"--finalize retrains the study's best configuration with the study's own config; drop {given or '--preset/--space/--prune'}")
+        study = args.study or tuning.default_study_name(_config_from_args(args))
+        result = tuning.finalize(study, seeds=args.seeds, storage=args.storage, root=args.root, jobs=args.jobs)
+        print(result["markdown"])
+        print(f"wrote {result['dir'] / 'results.md'}, {result['dir'] / 'results.csv'}, {result['dir'] / 'runs.csv'}")
+        return 0
+    if args.trials is None:
+        raise MsktError("--trials N is required (the number of complete or pruned trials the study should hold)")
+    cfg = _config_from_args(args)
+    # A field given as a flag is fixed, not searched, unless the space file names it (a --preset's values
+    # are defaults: searched).
+    given = {k[4:] for k, v in vars(args).items() if k.startswith("cfg_") and v is not None}
+    if args.space:
+        space, fixed = tuning.load_space(args.space, cfg, exclude=given)
+    else:
+        space, fixed = {k: v for k, v in tuning.default_space(cfg).items() if k not in given}, None
+    pruner = args.pruner if args.prune else None
+    study = args.study or tuning.default_study_name(cfg)
+
+    def report(t):
+        value = "" if t.value is None else f" validation {t.value:.4f}"
+        print(f"  trial {t.number}: {t.state.name.lower()}{value} {t.params}", flush=True)
+
+    st = tuning.tune(cfg, args.trials, study=study, storage=args.storage, space=space, fixed=fixed, pruner=pruner,
+                     timeout=args.timeout, root=args.root, heartbeat=args.heartbeat, on_trial=report)
+    frame = tuning.trials_frame(st)
+    counts = frame["state"].value_counts().to_dict() if len(frame) else {}
+    print(f"study {study}: {len(frame)} trials ({', '.join(f'{n} {s}' for s, n in counts.items())}); folder {tuning.study_folder(study, args.root)}")
+    try:
+        best, trial = tuning.best_configuration(st)
+        print(f"best trial {trial.number}: validation {trial.value:.4f}, {trial.params}")
+    except MsktError as e:
+        print(str(e))
+    return 0
+
+
 def cmd_notebooks(args) -> int:
     from mskt.notebooks import parse_params, run_notebooks
 
@@ -269,6 +313,8 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("path", help=".pkl (MulT/MMSA), .h5 (mskt store), .csd (SDK sequence) or synthetic:<preset>")
     info.add_argument("--scale", type=float, default=1.0, help="synthetic presets only")
     info.add_argument("--seed", type=int, default=0, help="synthetic presets only")
+    info.add_argument("--dataset", default="auto", choices=("auto", "mosi", "mosei", "iemocap", "sims", "other"),
+                      help="which dataset the file holds (paper rows, label range); auto: from its name or content")
     info.set_defaults(func=cmd_data_info)
     synth = data.add_parser("synth", help="write a synthetic dataset shaped like a benchmark")
     synth.add_argument("--preset", required=True, choices=("mosi", "mosei", "iemocap"))
@@ -280,6 +326,8 @@ def build_parser() -> argparse.ArgumentParser:
     convert = data.add_parser("convert", help="any supported file to the mskt HDF5 feature store")
     convert.add_argument("input")
     convert.add_argument("output")
+    convert.add_argument("--dataset", default="auto", choices=("auto", "mosi", "mosei", "iemocap", "sims", "other"),
+                         help="the identity the store records; auto: from the file's name or content")
     convert.set_defaults(func=cmd_data_convert)
     align = data.add_parser("align", help="word-align CMU-MultimodalSDK feature .csd files onto a label .csd")
     for m in ("text", "audio", "vision", "labels"):
@@ -314,6 +362,23 @@ def build_parser() -> argparse.ArgumentParser:
     gr.add_argument("--jobs", type=int, default=1, help="runs trained at once, one torch thread each (use the number of cores on a CPU)")
     _add_config_options(gr, skip=("variant",))
     gr.set_defaults(func=cmd_grid)
+    tu = sub.add_parser("tune", help="hyperparameter search on Optuna; trials are run folders under runs/tune/<study>/")
+    tu.add_argument("--trials", type=int, default=None, help="complete or pruned trials the study should hold (all workers together)")
+    tu.add_argument("--study", default=None, help="study name (default <data>-<variant>, e.g. synthetic-mosi-kt)")
+    tu.add_argument("--storage", default=None,
+                    help="an Optuna RDB URL (postgresql://..., mysql://..., sqlite:///...) or a journal file on a shared file system; default: SQLite in the study folder")
+    tu.add_argument("--space", default=None, metavar="FILE", help="a .toml/.yaml/.json search space laid over the variant's default (see mskt.experiments.tune)")
+    tu.add_argument("--prune", action="store_true", help="stop bad trials early on each epoch's validation loss")
+    tu.add_argument("--pruner", default="median", choices=("median", "hyperband"), help="with --prune (default median)")
+    tu.add_argument("--timeout", type=float, default=None, metavar="S", help="start no trial after S seconds (this worker)")
+    tu.add_argument("--heartbeat", type=float, default=10, metavar="S",
+                    help="seconds between a running trial's heartbeats; a trial silent for 6x this is failed and retried")
+    tu.add_argument("--root", default=None, metavar="DIR", help="folder of the study folders (default runs/tune)")
+    tu.add_argument("--finalize", action="store_true", help="retrain the best configuration and the untuned default over --seeds seeds")
+    tu.add_argument("--seeds", type=int, default=3, help="with --finalize: seeds per configuration")
+    tu.add_argument("--jobs", type=int, default=1, help="with --finalize: runs trained at once, one torch thread each")
+    _add_config_options(tu)
+    tu.set_defaults(func=cmd_tune)
     be = sub.add_parser("bench", help="train / inference throughput, memory and FLOPs at each dataset's real shapes")
     be.add_argument("--presets", default="mosi,mosi-unaligned", help="comma-separated: mosi, mosi-unaligned, mosei, mosei-unaligned, iemocap, iemocap-unaligned")
     be.add_argument("--variants", default="full,kt")

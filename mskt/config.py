@@ -29,6 +29,7 @@ class Config(ModelConfig):
     data: str = "synthetic:mosi"
     data_scale: float = 1.0  # synthetic only: multiplies the preset's split sizes
     data_seed: int = 0  # synthetic only: the data's seed (the run's seed is `seed`)
+    dataset: str = "auto"  # which dataset the data are (paper rows, label range): auto (from the file), mosi, mosei, iemocap, sims, other
     # Training. The paper: Adam, constant lr 1e-3, 40 epochs. MulT: batch 24, clip 0.8, seed 1111.
     epochs: int = 40
     batch_size: int = 24
@@ -38,7 +39,14 @@ class Config(ModelConfig):
     grad_clip: float = 0.8
     seed: int = 1111
     select_on: str = "valid_loss"  # "valid_loss" (task loss on validation, as MulT) or "valid_metric"
+    label_fraction: float = 1.0  # keep a seeded, stratified share of the training labels; the rest train unlabelled (mskt.data.labels)
     teacher_run: str = ""  # kt_target="teacher": a finished `full` run folder whose audio encoder is frozen in
+    # Missing modalities in training, for any variant (mskt.data.missing.TrainingProtocol): "auto" (the
+    # variant's own: kt_any's modality_dropout, none for the others), "none", "patterns", "fixed",
+    # "sample", "uniform" or "step". Baselines zero-impute what is dropped; kt_any reconstructs it.
+    train_missing: str = "auto"
+    train_missing_rate: float = 0.5  # patterns: share of samples; sample/step: probability; uniform: r ~ U(0, this)
+    train_missing_modalities: str = "audio"  # train_missing="fixed": missing for every training sample
     # Execution.
     device: str = "auto"  # "auto" (CUDA if present, else CPU), "cpu", "cuda", "cuda:1", ...
     eval_batch_size: int = 256
@@ -58,7 +66,7 @@ class Config(ModelConfig):
         self._check_types()
         self._check_ranges()
         super().check()
-        allowed = {"cpu_kernels": ("fused", "torch"), "scheduler": ("none", "plateau"), "select_on": ("valid_loss", "valid_metric"), "progress": ("auto", "on", "off"), "precision": ("fp32", "bf16")}
+        allowed = {"cpu_kernels": ("fused", "torch"), "scheduler": ("none", "plateau"), "select_on": ("valid_loss", "valid_metric"), "progress": ("auto", "on", "off"), "precision": ("fp32", "bf16"), "dataset": ("auto", "mosi", "mosei", "iemocap", "sims", "other")}
         for key, values in allowed.items():
             if getattr(self, key) not in values:
                 raise ConfigError(f"{key}={getattr(self, key)!r} is not allowed; choose one of {', '.join(values)}")
@@ -71,8 +79,28 @@ class Config(ModelConfig):
                 torch.device(self.device)
             except RuntimeError:
                 raise ConfigError(f"device={self.device!r} is not a device; use auto, cpu, cuda or cuda:N") from None
+        self._check_train_missing()
         if variant_class(self.variant).uses_teacher(self) and not self.teacher_run:
             raise ConfigError(f"variant {self.variant!r} with kt_target={self.kt_target!r} needs teacher_run: the folder of a finished `full` run")
+
+    def _check_train_missing(self) -> None:
+        """The training protocol's choice, its rate (below 1 where it is a probability) and, for
+        "fixed", its modalities (mskt.data.missing.TrainingProtocol draws the masks)."""
+        from mskt.model import MODALITIES
+
+        if self.train_missing not in TRAIN_PROTOCOLS:
+            raise ConfigError(f"train_missing={self.train_missing!r} is not allowed; choose one of {', '.join(TRAIN_PROTOCOLS)}")
+        if self.train_missing in ("sample", "step") and self.train_missing_rate >= 1.0:
+            raise ConfigError(f"train_missing_rate must be in [0.0, 1.0) with train_missing={self.train_missing!r}, found {self.train_missing_rate!r}")
+        if self.train_missing != "fixed":
+            return
+        key, value = "train_missing_modalities", self.train_missing_modalities
+        names = [{"language": "text"}.get(n.strip(), n.strip()) for n in value.split(",") if n.strip()]
+        if not names or any(n not in MODALITIES for n in names) or len(set(names)) != len(names) or len(names) == len(MODALITIES):
+            raise ConfigError(f"{key}={value!r} must name one or two of {', '.join(MODALITIES)} (or language), comma-separated, each once")
+        inputs = variant_class(self.variant).inputs
+        if set(inputs) <= set(names):
+            raise ConfigError(f"{key}={value!r} leaves variant {self.variant!r} nothing it reads ({', '.join(inputs)})")
 
     def _check_types(self) -> None:
         """A Config built directly (not through from_dict) gets the same type errors as from_dict."""
@@ -140,6 +168,8 @@ class Config(ModelConfig):
 
 
 _TYPES = {"int": int, "float": float, "str": str, "bool": bool}
+# train_missing's choices: "auto" (the variant's own protocol) and mskt.data.missing.TrainingProtocol's kinds.
+TRAIN_PROTOCOLS = ("auto", "none", "patterns", "fixed", "sample", "uniform", "step")
 
 # The allowed range of every numeric field (the model's, MODEL_RANGES, and the run's), in the form
 # ``mskt.model.config.check_ranges`` reads. Kernels (odd, >= 1) are checked by ModelConfig.check;
@@ -155,8 +185,10 @@ RANGES = {
     "weight_decay": ((0.0, "["), None, " (0: none)"),
     "grad_clip": ((0.0, "["), None, " (0: no clipping)"),
     "seed": ((0, "["), (_SEED_MAX, "]"), ""),
+    "label_fraction": ((0.0, "("), (1.0, "]"), " (the share of training labels kept; 1: all)"),
     "eval_batch_size": ((1, "["), None, ""),
     "threads": ((0, "["), (1024, "]"), " (0: torch's default)"),
+    "train_missing_rate": ((0.0, "["), (1.0, "]"), " (below 1 for train_missing sample and step)"),
 }
 
 

@@ -1,4 +1,4 @@
-"""Evaluation metrics for the three benchmarks, with every convention named explicitly.
+"""Evaluation metrics for the three benchmarks and CH-SIMS, with every convention named explicitly.
 
 The literature reports "Acc2" and "F1" under two incompatible conventions, and small
 differences (rounding, clipping, argument order) move the numbers by a point or more, so
@@ -18,6 +18,15 @@ Sentiment regression (MOSI, MOSEI); ``p`` = predictions and ``y`` = labels, both
 - Every F1 is the support-weighted F1 (scikit-learn's ``average='weighted'``) with the true
   labels as the first argument. (MulT's code passes predictions first, which changes the
   weights; we do not reproduce that.)
+
+CH-SIMS (sentiment in ``[-1, 1]``), as MMSA's ``MetricsTop`` evaluates it (``__eval_sims_regression``):
+``p`` and ``y`` are first clipped to ``[-1, 1]``, and every metric is computed on the clipped values.
+
+- ``acc2``: classes ``[-1, 0]`` and ``(0, 1]`` (a label of exactly 0 is negative); ``f1``: their
+  support-weighted F1, true labels first.
+- ``acc3``: classes ``[-1, -0.1]``, ``(-0.1, 0.1]``, ``(0.1, 1]``.
+- ``acc5``: classes ``[-1, -0.7]``, ``(-0.7, -0.1]``, ``(-0.1, 0.1]``, ``(0.1, 0.7]``, ``(0.7, 1]``.
+- ``mae``: ``mean(|p - y|)`` of the clipped values; ``corr``: their Pearson correlation.
 
 IEMOCAP emotions, in the order of ``mskt.data.presets.EMOTIONS``: the model emits ``(N, 4, 2)``
 logits; per emotion, argmax over the last axis, then binary accuracy and weighted F1.
@@ -39,6 +48,7 @@ from mskt.data.presets import EMOTIONS
 
 __all__ = [
     "regression_metrics",
+    "sims_regression_metrics",
     "emotion_metrics",
     "compute_metrics",
     "weighted_f1",
@@ -129,6 +139,42 @@ def regression_metrics(pred, y) -> dict[str, float]:
     }
 
 
+# MMSA's SIMS class edges: a value v is in class i when edges[i] < v <= edges[i + 1]; -1.01 puts -1 in
+# the first class.
+SIMS_EDGES = {
+    2: (-1.01, 0.0, 1.01),
+    3: (-1.01, -0.1, 0.1, 1.01),
+    5: (-1.01, -0.7, -0.1, 0.1, 0.7, 1.01),
+}
+
+
+def _sims_classes(v: np.ndarray, k: int) -> np.ndarray:
+    """Class index of each value of ``v`` (already clipped to [-1, 1]) under MMSA's k-class bins."""
+    edges = np.asarray(SIMS_EDGES[k])
+    return np.searchsorted(edges, v, side="left") - 1  # edges[i] < v <= edges[i + 1]  ->  i
+
+
+def sims_regression_metrics(pred, y) -> dict[str, float]:
+    """Sentiment metrics for CH-SIMS (labels in [-1, 1]) under MMSA's conventions (module docstring)."""
+    p_in, y_in = np.asarray(pred), np.asarray(y)
+    if p_in.size != y_in.size:
+        raise DataError(
+            f"sims_regression_metrics: pred has shape {p_in.shape} ({p_in.size} values) but "
+            f"y has shape {y_in.shape} ({y_in.size} values)"
+        )
+    if p_in.size == 0:
+        raise DataError("sims_regression_metrics: no samples (pred and y are empty)")
+    p = np.clip(p_in.astype(np.float64).ravel(), -1.0, 1.0)
+    t = np.clip(y_in.astype(np.float64).ravel(), -1.0, 1.0)
+    out = {}
+    for k in (2, 3, 5):
+        out[f"acc{k}"] = _accuracy(_sims_classes(t, k), _sims_classes(p, k))
+    out["f1"] = weighted_f1(_sims_classes(t, 2), _sims_classes(p, 2))
+    out["mae"] = float(np.mean(np.abs(p - t)))
+    out["corr"] = _pearson(p, t)
+    return out
+
+
 def _emotion_labels(a, name: str) -> np.ndarray:
     """``(N, 4, 2)`` scores/one-hot -> argmax; ``(N, 4)`` 0/1 -> as is. Returns ints (N, 4)."""
     arr = np.asarray(a)
@@ -174,9 +220,14 @@ def emotion_metrics(pred, y) -> dict[str, float]:
     return out
 
 
-def compute_metrics(task: str, pred, y) -> dict[str, float]:
-    """Dispatch on the dataset's task: ``"regression"`` or ``"emotions"``."""
+def compute_metrics(task: str, pred, y, dataset: str = "auto") -> dict[str, float]:
+    """Dispatch on the dataset's task (``"regression"`` or ``"emotions"``) and, for regression, on its
+    identity: SIMS's metrics for ``dataset="sims"``, MOSI/MOSEI's for any other."""
     if task == "regression":
+        from mskt.data.presets import dataset_identity
+
+        if dataset_identity(dataset) == "sims":
+            return sims_regression_metrics(pred, y)
         return regression_metrics(pred, y)
     if task == "emotions":
         return emotion_metrics(pred, y)

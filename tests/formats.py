@@ -232,3 +232,50 @@ def custom_mult_object(sizes, steps, dims, *, emotions=False, seed=0, min_length
         obj[s] = sp
         true_lengths[s] = lens
     return obj, true_lengths
+
+
+def custom_mmsa_object(sizes, steps, dims, *, aligned=False, label_range=(-1.0, 1.0), seed=0):
+    """An MMSA-layout dict with any split sizes, steps {m: T} and dims {m: D}, right zero-padded, as
+    MMSA ships CH-SIMS (``unaligned_39.pkl``: text BERT 768, audio librosa 33, vision OpenFace 709):
+    ``raw_text``, ``text``, ``text_bert``, ``audio``, ``vision``, ``id``, ``annotations``,
+    ``regression_labels`` (and the unimodal ``regression_labels_T/A/V``), ``classification_labels``
+    and, unaligned, ``audio_lengths`` / ``vision_lengths`` as plain lists. Labels lie on a grid of
+    eleven values spanning ``label_range`` (steps of 0.2 for [-1, 1]), both ends included.
+    Returns (obj, {split: {modality: true lengths}})."""
+    rng = np.random.default_rng(seed)
+    lo, hi = label_range
+    grid = np.round(np.arange(lo, hi + 1e-9, (hi - lo) / 10), 6)
+    obj, true_lengths = {}, {}
+    for s in SPLIT_NAMES:
+        n = sizes[s]
+        T_text = steps["text"]
+        text_len = np.maximum(draw_lengths(rng, n, T_text), 2)  # [CLS] ... [SEP]
+        lens = {"text": text_len}
+        for m in ("audio", "vision"):
+            lens[m] = text_len.copy() if aligned else draw_lengths(rng, n, steps[m])
+        tb = np.zeros((n, 3, T_text), dtype=np.float32)
+        for i, L in enumerate(text_len):
+            tb[i, 0, :L] = rng.integers(100, 21128, size=L)  # bert-base-chinese's vocabulary
+            tb[i, 0, 0], tb[i, 0, L - 1] = 101, 102
+            tb[i, 1, :L] = 1
+        labels = rng.choice(grid, size=n).astype(np.float32)
+        sp = {
+            "raw_text": np.array([f"句子 {s} {i}" for i in range(n)]),
+            "text": right_padded(rng, lens["text"], T_text, dims["text"]),
+            "text_bert": tb,
+            "audio": right_padded(rng, lens["audio"], steps["audio"], dims["audio"]),
+            "vision": right_padded(rng, lens["vision"], steps["vision"], dims["vision"]),
+            "id": np.array([f"video_{s}{i:04d}$_${i + 1:04d}" for i in range(n)], dtype=object),
+            "annotations": np.array(["Negative" if v < 0 else "Neutral" if v == 0 else "Positive" for v in labels], dtype=object),
+            "regression_labels": labels,
+            "regression_labels_T": rng.choice(grid, size=n).astype(np.float32),
+            "regression_labels_A": rng.choice(grid, size=n).astype(np.float32),
+            "regression_labels_V": rng.choice(grid, size=n).astype(np.float32),
+            "classification_labels": (np.sign(labels) + 1).astype(np.float32),
+        }
+        if not aligned:
+            sp["audio_lengths"] = [int(v) for v in lens["audio"]]
+            sp["vision_lengths"] = [int(v) for v in lens["vision"]]
+        obj[s] = sp
+        true_lengths[s] = lens
+    return obj, true_lengths

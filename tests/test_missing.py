@@ -7,7 +7,7 @@ What is pinned down here:
   and language_vision; without the mask the NaN does reach full's and kt_any's prediction (control);
 - kt_any replaces a missing modality by its reconstruction, per sample: changing a missing
   modality's values changes nothing, changing a present one does; a mixed batch predicts each sample
-  as it would alone; modality dropout draws the six patterns from torch's global RNG;
+  as it would alone; a training protocol's drops are missing for prediction but stay targets;
 - masks: rates respected, deterministic by seed, never all three missing; bad settings are errors;
 - evaluate: masks do not depend on the batch size; NaN data behind the mask change nothing;
 - the sweep is deterministic by seed, and different seeds differ; its figures draw;
@@ -183,20 +183,25 @@ def test_kt_any_all_three_missing_is_an_error():
         model({**batch, "missing": torch.ones(B, 3, dtype=torch.bool)})
 
 
-def test_modality_dropout_draws_the_six_patterns_by_torch_seed():
-    model, cfg = build(variant="kt_any", modality_dropout=1.0, **NO_DROPOUT)
-    batch = make_batch_fn(cfg, batch=4)
+def test_dropped_modalities_are_missing_for_prediction_but_stay_targets():
+    """A training protocol's drops (batch["dropped"]) remove a modality from kt_any's prediction path
+    like batch["missing"], but the real values stay consistency targets; the model draws nothing
+    itself (its modality dropout is the training loop's "patterns" protocol)."""
+    model, cfg = build(variant="kt_any", **NO_DROPOUT)
+    batch = make_batch_fn(cfg)
+    mask = as_mask(PATTERNS["mixed"])
     model.train()
-    masks = []
-    for seed in (1, 1, 2):
-        torch.manual_seed(seed)
-        masks.append(model(batch).internals["missing"])
-    assert torch.equal(masks[0], masks[1])
-    drawn = torch.cat([model(batch).internals["missing"] for _ in range(20)])  # (80, 3)
-    assert ((drawn.sum(1) >= 1) & (drawn.sum(1) <= 2)).all()  # every sample: one of the six patterns
-    assert len({tuple(r.tolist()) for r in drawn}) == 6
-    none = build(variant="kt_any", modality_dropout=0.0)[0].train()
-    assert "missing" not in none(batch).internals
+    assert "missing" not in model(batch).internals  # nothing dropped unless the batch says so
+    dropped = model(fill(batch, mask, 0.0) | {"missing": None, "dropped": mask}, return_internals=True)
+    other = model({**batch, "dropped": mask}, return_internals=True)
+    torch.testing.assert_close(dropped.pred, other.pred)  # the dropped values are never read
+    assert torch.equal(other.internals["missing"], mask)
+    given = model({**batch, "missing": mask}, return_internals=True)
+    torch.testing.assert_close(given.pred, other.pred)  # the same prediction path as data-missing
+    audio = MODALITIES.index("audio")
+    for name in ("fused", "from_text"):  # dropped audio still a target; data-missing audio is not
+        key = f"mask_audio_{name}"
+        assert other.aux[key][mask[:, audio]].any() and not given.aux[key][mask[:, audio]].any()
 
 
 # ----------------------------------------------------------------------------------------------

@@ -358,12 +358,17 @@ def test_vision_dim_disagrees_between_splits_unknown_file(tmp_path):
     assert "custom.pkl" in msg and "'vision'" in msg and "'test'" in msg and "dim 19 disagrees" in msg
 
 
-def test_dim_disagrees_with_preset(tmp_path):
+def test_dim_differs_from_paper_loads_and_says_so(tmp_path, caplog):
+    """Extractors vary: a MOSI file with 4 audio features (not the paper's 5) loads, and one info line
+    names the dims found beside the paper's (issue 20; tests/test_own_data.py goes further)."""
     obj, _ = fmt.mult_object("mosi", True)
     for s in SPLITS:
         obj[s]["audio"] = obj[s]["audio"][:, :, :4]
-    msg = _error(fmt.write_pickle(tmp_path / "mosi_data.pkl", obj))
-    assert "mosi_data.pkl" in msg and "'audio'" in msg and "expected feature dim 5" in msg and "found 4" in msg
+    with caplog.at_level(logging.INFO, logger="mskt"):
+        ds = load_dataset(fmt.write_pickle(tmp_path / "mosi_data.pkl", obj))
+    assert ds.meta.name == "mosi" and ds.dims["audio"] == 4
+    lines = [r.getMessage() for r in caplog.records if r.name == "mskt" and "feature dims" in r.getMessage()]
+    assert len(lines) == 1 and "mosi_data.pkl" in lines[0] and "audio 4" in lines[0] and "audio 5" in lines[0]
 
 
 def test_missing_split(tmp_path):

@@ -1,7 +1,9 @@
 """A refactor changes no number: seeded 2-epoch runs of every built-in variant on
 ``synthetic:mosi`` and ``synthetic:mosi-unaligned`` (scale 0.05, the default model, one thread, the
 default CPU path) give exactly the test metrics recorded before the redesign
-(``tests/data/refactor_baseline.json``, written by the code at commit dfdc546).
+(``tests/data/refactor_baseline.json``, written by the code at commit dfdc546; kt_any's two entries
+re-recorded when its modality dropout moved from the model's forward, drawn from torch's global RNG,
+to the training loop's missing protocol, drawn from its own seeded generator: issue 19).
 
 A change that is meant to change these numbers (a new dropout draw order, another init) records
 them anew: ``python tests/test_refactor_numbers.py`` rewrites the file; say why in the commit.

@@ -97,12 +97,15 @@ OUT_OF_RANGE = {
     "seed": [-1, 2**64],
     "eval_batch_size": [0],
     "threads": [-1, 10**6],
+    "train_missing_rate": [-0.1, 1.5],
+    "label_fraction": [0.0, -0.5, 1.01],
 }
 # The boundary values that must stay allowed.
 ALLOWED = {
     "encoder_layers": 0, "text_kernel": 3, "audio_kernel": 5, "vision_kernel": 1, "attn_dropout": 0.0,
     "out_dropout": 0.99, "lambda_vision": 0.0, "lambda_fused": 2.5, "lambda_aux": 0.0, "modality_dropout": 1.0, "lambda_any": 0.0, "data_scale": 100.0,
     "data_seed": 0, "weight_decay": 0.0, "grad_clip": 0.0, "seed": 0, "threads": 0, "lr": 1e-7, "epochs": 1,
+    "label_fraction": 1.0,
 }
 
 

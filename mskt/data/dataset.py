@@ -6,7 +6,8 @@ Conventions every reader normalises to, so the model and the notebooks never spe
 - Padding is on the **left** (MulT's convention): a sample of true length L occupies the last L
   steps, so "the last time step" is always real. Readers of right-padded formats (MMSA) shift.
 - ``lengths[m]`` is an int64 array (N,) of true (unpadded) lengths.
-- ``labels`` is float32 (N,) sentiment in [-3, 3] for regression, or int64 (N, 4) with 0/1 per
+- ``labels`` is float32 (N,) sentiment in the dataset's range for regression ([-3, 3] for MOSI and
+  MOSEI, [-1, 1] for SIMS: ``mskt.data.presets.label_range``), or int64 (N, 4) with 0/1 per
   emotion in the order neutral, happy, sad, angry for IEMOCAP.
 - ``ids`` is a str array (N,).
 
@@ -16,13 +17,14 @@ indexing works; ``Split.load()`` reads it into memory.
 
 from __future__ import annotations
 
+import contextvars
 import logging
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from mskt.errors import DataError
-from mskt.data.presets import EMOTIONS, MODALITIES, SPLITS, DataShape
+from mskt.data.presets import DATASET_TASKS, EMOTIONS, MODALITIES, SPLITS, DataShape, dataset_identity, label_range
 
 log = logging.getLogger("mskt")
 
@@ -176,6 +178,26 @@ def replace_nonfinite(dataset: MultimodalDataset) -> str | None:
     return line
 
 
+# The identity ``load_dataset`` was given (``--dataset``) while a reader runs: the reader's own guess
+# (a MulT file name, MMSA's dims) must not refuse labels that the given identity allows.
+GIVEN_IDENTITY: contextvars.ContextVar[str] = contextvars.ContextVar("mskt_given_dataset", default="auto")
+
+
+def check_label_range(dataset: MultimodalDataset, split: str, labels: np.ndarray) -> None:
+    """Refuse sentiment outside the range of the dataset's identity ([-3, 3] MOSI/MOSEI, [-1, 1] SIMS):
+    the one ``load_dataset`` was given, else the one its name says."""
+    given = GIVEN_IDENTITY.get()
+    fits = DATASET_TASKS.get(given, "regression") == "regression"  # a given emotions identity is refused by its task
+    name = given if given != "auto" and fits else dataset.meta.name
+    lo, hi = label_range(name)
+    if labels.size and (labels.min() < lo - 1e-6 or labels.max() > hi + 1e-6):
+        raise DataError(
+            f"{dataset.meta.source}: split {split!r} key 'labels': expected sentiment in [{lo:g}, {hi:g}] for "
+            f"{dataset_identity(name)}, found [{labels.min():.3f}, {labels.max():.3f}]"
+            + ("; for labels in [-3, 3] give --dataset mosi, mosei or other" if hi < 3 and labels.min() >= -3 and labels.max() <= 3 else "")
+        )
+
+
 def validate(dataset: MultimodalDataset, shape: DataShape | None = None) -> None:
     """Check the dataset's internal consistency (and against a preset's dims); raise DataError.
 
@@ -247,10 +269,7 @@ def validate(dataset: MultimodalDataset, shape: DataShape | None = None) -> None
                 raise DataError(f"{src}: split {s!r} key 'labels': expected shape ({n},) for regression, found {labels.shape}")
             if not np.all(np.isfinite(labels)):
                 raise DataError(f"{src}: split {s!r} key 'labels': {int((~np.isfinite(labels)).sum())} non-finite labels")
-            if labels.size and (labels.min() < -3 - 1e-6 or labels.max() > 3 + 1e-6):
-                raise DataError(
-                    f"{src}: split {s!r} key 'labels': expected sentiment in [-3, 3], found [{labels.min():.3f}, {labels.max():.3f}]"
-                )
+            check_label_range(dataset, s, labels)
         else:
             if labels.shape != (n, len(EMOTIONS)):
                 raise DataError(f"{src}: split {s!r} key 'labels': expected shape ({n}, 4) for emotions, found {labels.shape}")

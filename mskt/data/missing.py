@@ -146,3 +146,128 @@ def describe(missing=None, rate: float = 0.0, mode: str = "sample", seed: int = 
     if not parts:
         parts.append("nothing missing" if missing is not None else "default protocol (audio missing except for full)")
     return ", ".join(parts)
+
+
+# ----------------------------------------------------------------------------------------------
+# Missing modalities in training: one protocol for every variant.
+
+# The kinds of TrainingProtocol. Config.train_missing adds "auto": the variant's own protocol
+# (kt_any: "patterns" at its modality_dropout; every other variant: none).
+TRAIN_KINDS = ("none", "patterns", "fixed", "sample", "uniform", "step")
+
+
+@dataclass(frozen=True)
+class TrainingProtocol:
+    """What a training protocol removes from each training batch, for any variant.
+
+    ``kind``:
+
+    * ``"none"``: nothing;
+    * ``"patterns"`` (kt_any's modality dropout; MMIN trains on its six conditions): with
+      probability ``rate`` a sample gets one of the six ``MISSING_PATTERNS``, chosen uniformly;
+    * ``"fixed"``: the ``fixed`` modalities are missing for every sample;
+    * ``"sample"`` (IMDer / DiCMoR: the test rate in training): each modality of each sample is
+      missing with probability ``rate`` (a sample left with nothing is drawn again);
+    * ``"uniform"`` (LNLN: one model for every rate): each sample draws its own rate r ~ U(0, ``rate``)
+      and each of its modalities is missing with probability r (nothing left: drawn again);
+    * ``"step"`` (TFR-Net): each time step of each modality is dropped with probability ``rate``.
+
+    Masks come from a generator the caller owns (the training loop's, seeded from the run seed), so
+    a run repeats exactly, and every variant trained with the same seed and protocol sees the same
+    masks on the same batches. The model receives them as ``batch["dropped"]`` (B, 3) and
+    ``batch["dropped_steps"]`` {m: (B, T_m)}: missing or zeroed for the prediction path, while the real
+    values stay in the batch as training targets (kt_any's consistency loss). A variant that does not
+    reconstruct sees zeros there (zero imputation); kt_any reconstructs the dropped modalities.
+    """
+
+    kind: str = "none"
+    rate: float = 0.0
+    fixed: tuple = ()
+
+    def __post_init__(self):
+        if self.kind not in TRAIN_KINDS:
+            raise MissingError(f"training protocol {self.kind!r} is not one of {', '.join(TRAIN_KINDS)}")
+        rate = self.rate
+        high = 1.0 if self.kind in ("patterns", "uniform") else None
+        if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not (0.0 <= rate <= 1.0 if high else 0.0 <= rate < 1.0):
+            raise MissingError(f"training protocol {self.kind!r}: rate must be a number in [0, {'1]' if high else '1)'}, found {rate!r}")
+        object.__setattr__(self, "rate", float(rate))
+        object.__setattr__(self, "fixed", parse_missing(self.fixed) if self.kind == "fixed" else ())
+        if self.kind == "fixed" and not self.fixed:
+            raise MissingError("training protocol 'fixed' needs the modalities missing for every sample, found none")
+
+    @property
+    def active(self) -> bool:
+        """Whether it removes anything at all."""
+        return self.kind == "fixed" or (self.kind != "none" and self.rate > 0)
+
+    def draw(self, n: int, steps: dict, generator: torch.Generator) -> dict:
+        """The masks of one batch of ``n`` samples (``steps``: {modality: T_m}), on the CPU:
+        {"dropped": (n, 3) bool} (True = missing) or, for "step", {"dropped_steps": {m: (n, T_m) bool}}
+        (True = zeroed step); {} when the protocol removes nothing. Draws from ``generator`` only."""
+        k = len(MODALITIES)
+        if not self.active:
+            return {}
+        if self.kind == "step":  # in MODALITIES order, as step_mask draws
+            return {"dropped_steps": {m: torch.rand(n, steps[m], generator=generator) < self.rate for m in MODALITIES if m in steps}}
+        if self.kind == "fixed":
+            return {"dropped": torch.tensor([m in self.fixed for m in MODALITIES]).expand(n, k).clone()}
+        if self.kind == "patterns":  # a pattern for every sample, then which samples get theirs
+            patterns = torch.tensor([[m in p for m in MODALITIES] for p in MISSING_PATTERNS])  # (6, 3)
+            chosen = patterns[torch.randint(len(MISSING_PATTERNS), (n,), generator=generator)]  # (n, 3)
+            hit = torch.rand(n, generator=generator) < self.rate  # (n,)
+            return {"dropped": chosen & hit[:, None]}
+        if self.kind == "sample":
+            rates = torch.full((n, 1), self.rate)
+        else:  # uniform: each sample its own rate in [0, rate), so never 1
+            rates = torch.rand(n, 1, generator=generator) * self.rate
+        mask = torch.rand(n, k, generator=generator) < rates  # (n, 3)
+        bad = mask.all(dim=1)
+        while bad.any():  # P(all three) = r^3 < 1: this ends
+            mask[bad] = torch.rand(int(bad.sum()), k, generator=generator) < rates[bad]
+            bad = mask.all(dim=1)
+        return {"dropped": mask}
+
+    def describe(self) -> str:
+        """A short label, for printed lines and tables."""
+        if not self.active:
+            return "no missing modalities in training"
+        if self.kind == "fixed":
+            return f"training: {','.join(self.fixed)} missing for every sample"
+        return {
+            "patterns": f"training: one of the six missing patterns for a share {self.rate:g} of the samples",
+            "sample": f"training: each modality of each sample missing with probability {self.rate:g}",
+            "uniform": f"training: each sample's missing rate drawn from U(0, {self.rate:g})",
+            "step": f"training: each time step dropped with probability {self.rate:g}",
+        }[self.kind]
+
+
+def select_drops(drops: dict, rows: torch.Tensor, device) -> dict:
+    """The masks of ``TrainingProtocol.draw`` for the samples at positions ``rows``, on ``device``:
+    the keys to merge into the batch of those samples."""
+    rows = rows.cpu()
+    out = {}
+    if "dropped" in drops:
+        out["dropped"] = drops["dropped"][rows].to(device)
+    if "dropped_steps" in drops:
+        out["dropped_steps"] = {m: d[rows].to(device) for m, d in drops["dropped_steps"].items()}
+    return out
+
+
+def training_protocol(cfg, model) -> TrainingProtocol:
+    """The training protocol of a run ``cfg`` (``train_missing``, ``train_missing_rate``,
+    ``train_missing_modalities``) for ``model``, built from ``cfg``; "auto" asks the model for its
+    own: ``drops_modalities()`` > 0 means "patterns" at that share, else none."""
+    kind = cfg.train_missing
+    if kind == "auto":
+        share = float(model.drops_modalities())
+        return TrainingProtocol("patterns", share) if share > 0 else TrainingProtocol("none")
+    if kind == "fixed":
+        return TrainingProtocol("fixed", 0.0, cfg.train_missing_modalities)
+    return TrainingProtocol(kind, cfg.train_missing_rate if kind != "none" else 0.0)
+
+
+def training_generator(seed: int) -> torch.Generator:
+    """The generator of a run's training masks: from the run seed, apart from the batch order's
+    (which ``torch.Generator().manual_seed(seed)`` draws) and from torch's global one (dropout)."""
+    return torch.Generator().manual_seed((int(seed) + 0x9E3779B97F4A7C15) % 2**64)

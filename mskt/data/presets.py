@@ -65,3 +65,36 @@ def data_shape(name: str) -> DataShape:
     if key not in DATA_SHAPES:
         raise ConfigError(f"unknown dataset preset {name!r}; allowed: {', '.join(DATA_SHAPES)}")
     return DATA_SHAPES[key]
+
+
+# ----------------------------------------------------------------------------------------------
+# Dataset identity: which paper rows and which label range a file's data have. Feature dims are
+# not part of it: extractors vary (GloVe 300 or BERT 768 text, COVAREP 5 or 74, Facet 20/35/47,
+# OpenFace, librosa, wav2vec), and the model reads its dims from the data.
+
+DATASETS = ("mosi", "mosei", "iemocap", "sims", "other")  # what `--dataset` may name, besides "auto"
+
+# Sentiment range per dataset: CMU-MOSI and CMU-MOSEI are annotated in [-3, 3]; CH-SIMS (MMSA's
+# release) in [-1, 1]. A dataset of no known name keeps the MOSI convention.
+LABEL_RANGES = {"mosi": (-3.0, 3.0), "mosei": (-3.0, 3.0), "sims": (-1.0, 1.0), "other": (-3.0, 3.0)}
+
+# The task each named dataset holds ("other" may hold either).
+DATASET_TASKS = {"mosi": "regression", "mosei": "regression", "iemocap": "emotions", "sims": "regression"}
+
+# The feature dims of each dataset's usual release, only to say in the load report how a file
+# differs: the paper's MulT files, and MMSA's CH-SIMS (BERT 768, librosa 33, OpenFace 709).
+REFERENCE_DIMS = {
+    **{name: dict(shape.dims) for name, shape in DATA_SHAPES.items()},
+    "sims": {"text": 768, "audio": 33, "vision": 709},
+}
+
+
+def dataset_identity(name: str) -> str:
+    """The identity behind a dataset's name: one of ``DATASETS`` ("other" for a user's own name)."""
+    key = str(name).lower()
+    return key if key in DATASETS else "other"
+
+
+def label_range(name: str) -> tuple[float, float]:
+    """The sentiment range (low, high) of the dataset called ``name`` (regression only)."""
+    return LABEL_RANGES[dataset_identity(name)]

@@ -30,6 +30,7 @@ from mskt.data.dataset import (
 )
 from mskt.errors import DataError
 from mskt.data.presets import EMOTIONS, MODALITIES, SPLITS, data_shape
+from mskt.data.synthetic import SOURCE_RE as _SYNTH_RE
 
 # ----------------------------------------------------------------------------------------------
 # Restricted unpickling
@@ -317,7 +318,7 @@ def read_mult_pickle(path, obj=None) -> MultimodalDataset:
     replace_nonfinite(ds)
     for sp in ds.splits.values():
         sp.lengths = {m: lengths_from_left_padding(sp.features[m]) for m in MODALITIES}
-    validate(ds, data_shape(name) if known else None)
+    validate(ds)  # not against the paper's dims: extractors vary; load_dataset reports the dims found
     return ds
 
 
@@ -389,7 +390,8 @@ def read_mmsa_pickle(path, obj=None) -> MultimodalDataset:
         ids = _ids(sp.get("id"), n, s, path)
         out[s] = Split(features=feats, lengths=lengths, labels=labels, ids=ids)
     dims = tuple(out["train"].features[m].shape[2] for m in ("audio", "vision"))
-    name = {(5, 20): "mosi", (74, 35): "mosei", (33, 709): "sims"}.get(dims, path.parent.name.lower() or path.stem)
+    folder = path.parent.parent if path.parent.name.lower() == "processed" else path.parent  # MMSA: <DATASET>/Processed/*.pkl
+    name = {(5, 20): "mosi", (74, 35): "mosei", (33, 709): "sims"}.get(dims, folder.name.lower() or path.stem)
     ds = MultimodalDataset(
         splits=out,
         meta=DatasetMeta(name=name, task="regression", aligned=aligned, source=str(path), format="mmsa-pickle"),
@@ -417,22 +419,37 @@ def read_pickle(path) -> MultimodalDataset:
 # ----------------------------------------------------------------------------------------------
 # One entry point for every source
 
-_SYNTH_RE = re.compile(r"^(?:synthetic:)?(mosi|mosei|iemocap)(-unaligned)?$")
 
 
-def load_dataset(source, *, scale: float = 1.0, seed: int = 0, lazy: bool = False) -> MultimodalDataset:
+def load_dataset(source, *, scale: float = 1.0, seed: int = 0, lazy: bool = False, dataset: str = "auto") -> MultimodalDataset:
+    """Load any supported source (see :func:`_load_source`) as the dataset ``dataset``: "auto" (the
+    identity its name or content gives), or mosi, mosei, iemocap, sims, other (``mskt.data.identity``)."""
+    from mskt.data.dataset import GIVEN_IDENTITY
+    from mskt.data.identity import check_choice, resolve_identity
+
+    token = GIVEN_IDENTITY.set(check_choice(dataset))
+    try:
+        loaded = _load_source(source, scale=scale, seed=seed, lazy=lazy)
+    finally:
+        GIVEN_IDENTITY.reset(token)
+    return resolve_identity(loaded, dataset)
+
+
+def _load_source(source, *, scale: float = 1.0, seed: int = 0, lazy: bool = False) -> MultimodalDataset:
     """Load any supported source.
 
     ``source`` is a path (``.pkl`` MulT/MMSA, ``.h5`` feature store) or a synthetic preset
-    ``synthetic:mosi``, ``synthetic:mosei-unaligned``, ... (``scale`` and ``seed`` apply to those).
-    ``lazy`` keeps ``.h5`` features on disk until indexed.
+    ``synthetic:mosi``, ``synthetic:mosei-unaligned``, ... (``scale`` and ``seed`` apply to those),
+    optionally with generator knobs: ``synthetic:mosi?audio_shared=0.5&audio_gain=3``
+    (``mskt.data.synthetic.parse_knobs``). ``lazy`` keeps ``.h5`` features on disk until indexed.
     """
     text = str(source)
     m = _SYNTH_RE.match(text)
     if m and not Path(text).exists():
-        from mskt.data.synthetic import make_synthetic
+        from mskt.data.synthetic import make_synthetic, parse_knobs
 
-        return make_synthetic(m.group(1), aligned=m.group(2) is None, scale=scale, seed=seed)
+        knobs = parse_knobs(m.group(3), text) if m.group(3) is not None else {}
+        return make_synthetic(m.group(1), aligned=m.group(2) is None, scale=scale, seed=seed, **knobs)
     path = Path(text)
     if not path.exists():
         raise DataError(

@@ -38,6 +38,17 @@ real (unpadded) steps are computed.
    what bounds each modality's label R^2 and why combining modalities helps; defaults make text the
    clearest, then audio, then vision, as on real MOSI.
 
+2b. Shared or private (``audio_shared`` = s, default 0). Audio's view can share its noise with
+   what text and vision jointly show: with a_iLV = (a_iL / sd_L^2 + a_iV / sd_V^2) / (1 / sd_L^2 + 1 / sd_V^2)
+   (the best estimate of a_i from both views; its noise variance is sd_LV^2 = 1 / (1/sd_L^2 + 1/sd_V^2))
+       a_iA = a_i + sqrt(1 - s) * (a_iA,own - a_i) + sqrt(s) * (a_iLV + sqrt(sd_A^2 - sd_LV^2) N(0, 1) - a_i)
+   (sd_m = expr_noise_m; a_iA,own is step 2's view). At s = 0 audio's view is its own (independent of
+   L's and V's: audio knows things about the label that L + V cannot). At s = 1 it is L + V's view
+   plus label-free noise, so everything it knows about the label L + V know too (all of audio's
+   label information is shared, reachable from L and V). In between, part of each. The noise
+   variance stays sd_A^2 (if sd_A >= sd_LV; else it is sd_LV^2 at s = 1), so audio's own label R^2
+   stays the same while s moves it from private to shared. The extra N(0, 1) has its own stream.
+
 3. A latent state z_it in R^K per word step t = 1..T0 (T0 = the preset's aligned length), an AR(1)
    process with unit stationary variance whose mean is shifted by the affect:
        u_i1 ~ N(0, I),  u_it = rho * u_i,t-1 + sqrt(1 - rho^2) * N(0, I)
@@ -83,7 +94,8 @@ real (unpadded) steps are computed.
 So audio is largely (fraction ~p of its signal variance) a function of what L and V jointly see, not
 fully (the private part, the noise, and audio's own affect view), and the function is non-linear
 (tanh), so a linear map from [L, V] recovers less of it than a non-linear one. Audio's affect view
-is independent of text's and vision's, so audio adds label information to L + V.
+is independent of text's and vision's (with the default ``audio_shared`` = 0), so audio adds label
+information to L + V.
 
 Determinism: the same (preset, aligned, scale, seed, knobs) gives bit-identical arrays, independent
 of any global random state (numpy ``default_rng`` streams keyed by seed, split and chunk). The
@@ -98,6 +110,37 @@ Defaults (``SyntheticConfig``) were tuned so that, on mosi aligned at scale 1 an
 audio-from-[L, V] R^2 between 0.4 and 0.8, higher with a non-linear feature map than linearly
 (the numbers are in the docstring of ``probe``).
 
+The premise as knobs
+--------------------
+Knowledge transfer from a train-only audio is learning with privileged information: its benefit
+should depend on how much of audio's label information L and V can reach, and on how hard the map
+from L + V to audio is. Two knobs set these, each with everything else fixed:
+
+- ``audio_shared`` (s, step 2b): how much of audio's label information is shared with L + V rather
+  than private to audio. 0 (the default): audio's view of the affect is its own.
+- ``audio_gain`` (with ``audio_bias``, step 6): how non-linear audio's content g(z) is: near 0 g is
+  almost linear in z; 1.5 (the default) saturates tanh. (``audio_predictability`` sets how much of
+  audio is content at all.)
+
+``probe`` on mosi aligned, scale 1, seeds 0..2 (ranges over the seeds; label R^2 from L+V: 0.499-0.565
+for every row, as the knobs touch audio only). "private" = label R^2(L+V+A) - label R^2(L+V): label
+information only audio holds; "gap" = per-step audio R^2 non-linear - linear:
+
+    knobs                        label R^2 A   L+V+A         private       audio linear  non-linear    gap
+    defaults (s = 0, gain 1.5)   0.319-0.379   0.549-0.608   0.043-0.053   0.517-0.540   0.614-0.623   0.083-0.097
+    audio_shared = 0.5           0.319-0.390   0.510-0.571   0.006-0.011   0.569-0.598   0.668-0.684   0.085-0.099
+    audio_shared = 1             0.326-0.389   0.501-0.566   0.001-0.002   0.598-0.632   0.698-0.720   0.087-0.100
+    audio_gain = 0.5             0.313-0.380   0.547-0.607   0.042-0.051   0.611-0.644   0.659-0.673   0.029-0.050
+    audio_gain = 3               0.334-0.381   0.550-0.610   0.045-0.056   0.489-0.495   0.566-0.571   0.076-0.081
+    audio_shared = 1, gain 3     0.348-0.390   0.501-0.566   0.001-0.002   0.572-0.582   0.655-0.664   0.080-0.083
+
+So s moves audio's label information from private to shared while audio's own label R^2 stays
+(0.32-0.39): at s = 0.5 most of the private part is already gone (it falls like (1 - sqrt(s))^2, as
+the private share of the view's *noise* is 1 - s), at s = 1 none is left. Audio also becomes more
+predictable per step as s grows (its affect cue becomes a function of L + V). ``audio_gain`` leaves
+the label information alone and changes how linear the map from L + V to audio is (gap 0.03-0.05
+at 0.5, ~0.09 at 1.5). Measured with ``probe(make_synthetic("mosi", seed=s, **knobs))``.
+
 Emotions (iemocap) labels are four independent 0/1 columns: an utterance may have none or several
 emotions (about a quarter have none with the default rates).
 """
@@ -106,6 +149,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import asdict, dataclass, fields
 from statistics import NormalDist
 
@@ -115,7 +159,7 @@ from mskt.data.dataset import DatasetMeta, MultimodalDataset, Split, replace_non
 from mskt.errors import ConfigError
 from mskt.data.presets import EMOTIONS, MODALITIES, SPLITS, data_shape
 
-__all__ = ["SyntheticConfig", "knob_names", "make_synthetic", "probe", "pooled_features", "ridge_r2"]
+__all__ = ["SyntheticConfig", "knob_names", "make_synthetic", "parse_knobs", "probe", "pooled_features", "ridge_r2"]
 
 _CHUNK = 256  # samples generated at a time: bounds temporaries (MOSEI unaligned audio: ~40 MB)
 _CALIB = 8192  # prior draws used to standardise the audio map f
@@ -167,6 +211,14 @@ class SyntheticConfig:
     """p: share of audio's signal variance that is content (g(z) and the affect cue) rather than
     private. With the private part, noise, audio's own affect view and the imperfect recovery of z
     from noisy L and V, 0.9 leaves audio largely (R^2 ~0.55 non-linearly) but not fully predictable."""
+    audio_shared: float = 0.0
+    """s: share of the noise of audio's affect view that is the noise of what text and vision jointly
+    show of the affect, rather than audio's own (step 2b of the module docstring). It moves audio's
+    label information from private (s = 0: audio's view is independent of text's and vision's, so
+    audio tells the label things L + V cannot) to shared (s = 1: everything audio's view knows about
+    the label, L + V know too) while the amount stays fixed (the view's noise variance stays
+    ``expr_noise_audio``^2 as long as that is >= the noise variance of L + V's combined view). The
+    premise knob of "when does knowledge transfer help"; 0 keeps the generator as it was."""
     audio_hidden: int = 64
     """H, hidden units of the fixed random tanh map g: enough units that g's character (and the
     probe numbers) vary little from seed to seed."""
@@ -232,6 +284,7 @@ class SyntheticConfig:
         ):
             need(num(name) and getattr(self, name) >= 0, name, "a number >= 0")
         need(num("audio_predictability") and 0 <= self.audio_predictability <= 1, "audio_predictability", "a number in [0, 1]")
+        need(num("audio_shared") and 0 <= self.audio_shared <= 1, "audio_shared", "a number in [0, 1]")
         need(num("view_frac") and 0 < self.view_frac <= 1, "view_frac", "a number in (0, 1]")
         need(num("neutral_rate") and 0 <= self.neutral_rate <= 1, "neutral_rate", "a number in [0, 1]")
         need(num("emotion_corr") and -1 / 3 < self.emotion_corr < 1, "emotion_corr", "a number in (-1/3, 1)")
@@ -317,7 +370,7 @@ class _World:
         self.g_mean = g.mean(0).astype(np.float32)
         self.g_sd = np.maximum(g.std(0), 1e-6).astype(np.float32)
         # f = (g + cue * a_A C_A) / f_norm has unit mean variance per feature
-        self.f_norm = np.float32(math.sqrt(1 + cfg.cue_audio**2 * (1 + cfg.expr_noise_audio**2)))
+        self.f_norm = np.float32(math.sqrt(1 + cfg.cue_audio**2 * (1 + _audio_view_noise_var(cfg))))
 
     def g(self, z: np.ndarray) -> np.ndarray:
         """The standardised tanh map g of z (..., K) -> (..., D_a)."""
@@ -405,6 +458,37 @@ def _draw_affect(cfg, task, n, rng):
     return y, a.astype(np.float32)
 
 
+def _lv_view(cfg, views) -> tuple:
+    """What text and vision jointly show of the affect: the inverse-variance weighted mean of their
+    views (the best estimate of a from both) and the variance of its noise."""
+    vl, vv = cfg.expr_noise_text**2, cfg.expr_noise_vision**2
+    if vl == 0 or vv == 0:
+        return views["text" if vl == 0 else "vision"], 0.0
+    w = vv / (vl + vv)  # text's weight
+    return (w * views["text"] + (1 - w) * views["vision"]).astype(np.float32), vl * vv / (vl + vv)
+
+
+def _audio_view_noise_var(cfg) -> float:
+    """Variance of the noise of audio's affect view (step 2b): expr_noise_audio^2 unless the shared
+    part alone is noisier (L + V's combined view noisier than audio's own)."""
+    va, s = cfg.expr_noise_audio**2, cfg.audio_shared
+    if s == 0:
+        return va
+    vl, vv = cfg.expr_noise_text**2, cfg.expr_noise_vision**2
+    vlv = 0.0 if vl == 0 or vv == 0 else vl * vv / (vl + vv)
+    return (1 - s) * va + s * max(va, vlv)
+
+
+def _mixed_audio_view(cfg, a, views, rng) -> np.ndarray:
+    """Audio's affect view with a share ``audio_shared`` of its noise taken from L + V's view (step 2b)."""
+    s = cfg.audio_shared
+    lv, vlv = _lv_view(cfg, views)
+    extra = math.sqrt(max(cfg.expr_noise_audio**2 - vlv, 0.0))  # independent, label-free: keeps the amount fixed
+    shared = lv + np.float32(extra) * rng.standard_normal(a.shape).astype(np.float32)
+    mixed = a + np.float32(math.sqrt(1 - s)) * (views["audio"] - a) + np.float32(math.sqrt(s)) * (shared - a)
+    return mixed.astype(np.float32)
+
+
 def _make_split(cfg, shape, aligned, world, seed, split_idx, n):
     task = shape.task
     T0 = shape.aligned_len
@@ -417,6 +501,9 @@ def _make_split(cfg, shape, aligned, world, seed, split_idx, n):
     f_min = cfg.aligned_min_frac if aligned else cfg.unaligned_min_frac
     frac = f_min + (1 - f_min) * u
     views = {m: a + getattr(cfg, f"expr_noise_{m}") * rng.standard_normal((n, n_a)).astype(np.float32) for m in MODALITIES}
+    if cfg.audio_shared > 0:  # its own stream: with s = 0 every draw is as it always was
+        shared_rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(4, split_idx)))
+        views["audio"] = _mixed_audio_view(cfg, a, views, shared_rng)
     L0 = np.clip(np.round(frac * T0), 1, T0).astype(np.int64)
     lengths = {m: np.clip(np.round(frac * Ts[m]), 1, Ts[m]).astype(np.int64) for m in MODALITIES}
     feats = {m: np.zeros((n, Ts[m], dims[m]), np.float32) for m in MODALITIES}
@@ -679,3 +766,76 @@ def _probe(ds, max_rows, n_components, n_fourier, seed) -> dict:
     res["n_test"] = len(ds["test"])
     res["task"] = "regression" if regression else "emotions"
     return res
+
+
+# ----------------------------------------------------------------------------------------------
+# Knobs in a data source string: synthetic:mosi?audio_shared=0.5&audio_gain=3
+
+
+def parse_knobs(query: str, source: str = "") -> dict:
+    """``"audio_shared=0.5&audio_gain=3"`` -> ``{"audio_shared": 0.5, "audio_gain": 3.0}``, typed as
+    the ``SyntheticConfig`` fields (tuples comma-separated: ``length_beta=1.5,2.5``; booleans
+    true/false). A data source ``synthetic:<preset>?<query>`` carries knobs through ``Config.data``,
+    the CLI and papermill. Raises a one-line ConfigError naming ``source`` and the bad knob."""
+    where = f"data {source!r}: " if source else ""
+    types = {f.name: f.type if isinstance(f.type, str) else f.type.__name__ for f in fields(SyntheticConfig)}
+    knobs: dict = {}
+    for part in query.split("&"):
+        name, eq, text = part.partition("=")
+        name, text = name.strip(), text.strip()
+        if not eq or not name or not text:
+            raise ConfigError(f"{where}synthetic knob {part!r} is not name=value (e.g. synthetic:mosi?audio_shared=0.5)")
+        if name not in types:
+            raise ConfigError(f"{where}unknown synthetic knob {name!r}; allowed: {', '.join(types)}")
+        if name in knobs:
+            raise ConfigError(f"{where}synthetic knob {name!r} is given twice")
+        kind = types[name]
+        try:
+            if kind == "bool":
+                if text.lower() not in ("true", "false", "1", "0"):
+                    raise ValueError
+                value = text.lower() in ("true", "1")
+            elif kind == "int":
+                value = int(text)
+            elif kind == "tuple":
+                value = tuple(float(v) for v in text.split(","))
+            else:
+                value = float(text)
+        except ValueError:
+            expected = {"bool": "true or false", "int": "an integer", "tuple": "comma-separated numbers"}.get(kind, "a number")
+            raise ConfigError(f"{where}synthetic knob {name}={text!r}: expected {expected}") from None
+        knobs[name] = value
+    try:
+        SyntheticConfig(**knobs)  # range errors now, naming the knob
+    except ConfigError as e:
+        raise ConfigError(f"{where}{e}") from None
+    return knobs
+
+
+# A synthetic data source: synthetic:<preset>[-unaligned][?knob=value&...] (the prefix is optional).
+SOURCE_RE = re.compile(r"^(?:synthetic:)?(mosi|mosei|iemocap)(-unaligned)?(?:\?(.*))?$")
+
+
+def with_knobs(source: str, **knobs) -> str:
+    """``source`` (a synthetic data source such as ``synthetic:mosi``, maybe with knobs already)
+    with ``knobs`` set: ``with_knobs("synthetic:mosi", audio_shared=0.5)`` ->
+    ``"synthetic:mosi?audio_shared=0.5"``. Checked as ``parse_knobs`` checks them."""
+    m = SOURCE_RE.match(str(source))
+    if not m:
+        raise ConfigError(f"data {source!r}: generator knobs need a synthetic source such as synthetic:mosi")
+    merged = parse_knobs(m.group(3), source) if m.group(3) is not None else {}
+    merged.update(knobs)
+    if not merged:
+        return f"synthetic:{m.group(1)}{m.group(2) or ''}"
+
+    def text(v):
+        if isinstance(v, (bool, np.bool_)):
+            return "true" if v else "false"
+        if isinstance(v, (tuple, list)):
+            return ",".join(f"{float(x):g}" for x in v)
+        return repr(v) if isinstance(v, float) else str(v)
+
+    query = "&".join(f"{k}={text(v)}" for k, v in merged.items())
+    out = f"synthetic:{m.group(1)}{m.group(2) or ''}?{query}"
+    parse_knobs(query, out)
+    return out

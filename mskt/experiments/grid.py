@@ -17,6 +17,7 @@ from mskt.data.readers import load_dataset
 from mskt.train import atomic_write_text, train
 
 REGRESSION_REPORT = ("acc7", "acc2_nonzero", "f1_nonzero", "acc2_haszero", "f1_haszero", "mae", "corr")
+SIMS_REPORT = ("acc2", "acc3", "acc5", "f1", "mae", "corr")  # mskt.metrics.sims_regression_metrics (MMSA's)
 EMOTION_REPORT = ("neutral_acc", "neutral_f1", "happy_acc", "happy_f1", "sad_acc", "sad_f1", "angry_acc", "angry_f1", "mean_f1")
 
 
@@ -63,7 +64,7 @@ def run_configs(base: Config, configs: dict, seeds: int, out_dir, on_run=None, j
             rows = [_row(label, cfg, metrics, on_run) for (label, cfg, _), metrics in zip(plan, results)]
     else:
         if dataset is None:
-            dataset = load_dataset(base.data, scale=base.data_scale, seed=base.data_seed)
+            dataset = load_dataset(base.data, scale=base.data_scale, seed=base.data_seed, dataset=base.dataset)
         rows = [_row(label, cfg, _run_one(cfg, run_dir, dataset), on_run) for label, cfg, run_dir in plan]
     return pd.DataFrame(rows)
 
@@ -71,7 +72,7 @@ def run_configs(base: Config, configs: dict, seeds: int, out_dir, on_run=None, j
 def run_grid(base: Config, variants, seeds: int, out_dir, on_run=None, jobs: int = 1) -> pd.DataFrame:
     """Every variant x seeds (see run_configs); writes runs.csv, results.csv and results.md."""
     out_dir = Path(out_dir)
-    dataset = load_dataset(base.data, scale=base.data_scale, seed=base.data_seed)
+    dataset = load_dataset(base.data, scale=base.data_scale, seed=base.data_seed, dataset=base.dataset)
     runs = run_configs(base, {v: {"variant": v} for v in variants}, seeds, out_dir, on_run, jobs, dataset)
     atomic_write_text(out_dir / "runs.csv", runs.to_csv(index=False))
     table = summarize(runs, dataset.meta.task)
@@ -93,7 +94,8 @@ def _row(label: str, cfg: Config, metrics: dict, on_run) -> dict:
 
 def summarize(runs: pd.DataFrame, task: str, by: str = "label") -> pd.DataFrame:
     """Mean and std over seeds per label (variant): columns (metric, "mean" | "std"), in run order."""
-    metrics = [m for m in (REGRESSION_REPORT if task == "regression" else EMOTION_REPORT) if m in runs]
+    report = EMOTION_REPORT if task != "regression" else SIMS_REPORT if "acc3" in runs else REGRESSION_REPORT
+    metrics = [m for m in report if m in runs]
     order = list(dict.fromkeys(runs[by]))
     grouped = runs.groupby(by, sort=False)[metrics]
     table = pd.concat({"mean": grouped.mean(), "std": grouped.std(ddof=1).fillna(0.0)}, axis=1)
@@ -122,6 +124,10 @@ def to_markdown(table: pd.DataFrame, dataset: str, aligned: bool, task: str, wit
             cells = [("" if m not in paper else (f"{paper[m]:.3f}" if m in ("mae", "corr") else f"{100 * paper[m]:.1f}")) for m in metrics]
             lines.append(f"| *{variant} (paper)* | | " + " | ".join(cells) + " |")
     lines.append("")
-    lines.append("Accuracies and F1 in percent; Acc2/F1 *nonzero*: samples with label ≠ 0 (MulT, the paper); "
-                 "*haszero*: all samples, label ≥ 0 vs prediction ≥ 0 (MMSA).")
+    if "acc3" in metrics:
+        lines.append("Accuracies and F1 in percent; CH-SIMS conventions (MMSA): labels and predictions clipped to [-1, 1], "
+                     "Acc2/F1 over [-1, 0] vs (0, 1], Acc3 and Acc5 over MMSA's bins.")
+    else:
+        lines.append("Accuracies and F1 in percent; Acc2/F1 *nonzero*: samples with label ≠ 0 (MulT, the paper); "
+                     "*haszero*: all samples, label ≥ 0 vs prediction ≥ 0 (MMSA).")
     return "\n".join(lines).lstrip("\n") + "\n"

@@ -7,6 +7,13 @@ conditions of MMIN (every sample misses the same one or two modalities) and (2) 
 ``summarize`` gives mean and std over training seeds and mask seeds; ``mskt.viz.plots.plot_robustness``
 and ``plot_conditions`` draw them.
 
+Fair comparisons (issue 19): :func:`fair_configs` trains every variant under kt_any's own missing
+protocol (and as published), :func:`matched_configs` / :func:`matched_sweep` the grid where the
+training rate equals the test rate, :func:`train_runs` trains any of them; the literature's summaries,
+mean ± std over training seeds: :func:`condition_summary` (MMIN's six conditions and their average),
+:func:`rate_summary` (the normalised area under the rate curve, :func:`normalized_auc`) and
+:func:`fair_table` (all of it in one Markdown table).
+
 Everything is deterministic by seed: masks come from their own seeded generators and models are
 evaluated in eval mode, so two calls with the same arguments return equal frames.
 """
@@ -22,7 +29,7 @@ from mskt.errors import MsktError
 from mskt.data.missing import CONDITIONS, RATES, check_mode, check_rate, parse_missing
 from mskt.model import KTMulT
 
-ID_COLUMNS = ("label", "variant", "run_seed", "protocol", "condition", "rate", "mask_seed", "mode")
+ID_COLUMNS = ("label", "variant", "run_seed", "protocol", "condition", "rate", "mask_seed", "mode", "train_rate")
 
 
 def _entries(runs) -> list[tuple[str, object]]:
@@ -179,3 +186,188 @@ def reading(frame: pd.DataFrame, reference: str = "kt_any", others=("kt", "langu
             parts.append(f"{'+' if diff >= 0 else '−'}{abs(diff):.3f} vs {other} ({size}, std {noise:.3f})")
         lines.append(f"{row['condition']:>14}: {reference} {metric} {row[f'{reference} {metric}']:.3f}; " + "; ".join(parts))
     return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------
+# Fair protocols: like-for-like training, and the literature's summaries of a sweep.
+
+
+def fair_configs(variants=("kt_any", "kt", "language_vision", "full"), rate: float = 0.5, as_published: bool = True) -> dict:
+    """{label: config overrides} of a like-for-like robustness comparison, for ``run_configs``.
+
+    Every variant is trained under the same missing protocol as kt_any: one of the six missing
+    patterns on a share ``rate`` of the training samples (``train_missing="patterns"``; kt_any's own
+    recipe when ``rate`` equals its ``modality_dropout``, 0.5 by default). Baselines zero-impute the
+    dropped modalities, kt_any reconstructs them (and kt always reconstructs audio, which it never
+    reads). Labels: ``"<variant>+drop"``, except kt_any, whose own recipe this is (``"kt_any"``).
+    ``as_published``: also each baseline as the paper trains it (nothing missing in training), under
+    its plain name, and kt_any without modality dropout (``"kt_any-nodrop"``).
+    """
+    check_rate(rate)
+    out = {}
+    for v in variants:
+        drop = {"variant": v, "train_missing": "patterns", "train_missing_rate": float(rate)}
+        if v == "kt_any":
+            out["kt_any"] = drop
+            if as_published:
+                out["kt_any-nodrop"] = {"variant": v, "train_missing": "none"}
+        else:
+            if as_published:
+                out[v] = {"variant": v, "train_missing": "none"}
+            out[f"{v}+drop"] = drop
+    return out
+
+
+def _per_run(frame: pd.DataFrame, metric: str, protocol: str) -> pd.DataFrame:
+    """``metric`` per (label, run_seed, condition) of one protocol, averaged over mask seeds; the
+    rate as a column (NaN for fixed conditions)."""
+    rows = frame[frame["protocol"] == protocol]
+    if rows.empty:
+        raise MsktError(f"the sweep frame has no rows of protocol {protocol!r}; it has {sorted(set(frame['protocol']))}")
+    return rows.groupby(["label", "run_seed", "condition"], sort=False).agg(rate=("rate", "first"), value=(metric, "mean")).reset_index()
+
+
+def _over_seeds(per_seed: pd.DataFrame, order) -> pd.DataFrame:
+    """Mean and std over training seeds (ddof 1; 0 for one seed) of each column of ``per_seed``
+    (index: label, run_seed), rows in ``order``; columns (column, "mean" | "std") and ("n_seeds", "")."""
+    grouped = per_seed.groupby(level="label", sort=False)
+    table = pd.concat({"mean": grouped.mean(), "std": grouped.std(ddof=1).fillna(0.0)}, axis=1).swaplevel(axis=1)
+    table = table[[(c, s) for c in per_seed.columns for s in ("mean", "std")]]
+    table[("n_seeds", "")] = grouped.size()
+    return table.loc[[label for label in order if label in table.index]]
+
+
+def condition_summary(frame: pd.DataFrame, metric: str = "mae") -> pd.DataFrame:
+    """MMIN's protocol: ``metric`` under each of the six fixed conditions and their average, mean
+    and std over training seeds (the average is taken per run, then over seeds). Columns
+    (condition | "average", "mean" | "std") and ("n_seeds", ""); one row per label."""
+    runs = _per_run(frame, metric, "condition")
+    conditions = list(dict.fromkeys(c for c in runs["condition"] if c != "none"))
+    wide = runs.pivot_table(index=["label", "run_seed"], columns="condition", values="value", sort=False)
+    wide = wide[conditions]
+    wide["average"] = wide[conditions].mean(axis=1)
+    return _over_seeds(wide, dict.fromkeys(frame["label"]))
+
+
+def normalized_auc(rates, values) -> float:
+    """The area under a curve of ``values`` against ``rates`` (trapezoids), divided by the width of
+    the rate range: the mean of the metric over the missing rates, in the metric's own units
+    (TFR-Net's AUILC and MultiBench's relative robustness, normalised so ranges of rates compare)."""
+    import numpy as np
+
+    rates, values = np.asarray(rates, dtype=float), np.asarray(values, dtype=float)
+    order = np.argsort(rates)
+    rates, values = rates[order], values[order]
+    if len(rates) < 2 or rates[-1] == rates[0]:
+        raise MsktError(f"an area under the curve needs at least two different rates, found {list(rates)}")
+    area = float(np.sum((rates[1:] - rates[:-1]) * (values[1:] + values[:-1]) / 2))
+    return area / float(rates[-1] - rates[0])
+
+
+def rate_summary(frame: pd.DataFrame, metric: str = "mae", protocol: str = "rate") -> pd.DataFrame:
+    """The rate curve of each run (``metric`` averaged over mask seeds at each rate) summarised by its
+    normalised area under the curve (:func:`normalized_auc`), beside its value at the lowest and the
+    highest rate; each mean and std over training seeds. Columns ("auc" | "rate <lo>" | "rate <hi>",
+    "mean" | "std") and ("n_seeds", ""); one row per label. ``protocol``: "rate" (a sweep) or
+    "matched" (:func:`matched_sweep`: training rate = test rate)."""
+    runs = _per_run(frame, metric, protocol)
+    lo, hi = runs["rate"].min(), runs["rate"].max()
+    per_seed = {}
+    for (label, seed), curve in runs.groupby(["label", "run_seed"], sort=False):
+        at = dict(zip(curve["rate"], curve["value"]))
+        per_seed[(label, seed)] = {"auc": normalized_auc(curve["rate"], curve["value"]), f"rate {lo:g}": at.get(lo, math.nan),
+                                   f"rate {hi:g}": at.get(hi, math.nan)}
+    wide = pd.DataFrame.from_dict(per_seed, orient="index")
+    wide.index = pd.MultiIndex.from_tuples(wide.index, names=["label", "run_seed"])
+    return _over_seeds(wide, dict.fromkeys(frame["label"]))
+
+
+def matched_configs(variants=("kt_any", "full"), rates=(0.1, 0.4, 0.7)) -> dict:
+    """{label: config overrides} of the IMDer / DiCMoR grid (their rates: 0.1–0.7): each variant
+    trained at each missing rate r per sample and modality (``train_missing="sample"``, which for
+    kt_any replaces its own modality dropout), to be tested at the same r (:func:`matched_sweep`).
+    Labels ``"<variant>@<r>"``."""
+    out = {}
+    for v in variants:
+        for r in rates:
+            out[f"{v}@{check_rate(r):g}"] = {"variant": v, "train_missing": "sample", "train_missing_rate": float(r)}
+    return out
+
+
+def matched_sweep(run_dirs: dict, dataset=None, seeds=(0, 1, 2), split: str = "test", batch_size: int = 256,
+                  device: str = "cpu") -> pd.DataFrame:
+    """Evaluate each run at the missing rate it was trained at (the same rate in training and test).
+
+    ``run_dirs``: {label: [run folder or model, ...]} of runs trained with ``train_missing="sample"``
+    (e.g. :func:`matched_configs` through ``run_configs``); each run's training rate is read from its
+    config. Returns :func:`sweep` rows with protocol "matched", label the variant (the training rate
+    is the ``rate`` column and ``train_rate``), one per (run, mask seed)."""
+    frames = []
+    for label, entries in run_dirs.items():
+        for entry in (entries if isinstance(entries, (list, tuple)) else [entries]):
+            model = _load(entry)
+            cfg = model.cfg
+            if getattr(cfg, "train_missing", None) != "sample":
+                raise MsktError(f"{entry}: trained with train_missing={getattr(cfg, 'train_missing', None)!r}; "
+                                "the matched grid needs runs trained with train_missing='sample'")
+            rate = cfg.train_missing_rate
+            f = sweep({cfg.variant: [model]}, dataset, rates=[rate], conditions=(), seeds=seeds, split=split,
+                      batch_size=batch_size, device=device)
+            frames.append(f.assign(protocol="matched", train_rate=rate))
+    if not frames:
+        raise MsktError("matched_sweep: no runs given")
+    return pd.concat(frames, ignore_index=True)
+
+
+def _cell(table: pd.DataFrame, label, column, scale: float, digits: int) -> str:
+    return f"{scale * table.loc[label, (column, 'mean')]:.{digits}f} ± {scale * table.loc[label, (column, 'std')]:.{digits}f}"
+
+
+def _scale(metric: str) -> tuple:
+    return (1, 3) if metric in ("mae", "corr", "loss") else (100, 1)
+
+
+def summary_markdown(table: pd.DataFrame, metric: str = "mae") -> str:
+    """A Markdown table of :func:`condition_summary` or :func:`rate_summary`: one row per label,
+    mean ± std over training seeds (accuracies and F1 in percent)."""
+    scale, digits = _scale(metric)
+    columns = [c for c in dict.fromkeys(table.columns.get_level_values(0)) if c != "n_seeds"]
+    lines = [f"| {metric} | seeds | " + " | ".join(columns) + " |", "|---|---|" + "---|" * len(columns)]
+    for label in table.index:
+        cells = [_cell(table, label, c, scale, digits) for c in columns]
+        lines.append(f"| {label} | {int(table.loc[label, ('n_seeds', '')])} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def fair_table(frame: pd.DataFrame, metric: str = "mae") -> str:
+    """The fair robustness table in Markdown, one row per label, mean ± std over training seeds:
+    nothing missing (the lowest rate of the sweep, normally 0), the average of MMIN's six fixed
+    conditions, audio missing (the paper's setting) and the normalised area under the rate curve.
+    The grid where the training rate equals the test rate has its own table
+    (``to_markdown(matched, metric, protocol="matched")`` and :func:`rate_summary`)."""
+    scale, digits = _scale(metric)
+    rates = rate_summary(frame, metric)
+    conditions = condition_summary(frame, metric)
+    lo, hi = frame.loc[frame["protocol"] == "rate", "rate"].agg(["min", "max"])
+    has_audio = ("audio", "mean") in conditions.columns
+    header = [f"rate {lo:g}", "6 conditions avg"] + (["audio missing"] if has_audio else []) + [f"AUC rate {lo:g}–{hi:g}"]
+    lines = [f"| {metric} | seeds | " + " | ".join(header) + " |", "|---|---|" + "---|" * len(header)]
+    for label in rates.index:
+        cells = [_cell(rates, label, f"rate {lo:g}", scale, digits), _cell(conditions, label, "average", scale, digits)]
+        if has_audio:
+            cells.append(_cell(conditions, label, "audio", scale, digits))
+        cells.append(_cell(rates, label, "auc", scale, digits))
+        lines.append(f"| {label} | {int(rates.loc[label, ('n_seeds', '')])} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def train_runs(base, configs: dict, seeds: int, out_dir, jobs: int = 1, dataset=None) -> tuple[pd.DataFrame, dict]:
+    """Train (or read back) every named config over ``seeds`` seeds with ``mskt.experiments.grid.run_configs``
+    (``configs``: e.g. :func:`fair_configs` or :func:`matched_configs`); returns its runs frame and
+    {label: [run folder, one per seed]}, what :func:`sweep` and :func:`matched_sweep` take."""
+    from mskt.experiments.grid import run_configs
+
+    out_dir = Path(out_dir)
+    runs = run_configs(base, configs, seeds, out_dir, jobs=jobs, dataset=dataset if jobs == 1 else None)
+    dirs = {label: [out_dir / f"{label}-seed{s}" for s in runs.loc[runs["label"] == label, "seed"]] for label in configs}
+    return runs, dirs

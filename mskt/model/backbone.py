@@ -11,6 +11,10 @@ approach". Backbone: MulT (Tsai et al., ACL 2019). Shapes: B batch, T steps, d m
 - **Missing modalities.** ``batch["missing"]`` (B, 3) marks, per sample, which modalities are
   missing; the first thing forward does is replace their values by zeros with ``torch.where``
   (never read, NaN-safe): the zero-imputation baseline of every variant that does not reconstruct.
+  In training, a missing protocol (``mskt.data.missing.TrainingProtocol``, drawn by the training
+  loop for any variant) adds ``batch["dropped"]`` (B, 3) and ``batch["dropped_steps"]``
+  {m: (B, T_m)}: removed from the prediction path in the same way, but their real values stay in
+  the batch as training targets.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
-from mskt.modalities import MISSING_PATTERNS, MODALITIES
+from mskt.modalities import MODALITIES
 from mskt.model.config import ModelConfig
 from mskt.model.encoders import CTCAligner, ModalityEncoder
 from mskt.model.layers import TORCH_KERNELS, Transformer, key_mask, run_stacks
@@ -71,6 +75,12 @@ class MulT(nn.Module):
     def uses_teacher(cls, cfg: ModelConfig) -> bool:
         """Whether training must load a teacher run's audio encoder into it (``freeze_audio_encoder``)."""
         return False
+
+    @classmethod
+    def loss_weights(cls, cfg: ModelConfig) -> tuple:
+        """The config fields that weight this variant's own loss terms under ``cfg`` (what a
+        hyperparameter search tunes beside the backbone's fields; ``mskt tune`` asks)."""
+        return ()
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -127,7 +137,8 @@ class MulT(nn.Module):
         return []
 
     def drops_modalities(self) -> float:
-        """Training-time modality dropout: the share of samples given one of the six missing patterns."""
+        """The variant's own training protocol (``train_missing="auto"``): the share of training
+        samples the loop gives one of the six missing patterns (``TrainingProtocol("patterns", share)``)."""
         return 0.0
 
     def check_missing(self, given: torch.Tensor) -> None:
@@ -168,15 +179,15 @@ class MulT(nn.Module):
     def _missing_inputs(self, batch, feats, lengths):
         """(missing, given), each (B, 3) bool in MODALITIES order, True = missing; (None, None) when
         nothing can be missing. ``given``: ``batch["missing"]`` and modalities given as None (whose
-        zeros are put in ``feats``, on the grid of a present modality). ``missing``: ``given`` plus, in
-        training, the variant's modality dropout: with probability :meth:`drops_modalities` a sample
-        that misses nothing gets one of the six MISSING_PATTERNS (torch's global RNG, so runs repeat by seed).
+        zeros are put in ``feats``, on the grid of a present modality). ``missing``: ``given`` plus
+        ``batch["dropped"]`` (a training protocol's drops, which keep their values as targets) for
+        the samples that miss nothing in the data.
         """
         cfg = self.cfg
         given = batch.get("missing")
+        dropped = batch.get("dropped")
         absent = [m for m, x in feats.items() if x is None]
-        rate = self.drops_modalities() if self.training else 0.0
-        if given is None and not absent and not rate > 0:
+        if given is None and not absent and dropped is None:
             return None, None
         ref = next((m for m, x in feats.items() if x is not None), None)
         if ref is None:
@@ -194,11 +205,12 @@ class MulT(nn.Module):
             lengths[m] = lengths[ref]
         self.check_missing(given)
         missing = given
-        if rate > 0:
-            patterns = torch.tensor([[m in p for m in MODALITIES] for p in MISSING_PATTERNS], device=device)  # (6, 3)
-            chosen = patterns[torch.randint(len(MISSING_PATTERNS), (B,), device=device)]  # (B, 3)
-            hit = (torch.rand(B, device=device) < rate) & ~given.any(dim=1)  # only samples missing nothing
-            missing = given | (chosen & hit[:, None])
+        if dropped is not None:
+            dropped = dropped.to(device=device, dtype=torch.bool)
+            if tuple(dropped.shape) != (B, len(MODALITIES)):
+                raise ValueError(f'batch["dropped"] must be (batch, 3) bool in the order {MODALITIES}, found {tuple(dropped.shape)}')
+            missing = given | (dropped & ~given.any(dim=1, keepdim=True))  # only samples missing nothing
+            self.check_missing(missing)
         return missing, given
 
     def forward(self, batch: dict, return_attention: bool = False, return_internals: bool = False) -> Output:
@@ -211,6 +223,10 @@ class MulT(nn.Module):
         missing for that sample. Its values are never read: they are replaced by zeros before
         anything else (zero imputation); a variant that reconstructs them replaces their features.
         A modality given as None is missing for every sample.
+
+        ``batch["dropped"]`` (B, 3) and ``batch["dropped_steps"]`` {m: (B, T_m)} (optional, from a
+        training protocol): missing / zeroed for the prediction path in the same way, while their real
+        values may still serve as training targets (kt_any's consistency terms).
         """
         cfg = self.cfg
         lengths = dict(batch["lengths"])
@@ -219,6 +235,9 @@ class MulT(nn.Module):
         if missing is not None:  # first of all: where, never multiply (NaN * 0 is NaN)
             for m in feats:
                 feats[m] = torch.where(missing[:, MODALITIES.index(m), None, None], 0.0, feats[m])
+        for m, drop in (batch.get("dropped_steps") or {}).items():  # a training protocol's dropped steps
+            if m in feats and batch.get(m) is not None:
+                feats[m] = torch.where(drop.to(feats[m].device)[..., None], 0.0, feats[m])
         if "text" in feats:  # MulT's input dropout on the word vectors
             feats["text"] = self.kernels.dropout(feats["text"], cfg.embed_dropout, self.training)
         aux = {}

@@ -48,7 +48,7 @@ class ModelConfig:
     lambda_aux: float = 1.0  # weight of the training-only audio head's task loss (kt_target="aux")
     # kt_any (beyond the paper): reconstruct whichever modalities are missing, per sample.
     lambda_any: float = 1.0  # weight of kt_any's consistency terms (per target modality, the mean of its terms)
-    modality_dropout: float = 0.5  # kt_any training: the share of samples given one of the six missing patterns
+    modality_dropout: float = 0.5  # kt_any training (train_missing="auto"): the share of samples given one of the six missing patterns
     # Unaligned data: MulT's baseline recipe, a learned CTC pseudo-alignment onto the text grid.
     ctc_align: bool = False
 

@@ -47,13 +47,15 @@ def _restore_rng(state: dict, generator: torch.Generator) -> None:
 
 
 
-def _training_state(model, optimizer, scheduler, generator, epoch, history, best) -> dict:
-    """Everything an interrupted run needs to continue exactly as if it had never stopped."""
+def _training_state(model, optimizer, scheduler, generator, epoch, history, best, missing_generator=None) -> dict:
+    """Everything an interrupted run needs to continue exactly as if it had never stopped
+    (``missing_generator``: the training protocol's masks, ``mskt.data.missing.training_generator``)."""
     return {
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict() if scheduler is not None else None,
         "generator": generator.get_state(),
+        **({"missing_generator": missing_generator.get_state()} if missing_generator is not None else {}),
         "torch_rng": torch.get_rng_state(),
         "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
         "epoch": epoch,

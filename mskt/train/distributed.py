@@ -3,7 +3,9 @@
 ``torchrun --nproc_per_node N -m mskt train ...`` sets RANK / WORLD_SIZE / LOCAL_RANK / MASTER_*;
 :class:`Dist` reads them, starts the process group (nccl on CUDA, gloo on CPU) and offers the three
 collectives training needs. Without torchrun it is a world of one and every method is a no-op, so
-the training loop has one code path.
+the training loop has one code path. Under torchrun even one process (``--nproc_per_node 1``) runs
+the process group and DDP: a machine with one GPU exercises the path that several GPUs take, and a
+world of one computes what plain training computes (DDP averages each gradient over one rank).
 
 How a global batch is shared: every rank draws the same permutation (same seed), cuts the same
 global batch of ``batch_size`` samples and takes its own contiguous part. DDP averages gradients
@@ -25,13 +27,25 @@ class Dist:
     rank: int = 0
     world: int = 1
     local_rank: int = 0
+    launched: bool = False  # started by torchrun: a process group runs even for a world of one
 
     @classmethod
     def from_env(cls) -> "Dist":
         world = int(os.environ.get("WORLD_SIZE", "1"))
-        if world <= 1:
+        launched = all(k in os.environ for k in ("RANK", "MASTER_ADDR", "MASTER_PORT"))  # torchrun's: enough for env://
+        if world <= 1 and not launched:
             return cls()
-        return cls(rank=int(os.environ["RANK"]), world=world, local_rank=int(os.environ.get("LOCAL_RANK", "0")))
+        return cls(rank=int(os.environ["RANK"]), world=world, local_rank=int(os.environ.get("LOCAL_RANK", "0")), launched=launched)
+
+    @property
+    def active(self) -> bool:
+        """Whether collectives run: several ranks, or one that torchrun started."""
+        return self.world > 1 or self.launched
+
+    @property
+    def backend(self) -> str | None:
+        """The process group's backend ("nccl", "gloo") once started, else None."""
+        return torch.distributed.get_backend() if self.active and torch.distributed.is_initialized() else None
 
     @property
     def is_main(self) -> bool:
@@ -39,7 +53,7 @@ class Dist:
 
     def init(self, device: torch.device) -> None:
         """Start the process group once per process (nccl for CUDA devices, gloo otherwise)."""
-        if self.world == 1 or torch.distributed.is_initialized():
+        if not self.active or torch.distributed.is_initialized():
             return
         if device.type == "cuda":
             torch.cuda.set_device(device)
@@ -47,8 +61,8 @@ class Dist:
         torch.distributed.init_process_group(backend=backend, device_id=device if device.type == "cuda" else None)
 
     def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
-        """The module to call in training: DDP around ``model`` when there is more than one rank."""
-        if self.world == 1:
+        """The module to call in training: DDP around ``model`` when collectives run (:attr:`active`)."""
+        if not self.active:
             return model
         from torch.nn.parallel import DistributedDataParallel
 
@@ -57,7 +71,7 @@ class Dist:
 
     def sum(self, values: dict) -> dict:
         """``{key: float}`` summed over ranks (same keys on every rank)."""
-        if self.world == 1:
+        if not self.active:
             return values
         keys = sorted(values)
         device = torch.device("cuda", torch.cuda.current_device()) if torch.distributed.get_backend() == "nccl" else "cpu"
@@ -67,7 +81,7 @@ class Dist:
 
     def gather(self, tensor: torch.Tensor) -> list[torch.Tensor]:
         """Every rank's CPU ``tensor`` (first dims may differ), in rank order, on every rank."""
-        if self.world == 1:
+        if not self.active:
             return [tensor]
         parts = [None] * self.world
         torch.distributed.all_gather_object(parts, tensor.cpu())

@@ -90,10 +90,10 @@ def evaluate(model: KTMulT, data: Tensors, batch_size: int = 256, dist=None, mis
     for batch in _missing_batches(model, data, batch_size, missing, missing_rate, missing_mode, missing_seed, rank, world):
         preds.append(model(batch).pred.float().cpu())
     pred = torch.cat(preds) if preds else torch.empty((0,) + tuple(data.labels.shape[1:]) + ((2,) if model.cfg.task != "regression" else ()))
-    if world > 1:
+    if dist is not None and dist.active:  # a torchrun world of one gathers too: the path of several ranks
         pred = torch.cat(dist.gather(pred))  # rank order = split order: the parts are contiguous
     labels = data.labels.cpu()
-    metrics = compute_metrics(model.cfg.task, pred.numpy(), labels.numpy())
+    metrics = compute_metrics(model.cfg.task, pred.numpy(), labels.numpy(), getattr(model.cfg, "dataset", "auto"))  # a bare ModelConfig has no identity
     metrics["loss"] = float(task_loss(pred, labels, model.cfg.task))
     return metrics
 

@@ -18,6 +18,7 @@ import torch
 from mskt.config import Config
 from mskt.data.batching import Tensors
 from mskt.data.dataset import MultimodalDataset
+from mskt.data.missing import select_drops, training_generator, training_protocol
 from mskt.errors import DataError, MsktError
 from mskt.fast import accelerate
 from mskt.fast.optim import FlatAdam
@@ -57,11 +58,13 @@ def default_run_name(cfg: Config, dataset: MultimodalDataset) -> str:
 
 
 def model_config_for(cfg: Config, dataset: MultimodalDataset) -> Config:
-    """``cfg`` with the data-dependent fields (dims, task) taken from the dataset."""
+    """``cfg`` with the data-dependent fields (dims, task, the dataset's identity) taken from the dataset."""
+    from mskt.data.presets import dataset_identity
+
     dims = dataset.dims
     return cfg.replace(
         text_dim=dims["text"], audio_dim=dims["audio"], vision_dim=dims["vision"],
-        text_steps=dataset.seq_lens["text"], task=dataset.meta.task,
+        text_steps=dataset.seq_lens["text"], task=dataset.meta.task, dataset=dataset_identity(dataset.meta.name),
     )
 
 
@@ -143,6 +146,7 @@ def train(
     dataset: MultimodalDataset | None = None,
     save: bool = True,
     resume: bool = False,
+    on_epoch=None,
 ) -> RunResult:
     """Train ``cfg`` and evaluate its best-on-validation checkpoint on test.
 
@@ -150,6 +154,9 @@ def train(
     everything in memory (tests). ``dataset`` skips loading ``cfg.data``. ``resume=True`` continues
     the run in ``out_dir`` from its last completed epoch (``last.pt``: weights, optimizer, scheduler
     and every RNG state), so it ends with exactly the metrics of a run that was never interrupted.
+    ``on_epoch(epoch, row)`` (optional) is called after each epoch's files are written, with that
+    epoch's history row (``valid_loss`` among it): a truthy return ends training after this epoch
+    (the best epoch so far is evaluated), an exception it raises (a pruned search trial) propagates.
 
     Under torchrun (``WORLD_SIZE`` > 1) this is DistributedDataParallel training: each rank takes
     its share of every global batch of ``batch_size``, validation and test predictions are gathered
@@ -160,10 +167,15 @@ def train(
 
     from mskt.train.distributed import Dist, weighted_share
     from mskt.paths import runs_dir
+    from mskt.data.presets import dataset_identity
     from mskt.data.readers import load_dataset
 
     if dataset is None:
-        dataset = load_dataset(cfg.data, scale=cfg.data_scale, seed=cfg.data_seed, lazy=cfg.lazy)
+        dataset = load_dataset(cfg.data, scale=cfg.data_scale, seed=cfg.data_seed, lazy=cfg.lazy, dataset=cfg.dataset)
+    elif cfg.dataset not in ("auto", dataset_identity(dataset.meta.name)):  # the caller's data take the config's identity
+        from mskt.data.identity import resolve_identity
+
+        resolve_identity(dataset, cfg.dataset)
     cfg = model_config_for(cfg, dataset)
     empty = [s for s in ("train", "valid", "test") if len(dataset.splits[s]) == 0]
     if empty:
@@ -186,6 +198,11 @@ def train(
 
     set_seed(cfg.seed)
     data = {s: Tensors.from_split(sp, cfg.task, device, lazy=cfg.lazy) for s, sp in dataset.splits.items()}
+    if cfg.label_fraction < 1:  # the rest train unlabelled: consistency terms only (mskt.data.labels)
+        from mskt.data.labels import hide_labels, labelled_subset
+
+        keep = labelled_subset(dataset.splits["train"].labels, cfg.label_fraction, cfg.seed)
+        data["train"].labels = hide_labels(data["train"].labels, keep)
     model = build_model(cfg).to(device)
     if model.uses_teacher(cfg):
         load_teacher_audio_encoder(model, cfg.teacher_run)
@@ -200,6 +217,13 @@ def train(
     if cfg.scheduler == "plateau":
         scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="min", patience=20, factor=0.1)
     generator = torch.Generator().manual_seed(cfg.seed)  # the same on every rank: one global order per epoch
+    # The missing protocol's masks: drawn per global batch from their own generator (the same on every
+    # rank), so they depend only on the seed, not on the variant's dropout draws or the world size.
+    protocol = training_protocol(cfg, model)
+    drop_generator = training_generator(cfg.seed)
+    train_steps = {m: x.shape[1] for m, x in data["train"].features.items()}
+    if protocol.active:
+        log.info("%s: %s", cfg.variant, protocol.describe())
 
     history, best = [], {"score": math.inf, "epoch": 0, "state": None}
     first_epoch = 1
@@ -209,6 +233,8 @@ def train(
         if scheduler is not None:
             scheduler.load_state_dict(state["scheduler"])
         _restore_rng(state, generator)
+        if "missing_generator" in state:
+            drop_generator.set_state(state["missing_generator"])
         history = json.loads(state["history"])
         best = {"score": state["best_score"], "epoch": state["best_epoch"], "state": state["best_state"]}
         first_epoch = state["epoch"] + 1
@@ -222,8 +248,10 @@ def train(
         model.train()
         sums, t0 = {}, time.perf_counter()
         for index in data["train"].batch_indices(cfg.batch_size, generator):
-            index, weight = weighted_share(index, dist)  # (b,) this rank's samples of the global batch
-            batch = data["train"].batch(index)
+            drops = protocol.draw(len(index), train_steps, drop_generator)  # {} when it removes nothing
+            rows, weight = weighted_share(torch.arange(len(index)), dist)  # this rank's part of the global batch
+            index = index[rows.to(index.device)]  # (b,)
+            batch = {**data["train"].batch(index), **select_drops(drops, rows, device)}
             try:
                 terms = step(batch, weight)
             except NonFiniteLoss as e:
@@ -251,8 +279,11 @@ def train(
                 atomic_torch_save({"model": best["state"], "config": cfg.to_dict(), "epoch": epoch}, run_dir / "checkpoint.pt")
         if save:
             atomic_write_text(run_dir / "history.csv", pd.DataFrame(history).to_csv(index=False))
-            atomic_torch_save(_training_state(model, optimizer, scheduler, generator, epoch, history, best), run_dir / "last.pt")
+            atomic_torch_save(_training_state(model, optimizer, scheduler, generator, epoch, history, best, drop_generator), run_dir / "last.pt")
         epochs.set_postfix(valid_loss=f"{valid['loss']:.4f}", best=best["epoch"])
+        if on_epoch is not None and on_epoch(epoch, dict(row)):
+            log.info("stopped after epoch %d of %d (on_epoch)", epoch, cfg.epochs)
+            break
 
     model.load_state_dict(best["state"])
     test = evaluate(model, data["test"], cfg.eval_batch_size, dist)
@@ -268,6 +299,7 @@ def train(
         "seed": cfg.seed,
         "seconds": time.perf_counter() - started,
         "world_size": dist.world,
+        "distributed_backend": dist.backend,  # "nccl" / "gloo" under torchrun, else None
     }
     if save:
         atomic_write_text(run_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")

@@ -1,9 +1,10 @@
 """An interactive robustness explorer: pick a sample, switch modalities off, and see the prediction,
 the reconstructed features against the real ones, and the cross-modal attention, live.
 
-``sample_view`` computes one view (numbers only); ``mskt.viz.plots.plot_sample_view`` draws it; and
-``explorer`` wires both into an ipywidgets control for JupyterLab. Headless (papermill), notebooks
-draw ``plot_sample_view`` for a few samples and patterns instead.
+``sample_view`` computes one view (numbers only); ``describe`` writes its predictions as a line of
+text; ``mskt.viz.plots.plot_sample_view`` draws it; and ``explorer`` wires them into an ipywidgets
+control for JupyterLab. Headless (papermill), notebooks draw ``plot_sample_view`` for a few samples
+and patterns instead.
 
 Reconstructions are shown for what the model reconstructs and reads out to the features
 (``model.reconstructs``, ``model.read_out``: kt_any any missing modality, kt audio, always); for
@@ -13,10 +14,13 @@ model's forward pass never sees them (``batch["missing"]``).
 
 from __future__ import annotations
 
+import html
+
 import numpy as np
 import torch
 
 from mskt.data.missing import parse_missing
+from mskt.data.presets import label_range
 from mskt.model import MODALITIES, KTMulT, resample
 from mskt.train import Tensors
 
@@ -67,14 +71,41 @@ def sample_view(model: KTMulT, data: Tensors, index: int, missing=()) -> dict:
     label = batch["labels"][0].cpu().numpy()
     return {
         "index": int(index), "missing": missing, "variant": cfg.variant, "task": cfg.task,
+        "label_range": label_range(getattr(cfg, "dataset", "auto")),
         "label": label, "pred": out.pred[0].float().cpu().numpy(), "pred_full": full.pred[0].float().cpu().numpy(),
         "views": views, "attention": attention, "lengths": lengths,
     }
 
 
+def describe(view: dict) -> str:
+    """One line of text for a ``sample_view``: what is missing (reconstructed or zero-filled), the
+    prediction with that pattern, with nothing missing, and the label. The explorer shows it above the
+    figure, so the numbers can be read (and copied) exactly."""
+    from mskt.viz.plots import SYMBOL, emotion_probabilities
+
+    missing = ", ".join(SYMBOL[m] + ("′ reconstructed" if m in view["views"] else " zero-filled") for m in view["missing"])
+    if view["task"] == "regression":
+        pred, full, label = (f"{float(view[k]):+.4f}" for k in ("pred", "pred_full", "label"))
+    else:
+        from mskt.data.presets import EMOTIONS
+
+        def fmt(values):
+            return " ".join(f"{e} {v:.4f}" for e, v in zip(EMOTIONS, values))
+
+        pred, full = fmt(emotion_probabilities(view["pred"])), fmt(emotion_probabilities(view["pred_full"]))
+        label = fmt(np.asarray(view["label"], dtype=float))
+    return (
+        f"test sample {view['index']} · missing: {missing or 'nothing'} · prediction {pred} · "
+        f"nothing missing {full} · label {label}"
+    )
+
+
 def explorer(model: KTMulT, data: Tensors, samples=None):
     """An ipywidgets control: a sample picker and one toggle per modality; every change re-runs the
-    model on that sample and redraws ``plot_sample_view``. ``samples``: indices to offer (default all)."""
+    model on that sample, rewrites the line of ``describe`` and redraws ``plot_sample_view``.
+    ``samples``: indices to offer (default all). Its parts carry CSS classes ``mskt-explorer``,
+    ``mskt-explorer-sample``, ``mskt-explorer-toggle-<modality>``, ``mskt-explorer-prediction`` and
+    ``mskt-explorer-figure``."""
     import ipywidgets as widgets
     import matplotlib.pyplot as plt
     from IPython.display import display
@@ -84,16 +115,24 @@ def explorer(model: KTMulT, data: Tensors, samples=None):
     samples = list(range(len(data))) if samples is None else [int(s) for s in samples]
     picker = widgets.Dropdown(options=[(f"test sample {s}", s) for s in samples], description="sample")
     toggles = {m: widgets.ToggleButton(value=m != "audio", description=f"{plots.SYMBOL[m]} ({m})", tooltip=f"{m} present") for m in MODALITIES}
+    text = widgets.HTML()
     out = widgets.Output()
+    # Stable hooks for tests and user CSS (tests/test_browser.py clicks these in JupyterLab).
+    picker.add_class("mskt-explorer-sample")
+    for m, t in toggles.items():
+        t.add_class(f"mskt-explorer-toggle-{m}")
+    text.add_class("mskt-explorer-prediction")
+    out.add_class("mskt-explorer-figure")
 
     def redraw(*_):
         missing = tuple(m for m in MODALITIES if not toggles[m].value)
         with out:
             out.clear_output(wait=True)
             if len(missing) == len(MODALITIES):
-                print("At least one modality must be present.")
+                text.value = "At least one modality must be present."
                 return
             view = sample_view(model, data, picker.value, missing)
+            text.value = html.escape(describe(view))
             with plots.theme():
                 fig = plots.plot_sample_view(view)
             display(fig)
@@ -103,4 +142,6 @@ def explorer(model: KTMulT, data: Tensors, samples=None):
     for t in toggles.values():
         t.observe(redraw, names="value")
     redraw()
-    return widgets.VBox([widgets.HBox([picker, *toggles.values()]), out])
+    box = widgets.VBox([widgets.HBox([picker, *toggles.values()]), text, out])
+    box.add_class("mskt-explorer")
+    return box

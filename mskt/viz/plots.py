@@ -126,8 +126,12 @@ def plot_label_distribution(dataset):
     fig, ax = _fig()
     if dataset.meta.task == "regression":
         df = pd.concat([pd.DataFrame({"sentiment": np.asarray(sp.labels), "split": s}) for s, sp in dataset.splits.items()])
-        sns.histplot(df, x="sentiment", hue="split", stat="density", common_norm=False, element="step", bins=np.arange(-3.25, 3.5, 0.5), ax=ax)
-        ax.set_xlabel("sentiment label (−3 … 3)")
+        from mskt.data.presets import label_range
+
+        lo, hi = label_range(dataset.meta.name)
+        half = (hi - lo) / 24  # 13 bins centred on lo, lo + (hi - lo) / 12, ..., hi: MOSI's half-points
+        sns.histplot(df, x="sentiment", hue="split", stat="density", common_norm=False, element="step", bins=np.arange(lo - half, hi + 2 * half, 2 * half), ax=ax)
+        ax.set_xlabel(f"sentiment label ({lo:g} … {hi:g})".replace("-", "−"))
         ax.set_ylabel("density")
     else:
         rows = [{"split": s, "emotion": e, "positive rate": float(np.asarray(sp.labels)[:, i].mean())} for s, sp in dataset.splits.items() for i, e in enumerate(EMOTIONS)]
@@ -397,12 +401,16 @@ def plot_attention(maps: dict, sample: int = 0, layer: int = 0, head: int | None
 # 05 ablations and results
 
 
-def plot_results(table, metrics=("acc2_nonzero", "f1_nonzero", "mae", "corr"), paper: dict | None = None, title: str | None = None):
+def plot_results(table, metrics=None, paper: dict | None = None, title: str | None = None):
     """Mean ± std over seeds per row of ``table`` (mskt.experiments.grid.summarize), top to bottom in table order,
     for a few metrics; the paper's values as black diamonds. Dots, not bars: the axes do not start at
-    zero, and a bar's length would exaggerate the differences."""
+    zero, and a bar's length would exaggerate the differences. ``metrics`` defaults to Acc2, F1, MAE
+    and Corr of the table's convention (MulT's non-zero Acc2/F1, or CH-SIMS's)."""
     import numpy as np
 
+    if metrics is None:
+        sims = "acc3" in table.columns.get_level_values(0)
+        metrics = ("acc2", "f1", "mae", "corr") if sims else ("acc2_nonzero", "f1_nonzero", "mae", "corr")
     fig, axes = _fig(FULL_WIDTH, 0.5 + 0.28 * len(table), ncols=len(metrics), sharey=True)
     rows = list(table.index)
     y = np.arange(len(rows))
@@ -511,6 +519,15 @@ def plot_conditions(frame, metrics=None, labels=None, title: str | None = None):
     return fig
 
 
+def emotion_probabilities(logits):
+    """P(emotion present) per emotion from (emotions, 2) logits (the IEMOCAP head)."""
+    import numpy as np
+
+    z = np.asarray(logits, dtype=float)
+    e = np.exp(z - z.max(axis=1, keepdims=True))
+    return (e / e.sum(axis=1, keepdims=True))[:, 1]
+
+
 def plot_sample_view(view: dict, max_features: int = 40):
     """One sample under one missing pattern (``mskt.viz.explorer.sample_view``): the prediction with the
     pattern and with nothing missing against the label; for each reconstructed modality its real and
@@ -537,18 +554,14 @@ def plot_sample_view(view: dict, max_features: int = 40):
         names = ["label", "prediction", "nothing missing"]
         ax.barh(range(3), values, color=["0.3", "C0", "C1"], height=0.6)
         ax.set_yticks(range(3), names)
-        ax.set_xlim(-3, 3)
+        ax.set_xlim(*view.get("label_range", (-3, 3)))
         ax.axvline(0, color="k", lw=0.5)
         ax.invert_yaxis()
         ax.set_xlabel("sentiment")
     else:
         from mskt.data.presets import EMOTIONS
 
-        def prob(logits):
-            z = np.asarray(logits, dtype=float)  # (4, 2)
-            e = np.exp(z - z.max(axis=1, keepdims=True))
-            return (e / e.sum(axis=1, keepdims=True))[:, 1]
-
+        prob = emotion_probabilities
         y = np.arange(len(EMOTIONS))
         ax.barh(y - 0.2, prob(view["pred"]), height=0.4, label="prediction")
         ax.barh(y + 0.2, prob(view["pred_full"]), height=0.4, label="nothing missing")
@@ -587,4 +600,86 @@ def plot_sample_view(view: dict, max_features: int = 40):
         bottom.suptitle("Cross-modal attention (queries: target, keys: source), last layer, mean over heads", fontsize=8)
     gone = ", ".join(sorted(view["missing"], key=list(SYMBOL).index)) or "nothing"
     fig.suptitle(f"{view['variant']}, test sample {view['index']}, missing: {gone}", fontsize=9)
+    return fig
+
+
+# ----------------------------------------------------------------------------------------------
+# 08 when knowledge transfer helps
+
+
+def _fraction_label(f: float) -> str:
+    return f"{100 * f:g}%"
+
+
+def plot_phase_diagram(gain, knob: str = "audio_shared", metrics=None, title: str | None = None):
+    """The gain of a method over its baseline (``mskt.experiments.label_efficiency.gains``) across
+    label fraction (x) and a premise knob (y): one heat map per metric, diverging around 0 (blue:
+    the method is better, red: worse), each cell annotated "mean ± std" over seeds and the wins."""
+    import numpy as np
+
+    metrics = list(metrics or dict.fromkeys(gain["metric"]))
+    fig, axes = _fig(FULL_WIDTH, 2.3, ncols=len(metrics), squeeze=False)
+    for ax, m in zip(axes.flat, metrics):
+        scale, label = _metric_axis(m)
+        g = gain[gain["metric"] == m]
+        fracs = sorted(set(g["label_fraction"]))
+        values = sorted(set(g[knob]))
+        mean = g.pivot(index=knob, columns="label_fraction", values="mean").loc[values, fracs].to_numpy() * scale
+        std = g.pivot(index=knob, columns="label_fraction", values="std").loc[values, fracs].to_numpy() * scale
+        wins = g.pivot(index=knob, columns="label_fraction", values="wins").loc[values, fracs].to_numpy()
+        n = g.pivot(index=knob, columns="label_fraction", values="n_seeds").loc[values, fracs].to_numpy()
+        lim = float(np.nanmax(np.abs(mean))) or 1.0
+        im = ax.imshow(mean, cmap="RdBu", vmin=-lim, vmax=lim, origin="lower", aspect="auto")
+        digits = 3 if scale == 1 else 1
+        for i in range(len(values)):
+            for j in range(len(fracs)):
+                ax.text(j, i, f"{mean[i, j]:+.{digits}f}\n±{std[i, j]:.{digits}f}\n{int(wins[i, j])}/{int(n[i, j])}",
+                        ha="center", va="center", fontsize=5.5, color="black")
+        ax.set_xticks(range(len(fracs)), [_fraction_label(f) for f in fracs])
+        ax.set_yticks(range(len(values)), [f"{v:g}" for v in values])
+        ax.set_xlabel("training labels kept")
+        ax.set_ylabel(knob)
+        ax.grid(False)
+        ax.set_title(f"Δ {label.replace(' ↓', '').replace(' ↑', '')} (+: {gain.attrs.get('method', 'method')} better)")
+        fig.colorbar(im, ax=ax, shrink=0.85)
+    method, baseline = gain.attrs.get("method", "method"), gain.attrs.get("baseline", "baseline")
+    seeds = "/".join(map(str, sorted(set(gain["n_seeds"]))))
+    fig.suptitle(title or f"{method} − {baseline} (MAE: {baseline} − {method}), mean ± std over {seeds} seeds; wins/seeds", fontsize=9)
+    return fig
+
+
+def plot_label_efficiency(summary, knob: str | None = "audio_shared", metrics=None, title: str | None = None):
+    """Test metrics against the share of training labels kept (log x), from
+    ``mskt.experiments.label_efficiency.summary``: one panel per metric, one colour per variant,
+    one line style per knob value, mean with ±1 std error bars over seeds."""
+    metrics = list(metrics or dict.fromkeys(summary["metric"]))
+    fig, axes = _fig(FULL_WIDTH, 2.4, ncols=len(metrics), squeeze=False)
+    import seaborn as sns
+
+    variants = list(dict.fromkeys(summary["variant"]))
+    colors = dict(zip(variants, sns.color_palette("colorblind", len(variants))))
+    values = sorted(set(summary[knob])) if knob else [None]
+    styles = ["-", "--", ":", "-."]
+    for ax, m in zip(axes.flat, metrics):
+        scale, label = _metric_axis(m)
+        for v in variants:
+            for k, value in enumerate(values):
+                s = summary[(summary["metric"] == m) & (summary["variant"] == v)]
+                if knob:
+                    s = s[s[knob] == value]
+                if s.empty:
+                    continue
+                s = s.sort_values("label_fraction")
+                name = v if not knob or len(values) == 1 else f"{v}, {knob}={value:g}"
+                ax.errorbar(s["label_fraction"], s["mean"] * scale, yerr=s["std"] * scale, color=colors[v],
+                            linestyle=styles[k % len(styles)], marker="o", markersize=3, linewidth=1, capsize=2, label=name)
+        fracs = sorted(set(summary["label_fraction"]))
+        ax.set_xscale("log")
+        ax.set_xticks(fracs, [_fraction_label(f) for f in fracs])
+        ax.minorticks_off()
+        ax.set_xlabel("training labels kept")
+        ax.set_ylabel(label)
+    _legend_below(fig, *axes.flat, ncol=min(4, len(variants) * len(values)))
+    seeds = "/".join(map(str, sorted(set(summary["n_seeds"]))))
+    fig.suptitle(title or f"Test metrics against the labels kept, mean ± std over {seeds} seeds", fontsize=9)
     return fig

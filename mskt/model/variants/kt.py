@@ -39,6 +39,11 @@ class KT(MulT):
     def uses_teacher(cls, cfg) -> bool:
         return cfg.kt_target == "teacher"
 
+    @classmethod
+    def loss_weights(cls, cfg) -> tuple:
+        # lambda1, lambda2 of the paper's Eq. 6; lambda_fused (beyond the paper) stays at its default.
+        return ("lambda_vision", "lambda_language") + (("lambda_aux",) if cfg.kt_target == "aux" else ())
+
     def encoded_modalities(self) -> tuple:
         # Real audio gets an encoder only as a learned consistency target (aux, teacher), never raw.
         return self.inputs + (("audio",) if self.cfg.kt_target != "raw" else ())

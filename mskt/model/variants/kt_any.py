@@ -5,7 +5,9 @@ grid); the present sources' predictions, resampled onto m's grid, are averaged p
 delta_m stack gives m', which replaces f_m where m is missing. Each prediction and m' is read out
 (one linear map per target) to m's real features, standardised with training statistics, by a
 consistency loss behind a stop-gradient (like ``kt``'s ``kt_target="raw"``). Training drops
-modalities at random (``modality_dropout``: one of the six patterns per sample).
+modalities at random: its own training protocol (``train_missing="auto"``) gives a share
+``modality_dropout`` of the samples one of the six patterns, which is ``train_missing="patterns"`` at
+that rate, the same protocol any other variant can train under; dropped modalities stay targets.
 """
 
 from __future__ import annotations
@@ -32,10 +34,14 @@ class KTAny(MulT):
         if cfg.kt_target != "raw":
             raise ConfigError(f"variant 'kt_any' reconstructs raw standardised features: kt_target must be 'raw', found {cfg.kt_target!r}")
 
+    @classmethod
+    def loss_weights(cls, cfg) -> tuple:
+        return ("lambda_any",)
+
     def standardises(self) -> tuple:
         return MODALITIES
 
-    def drops_modalities(self) -> float:
+    def drops_modalities(self) -> float:  # its train_missing="auto": the six patterns on this share
         return self.cfg.modality_dropout
 
     def check_missing(self, given: torch.Tensor) -> None:

@@ -1,0 +1,194 @@
+"""When does knowledge transfer help? Label fraction x a premise knob of the generator x variants x seeds.
+
+Knowledge transfer from a train-only modality is learning with privileged information: the audio
+target adds supervision during training, not information at test time. Its benefit should depend on
+
+- how many labels there are (``Config.label_fraction``: a seeded, stratified share of the training
+  labels; the consistency terms still use every training sample's audio), and
+- how much of audio's label information is reachable from language and vision (the synthetic
+  generator's ``audio_shared``; ``audio_gain`` sets how non-linear audio's content is; see
+  ``mskt.data.synthetic``).
+
+``sweep`` trains every (knob value, label fraction, variant, seed) and returns one tidy row per run;
+``summary`` gives mean ± std over seeds per cell (the label-efficiency curves, drawn by
+``mskt.viz.plots.plot_label_efficiency``); ``gains`` pairs a method with its baseline seed by seed
+(the phase diagram, ``mskt.viz.plots.plot_phase_diagram``; ``phase_table`` prints it).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+
+from mskt.config import Config
+from mskt.data.synthetic import with_knobs
+from mskt.errors import ConfigError
+from mskt.experiments.grid import run_configs
+
+FRACTIONS = (0.05, 0.1, 0.25, 0.5, 1.0)  # the issue's label fractions
+LOWER_IS_BETTER = ("mae", "loss")
+
+
+def default_metrics(task: str) -> tuple:
+    """The metrics the analysis reports: MAE and Acc2 (non-zero, the paper's) for regression; mean F1 for emotions."""
+    return ("mae", "acc2_nonzero") if task == "regression" else ("mean_f1",)
+
+
+def sweep(base: Config, fractions=FRACTIONS, knob: str | None = "audio_shared", values=(0.0,),
+          variants=("kt", "language_vision"), seeds: int = 3, out_dir="runs/label_efficiency",
+          jobs: int = 1, on_run=None) -> pd.DataFrame:
+    """Train every variant at every label fraction on the data with ``knob`` at each of ``values``,
+    with seeds base.seed, base.seed + 1, ... (``mskt.experiments.grid.run_configs``: runs already
+    finished in ``out_dir`` are read back, so an interrupted sweep resumes).
+
+    One row per run: label, variant, seed, label_fraction, the knob's value (column ``knob``), data,
+    best_epoch, seconds and every test metric. ``knob=None`` trains on ``base.data`` as it is (one
+    value). The labelled subset depends on the run's seed, not the variant: at a given seed every
+    variant sees the same labels."""
+    fractions = tuple(float(f) for f in fractions)
+    for f in fractions:
+        if not 0 < f <= 1:
+            raise ConfigError(f"label fraction {f!r}: expected a number in (0, 1]")
+    if not variants:
+        raise ConfigError("sweep: give at least one variant")
+    out_dir = Path(out_dir)
+    frames = []
+    for value in (values if knob else (None,)):
+        data = with_knobs(base.data, **{knob: value}) if knob else base.data
+        configs = {f"{v}-lf{f:g}": {"variant": v, "label_fraction": f} for f in fractions for v in variants}
+        folder = out_dir / (f"{knob}={value:g}" if knob else "data")
+        runs = run_configs(base.replace(data=data), configs, seeds, folder, on_run=on_run, jobs=jobs)
+        runs.insert(3, "label_fraction", runs["label"].map({k: c["label_fraction"] for k, c in configs.items()}))
+        if knob:
+            runs.insert(4, knob, value)
+        runs.insert(5 if knob else 4, "data", data)
+        frames.append(runs)
+    return pd.concat(frames, ignore_index=True)
+
+
+def _keys(knob):
+    return [knob, "label_fraction"] if knob else ["label_fraction"]
+
+
+def summary(runs: pd.DataFrame, knob: str | None = "audio_shared", metrics=None) -> pd.DataFrame:
+    """Mean, std and number of seeds of each metric per (variant, knob value, label fraction): tidy,
+    one row per cell and metric (columns variant, knob, label_fraction, metric, mean, std, n_seeds)."""
+    metrics = list(metrics or [m for m in ("mae", "acc2_nonzero", "mean_f1") if m in runs])
+    keys = ["variant"] + _keys(knob)
+    long = runs.melt(id_vars=keys + ["seed"], value_vars=metrics, var_name="metric")
+    out = long.groupby(keys + ["metric"], sort=True)["value"].agg(mean="mean", std=lambda v: v.std(ddof=1), n_seeds="count")
+    return out.reset_index().fillna({"std": 0.0})
+
+
+def gains(runs: pd.DataFrame, knob: str | None = "audio_shared", method: str = "kt", baseline: str = "language_vision",
+          metrics=None) -> pd.DataFrame:
+    """The gain of ``method`` over ``baseline``, paired seed by seed (same data, same labelled
+    subset), oriented so that positive means ``method`` is better: baseline - method for MAE (and
+    loss), method - baseline otherwise. One row per (knob value, label fraction, metric): mean, std
+    over seeds, n_seeds, and ``wins``, the number of seeds where ``method`` was better."""
+    metrics = list(metrics or [m for m in ("mae", "acc2_nonzero", "mean_f1") if m in runs])
+    keys = _keys(knob)
+    for v in (method, baseline):
+        if v not in set(runs["variant"]):
+            raise ConfigError(f"gains: no runs of variant {v!r} (found {', '.join(sorted(set(runs['variant'])))})")
+    a = runs[runs["variant"] == method].set_index(keys + ["seed"])[metrics]
+    b = runs[runs["variant"] == baseline].set_index(keys + ["seed"])[metrics]
+    a, b = a.align(b, join="inner")
+    diff = a - b
+    for m in metrics:
+        if m in LOWER_IS_BETTER:
+            diff[m] = -diff[m]
+    long = diff.reset_index().melt(id_vars=keys + ["seed"], value_vars=metrics, var_name="metric", value_name="gain")
+    out = long.groupby(keys + ["metric"], sort=True)["gain"].agg(
+        mean="mean", std=lambda v: v.std(ddof=1), n_seeds="count", wins=lambda v: int((v > 0).sum()))
+    out = out.reset_index().fillna({"std": 0.0})
+    out.attrs.update(method=method, baseline=baseline, knob=knob)
+    return out
+
+
+def phase_table(gain: pd.DataFrame, metric: str, knob: str | None = "audio_shared") -> pd.DataFrame:
+    """One metric's gains as a table: rows the knob's values, columns the label fractions, cells
+    "mean ± std (wins/seeds)"; accuracies in points, MAE as it is."""
+    scale = 1 if metric in LOWER_IS_BETTER or metric == "corr" else 100
+    g = gain[gain["metric"] == metric]
+    if g.empty:
+        raise ConfigError(f"phase_table: no gains for metric {metric!r} (found {', '.join(sorted(set(gain['metric'])))})")
+    digits = 3 if scale == 1 else 1
+    cell = g.apply(lambda r: f"{scale * r['mean']:+.{digits}f} ± {scale * r['std']:.{digits}f} ({r['wins']}/{r['n_seeds']})", axis=1)
+    table = g.assign(cell=cell).pivot(index=knob if knob else "metric", columns="label_fraction", values="cell")
+    table.columns = [f"{100 * c:g}% labels" for c in table.columns]
+    return table
+
+
+def reading(gain: pd.DataFrame, metric: str, knob: str | None = "audio_shared") -> str:
+    """Plain lines from one metric's gains (:func:`gains`): per knob value, the label fractions where the
+    method beat its baseline on every seed, where it lost on every seed, and where the seeds
+    disagree (within seed noise). Says what the numbers say, wins and losses alike."""
+    g = gain[gain["metric"] == metric]
+    if g.empty:
+        raise ConfigError(f"reading: no gains for metric {metric!r}")
+    method, baseline = gain.attrs.get("method", "method"), gain.attrs.get("baseline", "baseline")
+    scale = 1 if metric in LOWER_IS_BETTER or metric == "corr" else 100
+    unit = "" if scale == 1 else " points"
+    lines = []
+    for value, rows in (g.groupby(knob, sort=True) if knob else [(None, g)]):
+        parts = {f"{method} beats {baseline} on every seed at": [], f"{method} loses to {baseline} on every seed at": [],
+                 "the seeds disagree (within seed noise) at": []}
+        keys = list(parts)
+        for _, r in rows.sort_values("label_fraction").iterrows():
+            kind = keys[0] if r["wins"] == r["n_seeds"] and r["mean"] > 0 else keys[1] if r["wins"] == 0 and r["mean"] < 0 else keys[2]
+            digits = 3 if scale == 1 else 1
+            parts[kind].append(f"{100 * r['label_fraction']:g}% ({scale * r['mean'] + 0.0:+.{digits}f}{unit})")
+        head = f"{knob}={value:g}: " if knob else ""
+        body = "; ".join(f"{k} {', '.join(v)}" for k, v in parts.items() if v)
+        lines.append(f"{head}{body}.")
+    return "\n".join(lines)
+
+
+def premise_probes(data: str = "synthetic:mosi", knob: str = "audio_shared", values=(0.0, 1.0), scale: float = 1.0,
+                   seed: int = 0) -> pd.DataFrame:
+    """The premise, measured by ``mskt.data.synthetic.probe`` (closed-form ridge regressions) at each
+    of the knob's values: one row per value with the label R^2 from L + V (``label_r2_lv``), from
+    L + V + A (``label_r2_lva``), from audio alone, and per-step audio R^2 from L + V, linear and
+    non-linear; plus ``audio_private`` = label_r2_lva - label_r2_lv (label information only audio
+    holds) and ``nonlinear_gap`` = audio_r2_nonlinear - audio_r2_linear (how non-linear the map
+    from L + V to audio is)."""
+    from mskt.data.readers import load_dataset
+    from mskt.data.synthetic import probe
+
+    rows = []
+    for value in values:
+        source = with_knobs(data, **{knob: value})
+        r = probe(load_dataset(source, scale=scale, seed=seed))
+        rows.append({knob: value, **{k: r[k] for k in ("label_r2_audio", "label_r2_lv", "label_r2_lva", "audio_r2_linear", "audio_r2_nonlinear")}})
+    out = pd.DataFrame(rows)
+    out["audio_private"] = out["label_r2_lva"] - out["label_r2_lv"]
+    out["nonlinear_gap"] = out["audio_r2_nonlinear"] - out["audio_r2_linear"]
+    return out.set_index(knob)
+
+
+def curves_table(summary_frame: pd.DataFrame, metric: str, knob: str | None = "audio_shared") -> pd.DataFrame:
+    """One metric of :func:`summary` as a table: a row per (variant, knob value), a column per label
+    fraction, cells "mean ± std" (accuracies in percent)."""
+    scale = 1 if metric in LOWER_IS_BETTER or metric == "corr" else 100
+    digits = 3 if scale == 1 else 1
+    s = summary_frame[summary_frame["metric"] == metric]
+    if s.empty:
+        raise ConfigError(f"curves_table: no rows for metric {metric!r}")
+    cell = s.apply(lambda r: f"{scale * r['mean']:.{digits}f} ± {scale * r['std']:.{digits}f}", axis=1)
+    table = s.assign(cell=cell).pivot(index=["variant"] + ([knob] if knob else []), columns="label_fraction", values="cell")
+    table.columns = [f"{100 * c:g}% labels" for c in table.columns]
+    return table.fillna("")
+
+
+def markdown(table: pd.DataFrame, digits: int = 3) -> str:
+    """A Markdown table of a small DataFrame (the index as the first columns; floats to ``digits``)."""
+    frame = table.reset_index()
+
+    def fmt(v):
+        return f"{v:.{digits}f}" if isinstance(v, float) else str(v)
+
+    lines = ["| " + " | ".join(map(str, frame.columns)) + " |", "|" + "---|" * len(frame.columns)]
+    lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in frame.itertuples(index=False)]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,210 @@
+"""``mskt tune``: workers sharing one study, a killed worker's trial retried, pruning, selection on
+validation only, search-space errors, and the command line end to end. Tiny models and data."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+optuna = pytest.importorskip("optuna")
+
+from mskt.cli import main
+from mskt.config import Config
+from mskt.experiments import tune as tuning
+from mskt.experiments.tune import Knob
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = {"d_model": 8, "heads": 2, "encoder_layers": 1, "kt_layers": 1, "crossmodal_layers": 1, "memory_layers": 1,
+        "batch_size": 8, "eval_batch_size": 64, "device": "cpu", "progress": "off", "threads": 1, "cpu_kernels": "torch"}
+TINY_FLAGS = [x for k, v in {**TINY, "data": "synthetic:mosi", "data_scale": 0.01}.items() for x in (f"--{k.replace('_', '-')}", str(v))]
+SPACE = {"lr": Knob(1e-4, 1e-2, log=True), "lambda_vision": Knob(0.1, 10.0, log=True)}
+
+
+def _study(folder: Path, name: str = "t"):
+    return optuna.load_study(study_name=name, storage=f"sqlite:///{folder / name / 'study.db'}")
+
+
+def _work(root: Path, trials: int, epochs: int, space: dict, log: Path | None = None, heartbeat: float = 10) -> None:
+    """One worker: what `mskt tune --study t --root ROOT` runs, on the tiny dataset."""
+    from mskt.data.synthetic import make_synthetic
+
+    report = (lambda t: log.open("a").write(f"{t.number}\n")) if log else None
+    tuning.tune(Config.from_dict({**TINY, "epochs": epochs}), trials, study="t", space=space, root=root, heartbeat=heartbeat,
+                dataset=make_synthetic("mosi", aligned=True, scale=0.01, seed=0), on_trial=report)
+
+
+def _process(*args, **kwargs):
+    """A worker process forked from this one: the same code as a fresh `mskt tune`, without paying
+    for torch's import again."""
+    import multiprocessing as mp
+
+    p = mp.get_context("fork").Process(target=_work, args=args, kwargs=kwargs)
+    p.start()
+    return p
+
+
+def _space_file(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "space.toml"
+    path.write_text(text)
+    return path
+
+
+def test_two_workers_finish_n_trials_together_without_repeating_one(tmp_path):
+    workers = [_process(tmp_path, 4, 1, SPACE, tmp_path / f"worker{i}.txt", heartbeat=1) for i in range(2)]
+    for w in workers:
+        w.join(120)
+    assert [w.exitcode for w in workers] == [0, 0]
+    trials = _study(tmp_path).get_trials()
+    numbers = [t.number for t in trials]
+    assert len(numbers) == len(set(numbers))
+    assert all(t.state.name in ("COMPLETE", "PRUNED", "FAIL") for t in trials)
+    assert sum(t.state.name in ("COMPLETE", "PRUNED") for t in trials) == 4  # the gate: exactly N, not N + 1
+    # Both workers ran trials, and none ran one the other ran; each trial is a run folder of its own.
+    ran = [{int(n) for n in (tmp_path / f"worker{i}.txt").read_text().split()} for i in range(2)]
+    assert ran[0] and ran[1] and not ran[0] & ran[1] and ran[0] | ran[1] == set(numbers), ran
+    for t in trials:
+        assert (tmp_path / "t" / t.user_attrs["run_dir"] / "metrics.json").is_file()
+
+
+def test_a_worker_killed_mid_trial_leaves_it_retried_and_the_study_finishes(tmp_path, caplog):
+    import logging
+
+    from mskt.train import load_run
+
+    space = {"lr": Knob(choices=(1e-3,))}
+    worker = _process(tmp_path, 2, 8, space, heartbeat=1)
+    history = tmp_path / "t" / "trial-0000" / "history.csv"
+    deadline = time.monotonic() + 60
+    while not (history.exists() and len(history.read_text().splitlines()) >= 3) and time.monotonic() < deadline:
+        time.sleep(0.1)  # two epochs done: the trial is mid-run
+    assert history.exists() and worker.is_alive()
+    os.kill(worker.pid, signal.SIGKILL)
+    worker.join()
+    assert [t.state.name for t in _study(tmp_path).get_trials()] == ["RUNNING"]
+
+    with caplog.at_level(logging.INFO, logger="mskt"):
+        _work(tmp_path, 2, 8, space, heartbeat=1)  # the same command again
+    trials = _study(tmp_path).get_trials()
+    states = {t.number: t.state.name for t in trials}
+    assert states[0] == "FAIL" and "RUNNING" not in states.values() and "WAITING" not in states.values(), states
+    assert sum(s == "COMPLETE" for s in states.values()) == 2
+    retry = [t for t in trials if t.system_attrs.get("failed_trial") == 0]
+    assert len(retry) == 1 and retry[0].state.name == "COMPLETE"
+    # The retry continued the killed run from its last completed epoch, and its folder loads.
+    retried = tmp_path / "t" / retry[0].user_attrs["run_dir"]
+    assert "resuming" in caplog.text and len((retried / "history.csv").read_text().splitlines()) == 9
+    assert retried.name != "trial-0000" and (tmp_path / "t" / "trial-0000" / "history.csv").is_file()
+    cfg, _ = load_run(retried)
+    assert cfg.epochs == 8
+
+
+def test_the_pruner_stops_a_bad_trial_early(tmp_path, tiny_mosi):
+    from mskt.train import load_run
+
+    base = Config.from_dict({**TINY, "epochs": 3, "seed": 9})  # seed 9: the sampler's fourth trial is a bad one
+    space = {"lr": Knob(choices=(3e-3, 1e-7))}  # 1e-7 barely moves the weights: a bad trial
+    st = tuning.tune(base, 4, study="p", space=space, pruner="median", root=tmp_path, dataset=tiny_mosi)
+    pruned = [t for t in st.trials if t.state.name == "PRUNED"]
+    assert pruned, [(t.params, t.state.name) for t in st.trials]
+    for t in pruned:
+        folder = tmp_path / "p" / t.user_attrs["run_dir"]
+        note = json.loads((folder / "pruned.json").read_text())
+        assert note["pruned"] and note["epoch"] < 3 and t.params["lr"] == 1e-7
+        assert len((folder / "history.csv").read_text().splitlines()) - 1 == note["epoch"] == max(t.intermediate_values)
+        cfg, _ = load_run(folder)  # an ordinary run folder, cut short
+        assert cfg.lr == 1e-7 and not (folder / "metrics.json").exists()
+
+
+def test_poisoned_test_labels_leave_the_chosen_trial_unchanged(tmp_path, tiny_mosi):
+    base = Config.from_dict({**TINY, "epochs": 2, "seed": 5})
+    test = tiny_mosi.splits["test"]
+    poisoned_labels = np.random.default_rng(0).uniform(-3, 3, size=test.labels.shape).astype(test.labels.dtype)
+    poisoned = dataclasses.replace(tiny_mosi, splits={**tiny_mosi.splits, "test": dataclasses.replace(test, labels=poisoned_labels)})
+    studies = [tuning.tune(base, 3, study="s", space=SPACE, root=tmp_path / name, dataset=ds)
+               for name, ds in (("clean", tiny_mosi), ("poisoned", poisoned))]
+    clean, dirty = ([(t.number, t.params, t.value) for t in st.trials] for st in studies)
+    # The same trials, in the same order, with the same values: the test labels play no part, and one
+    # seed repeats a study exactly.
+    assert clean == dirty
+    assert tuning.best_configuration(studies[0])[1].number == tuning.best_configuration(studies[1])[1].number
+    run = studies[0].best_trial.user_attrs["run_dir"]
+    metrics = [json.loads((tmp_path / n / "s" / run / "metrics.json").read_text())["test"] for n in ("clean", "poisoned")]
+    assert metrics[0]["mae"] != metrics[1]["mae"]  # the poison did reach the test metrics
+
+
+@pytest.mark.parametrize("text, key", [
+    ("learning_rate = { low = 1e-4, high = 1e-2 }\n", "learning_rate"),
+    ("lr = { low = 1e-2, high = 1e-4 }\n", "lr"),
+    ("lr = { low = 0.0, high = 1e-2, log = true }\n", "lr"),
+    ("lr = { lo = 1e-4, high = 1e-2 }\n", "lr"),
+    ("text_kernel = { choices = [1, 2] }\n", "text_kernel"),
+    ("heads = { choices = [2, 3] }\nd_model = { choices = [8, 16] }\n", "heads"),
+    ("consistency = { low = 1, high = 2 }\n", "consistency"),
+    ("batch_size = { choices = [] }\n", "batch_size"),
+    ("attn_dropout = { low = 0.0, high = 1.5 }\n", "attn_dropout"),
+    ("lr = [1e-4, 1e-2]\n", "lr"),
+])
+def test_a_bad_space_file_is_a_one_line_error_naming_the_key(tmp_path, capsys, text, key):
+    space = _space_file(tmp_path, text)
+    assert main(["tune", *TINY_FLAGS, "--trials", "1", "--space", str(space), "--root", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and str(space) in err and f" {key}" in err, err
+    assert not (tmp_path / "synthetic-mosi-kt").exists()  # nothing started
+
+
+def test_a_space_file_that_does_not_parse_names_the_file(tmp_path, capsys):
+    space = _space_file(tmp_path, "lr = { low = \n")
+    assert main(["tune", *TINY_FLAGS, "--trials", "1", "--space", str(space)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and str(space) in err and "TOML" in err
+
+
+def test_default_spaces_follow_what_the_variant_declares():
+    kt, full, kt_any = (tuning.default_space(Config.from_dict({"variant": v})) for v in ("kt", "full", "kt_any"))
+    assert {"lambda_vision", "lambda_language", "consistency", "kt_layers"} <= set(kt)
+    assert not {"lambda_vision", "lambda_language", "consistency", "kt_layers", "lambda_any"} & set(full)
+    assert "lambda_any" in kt_any and "lambda_vision" not in kt_any
+    assert "audio_kernel" in full and "audio_kernel" not in kt  # kt never reads audio on its prediction path
+    for space in (kt, full, kt_any):  # every default lies inside: the untuned default can be trial 0
+        assert all(knob.contains(getattr(Config(), key)) for key, knob in space.items())
+        tuning.check_space(space, Config())
+
+
+def test_the_command_line_tunes_finalizes_and_each_trial_is_a_run(tmp_path, capsys):
+    from mskt.train import load_run
+
+    journal = tmp_path / "journal.log"
+    space = _space_file(tmp_path, "lr = { low = 1e-4, high = 1e-2, log = true }\nembed_dropout = 0.0\n")
+    flags = [*TINY_FLAGS, "--epochs", "2", "--root", str(tmp_path), "--study", "c", "--storage", str(journal)]
+    assert main(["tune", *flags, "--space", str(space), "--trials", "2", "--prune", "--seed", "11"]) == 0
+    out = capsys.readouterr().out
+    assert "study c: 2 trials" in out and "best trial" in out
+    st = optuna.load_study(study_name="c", storage=tuning.make_storage(tmp_path / "c", str(journal)))
+    assert st.trials[0].user_attrs.get("default") and st.trials[0].params["lr"] == 1e-3  # trial 0: the untuned default
+    cfg, model = load_run(tmp_path / "c" / "trial-0001")
+    assert cfg.embed_dropout == 0.0 and cfg.lr == st.trials[1].params["lr"] and cfg.seed == 11
+    assert main(["tune", "--finalize", "--seeds", "1", "--study", "c", "--root", str(tmp_path), "--storage", str(journal)]) == 0
+    out = capsys.readouterr().out
+    assert "| kt default | 1 |" in out and "| kt tuned | 1 |" in out and "Validation loss" in out
+    assert (tmp_path / "c" / "finalize" / "results.md").read_text() in out
+    # Another worker on this study must bring the same config: a different one is refused, in one line.
+    assert main(["tune", *flags, "--space", str(space), "--trials", "2", "--prune", "--seed", "11", "--epochs", "3"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "epochs: study 2, this command 3" in err, err
+
+
+def test_on_epoch_sees_each_validation_loss_and_can_stop_training(tiny_mosi):
+    from mskt.train import train
+
+    seen = []
+    result = train(Config.from_dict({**TINY, "epochs": 4}), dataset=tiny_mosi, save=False,
+                   on_epoch=lambda epoch, row: seen.append((epoch, row["valid_loss"])) or epoch == 2)
+    assert [e for e, _ in seen] == [1, 2] and len(result.history) == 2
+    assert [v for _, v in seen] == list(result.history["valid_loss"]) and result.metrics["best_epoch"] in (1, 2)
