@@ -192,3 +192,31 @@ def markdown(table: pd.DataFrame, digits: int = 3) -> str:
     lines = ["| " + " | ".join(map(str, frame.columns)) + " |", "|" + "---|" * len(frame.columns)]
     lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in frame.itertuples(index=False)]
     return "\n".join(lines) + "\n"
+
+
+def fair_robustness(base: Config, runs: pd.DataFrame, out_dir, knob: str | None = "audio_shared", value: float = 0.0,
+                    variants=("kt", "language_vision", "full"), train_missing_rate: float = 0.5, seeds: int = 3,
+                    rates=(0.0, 0.35, 0.7), mask_seeds: int = 1, jobs: int = 1) -> pd.DataFrame:
+    """The fair robustness comparison on the data at ``knob=value``: each variant as published (its
+    sweep runs with every label, read from ``runs``/``out_dir``) and trained under the same missing
+    protocol (``robustness.fair_configs``, labelled ``<variant>+drop``, trained here into
+    ``out_dir/robustness``), all swept under the six fixed conditions and the random ``rates``.
+
+    Returns ``robustness.sweep``'s tidy frame (also written to ``out_dir/robustness/sweep.csv``);
+    ``robustness.condition_summary`` and ``rate_summary`` summarise it."""
+    from mskt.data.readers import load_dataset
+    from mskt.experiments import robustness
+    from mskt.train import resolve_device
+
+    out_dir = Path(out_dir)
+    fair = robustness.fair_configs(variants, rate=train_missing_rate, as_published=False)  # the "+drop" runs
+    data = with_knobs(base.data, **{knob: value}) if knob else base.data
+    fair_runs = run_configs(base.replace(data=data), fair, seeds, out_dir / "robustness", jobs=jobs)
+    folder = out_dir / (f"{knob}={value:g}" if knob else "data")
+    published = {v: [folder / f"{v}-lf1-seed{s}" for s in sorted(set(runs["seed"]))] for v in variants}
+    dropped = {k: [out_dir / "robustness" / f"{k}-seed{s}" for s in sorted(set(fair_runs["seed"]))] for k in fair}
+    dataset = load_dataset(data, scale=base.data_scale, seed=base.data_seed)
+    frame = robustness.sweep({**published, **dropped}, dataset=dataset, rates=rates, seeds=range(mask_seeds),
+                             device=str(resolve_device(base.device)))
+    frame.to_csv(out_dir / "robustness" / "sweep.csv", index=False)
+    return frame
