@@ -107,22 +107,26 @@ def _binary_pair(y_true: np.ndarray, y_pred: np.ndarray) -> tuple[float, float]:
     return _accuracy(y_true, y_pred), weighted_f1(y_true, y_pred)
 
 
+def _flat_pair(pred, y, where: str) -> tuple[np.ndarray, np.ndarray]:
+    """``pred`` and ``y`` as flat float64 arrays of the same, nonzero size (any shapes, e.g. (N, 1) and (N,))."""
+    p_in, y_in = np.asarray(pred), np.asarray(y)
+    if p_in.size != y_in.size:
+        raise DataError(
+            f"{where}: pred has shape {p_in.shape} ({p_in.size} values) but "
+            f"y has shape {y_in.shape} ({y_in.size} values)"
+        )
+    if p_in.size == 0:
+        raise DataError(f"{where}: no samples (pred and y are empty)")
+    return p_in.astype(np.float64).ravel(), y_in.astype(np.float64).ravel()
+
+
 def regression_metrics(pred, y) -> dict[str, float]:
     """Sentiment metrics (MOSI, MOSEI) under the conventions in the module docstring.
 
     ``pred`` and ``y`` may have any shapes (e.g. ``(N, 1)`` and ``(N,)``); both are
     flattened and must hold the same number of elements.
     """
-    p_in, y_in = np.asarray(pred), np.asarray(y)
-    if p_in.size != y_in.size:
-        raise DataError(
-            f"regression_metrics: pred has shape {p_in.shape} ({p_in.size} values) but "
-            f"y has shape {y_in.shape} ({y_in.size} values)"
-        )
-    if p_in.size == 0:
-        raise DataError("regression_metrics: no samples (pred and y are empty)")
-    p = p_in.astype(np.float64).ravel()
-    t = y_in.astype(np.float64).ravel()
+    p, t = _flat_pair(pred, y, "regression_metrics")
 
     nonzero = t != 0
     acc2_nz, f1_nz = _binary_pair(t[nonzero] > 0, p[nonzero] > 0)
@@ -156,16 +160,7 @@ def _sims_classes(v: np.ndarray, k: int) -> np.ndarray:
 
 def sims_regression_metrics(pred, y) -> dict[str, float]:
     """Sentiment metrics for CH-SIMS (labels in [-1, 1]) under MMSA's conventions (module docstring)."""
-    p_in, y_in = np.asarray(pred), np.asarray(y)
-    if p_in.size != y_in.size:
-        raise DataError(
-            f"sims_regression_metrics: pred has shape {p_in.shape} ({p_in.size} values) but "
-            f"y has shape {y_in.shape} ({y_in.size} values)"
-        )
-    if p_in.size == 0:
-        raise DataError("sims_regression_metrics: no samples (pred and y are empty)")
-    p = np.clip(p_in.astype(np.float64).ravel(), -1.0, 1.0)
-    t = np.clip(y_in.astype(np.float64).ravel(), -1.0, 1.0)
+    p, t = (np.clip(v, -1.0, 1.0) for v in _flat_pair(pred, y, "sims_regression_metrics"))
     out = {}
     for k in (2, 3, 5):
         out[f"acc{k}"] = _accuracy(_sims_classes(t, k), _sims_classes(p, k))
