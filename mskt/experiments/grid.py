@@ -100,7 +100,7 @@ def summarize(runs: pd.DataFrame, task: str, by: str = "label") -> pd.DataFrame:
     grouped = runs.groupby(by, sort=False)[metrics]
     table = pd.concat({"mean": grouped.mean(), "std": grouped.std(ddof=1).fillna(0.0)}, axis=1)
     table = table.swaplevel(axis=1).sort_index(axis=1, level=0, sort_remaining=False)[metrics]
-    table["n_seeds"] = runs.groupby(by, sort=False).size()
+    table[("n_seeds", "")] = runs.groupby(by, sort=False).size()
     return table.loc[order]
 
 
