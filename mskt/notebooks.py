@@ -41,7 +41,7 @@ from datetime import datetime
 from pathlib import Path
 
 from mskt.errors import MsktError
-from mskt.paths import project_root, runs_dir
+from mskt.paths import atomic_write_text, project_root, runs_dir
 from mskt.viz.plots import STAGING_ENV, STAGING_MANIFEST
 
 
@@ -177,12 +177,6 @@ def check_params(params: dict, defaults_by_path: dict) -> None:
 
 
 # -- the run --------------------------------------------------------------------------------------
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 @contextlib.contextmanager
@@ -331,7 +325,7 @@ def run_notebooks(smoke: bool = False, only=None, params: dict | None = None, ou
     summary_path = out_dir / "summary.json"
 
     def write_summary():
-        _atomic_write_text(summary_path, json.dumps(summary, indent=2) + "\n")
+        atomic_write_text(summary_path, json.dumps(summary, indent=2) + "\n")
 
     write_summary()
     with _quiet("papermill"):  # the runner prints one line per notebook; papermill's INFO lines repeat them

@@ -65,6 +65,7 @@ import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import h5py
 import numpy as np
@@ -212,6 +213,19 @@ def _check_kinds(where: str, key: str, f_dtype, i_dtype, kind_ref: tuple | None)
         )
 
 
+class _FirstVideo(NamedTuple):
+    dim: tuple  # (video id, feature dim)
+    kind: tuple  # (video id, dtype kind)
+    dtype: object
+
+
+def _check_against_first(where: str, vid, key: str, feats, iv, first: "_FirstVideo | None") -> _FirstVideo:
+    """Check one video's shapes and dtypes, and against the first video's; returns the first video."""
+    d = _check_video(where, key, feats.shape, iv.shape, first.dim if first else None)
+    _check_kinds(where, key, feats.dtype, iv.dtype, first.kind if first else None)
+    return first or _FirstVideo((vid, d), (vid, _kind(feats.dtype)), feats.dtype)
+
+
 def _check_intervals(where: str, key: str, iv: np.ndarray) -> np.ndarray:
     if iv.size and not np.isfinite(iv).all():
         raise DataError(f"{where}: key '{key}/intervals': expected finite start / end seconds, found {int((~np.isfinite(iv)).sum())} non-finite")
@@ -276,8 +290,7 @@ class _FileSource:
                 log.warning("%s: metadata entry '%s' is not a dataset; ignored", self.where, self._key)
         self._key = f"/{self.name}/data"
         self.videos = list(self.data.keys())
-        dim_ref = kind_ref = None
-        self.dtype = None
+        first = None  # the first video, which every other one must match
         for vid in self.videos:
             key = self._key = f"/{self.name}/data/{vid}"
             g = self.data[vid]
@@ -292,13 +305,8 @@ class _FileSource:
                 if not isinstance(g[part], h5py.Dataset):
                     raise DataError(f"{self.where}: key '{key}/{part}': expected a dataset, found {type(g[part]).__name__}")
             feats, iv = g["features"], g["intervals"]
-            d = _check_video(self.where, key, feats.shape, iv.shape, dim_ref)
-            _check_kinds(self.where, key, feats.dtype, iv.dtype, kind_ref)
-            if dim_ref is None:
-                dim_ref = (vid, d)
-                kind_ref = (vid, _kind(feats.dtype))
-                self.dtype = feats.dtype
-        self.dim = dim_ref[1] if dim_ref else None
+            first = _check_against_first(self.where, vid, key, feats, iv, first)
+        self.dim, self.dtype = (first.dim[1], first.dtype) if first else (None, None)
 
     def get(self, vid):
         key = f"/{self.name}/data/{vid}"
@@ -322,8 +330,7 @@ class _MemorySource:
         self.where = where or f"<in-memory CsdSequence {seq.name!r}>"
         self.metadata = dict(seq.metadata)
         self.videos = list(seq.data.keys())
-        dim_ref = kind_ref = None
-        self.dtype = None
+        first = None  # the first video, which every other one must match
         for vid, pair in seq.data.items():
             key = f"/{seq.name}/data/{vid}"
             if not isinstance(pair, (tuple, list)) or len(pair) != 2:
@@ -332,13 +339,8 @@ class _MemorySource:
                 feats, iv = np.asarray(pair[0]), np.asarray(pair[1])
             except (ValueError, TypeError) as e:  # ragged nested lists
                 raise DataError(f"{self.where}: key '{key}': features and intervals must be rectangular arrays ({e})") from None
-            d = _check_video(self.where, key, feats.shape, iv.shape, dim_ref)
-            _check_kinds(self.where, key, feats.dtype, iv.dtype, kind_ref)
-            if dim_ref is None:
-                dim_ref = (vid, d)
-                kind_ref = (vid, _kind(feats.dtype))
-                self.dtype = feats.dtype
-        self.dim = dim_ref[1] if dim_ref else None
+            first = _check_against_first(self.where, vid, key, feats, iv, first)
+        self.dim, self.dtype = (first.dim[1], first.dtype) if first else (None, None)
 
     def get(self, vid):
         feats, iv = self.seq.data[vid]

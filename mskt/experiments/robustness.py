@@ -151,16 +151,12 @@ def to_markdown(frame: pd.DataFrame, metric: str = "mae", protocol: str = "rate"
     table = summarize(frame[frame["protocol"] == protocol], [metric])
     conditions = list(dict.fromkeys(frame.loc[frame["protocol"] == protocol, "condition"]))
     labels = list(dict.fromkeys(frame["label"]))
-    scale, digits = (1, 3) if metric in ("mae", "corr", "loss") else (100, 1)
+    scale, digits = _scale(metric)
     lines = [f"| {metric} | " + " | ".join(conditions) + " |", "|---|" + "---|" * len(conditions)]
     for label in labels:
         cells = []
         for c in conditions:
-            if (label, protocol, c) in table.index:
-                r = table.loc[(label, protocol, c)]
-                cells.append(f"{scale * r[(metric, 'mean')]:.{digits}f} ± {scale * r[(metric, 'std')]:.{digits}f}")
-            else:
-                cells.append("")
+            cells.append(_cell(table, (label, protocol, c), metric, scale, digits) if (label, protocol, c) in table.index else "")
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

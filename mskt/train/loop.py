@@ -19,6 +19,7 @@ from mskt.config import Config
 from mskt.data.batching import Tensors
 from mskt.data.dataset import MultimodalDataset
 from mskt.data.missing import select_drops, training_generator, training_protocol
+from mskt.data.presets import dataset_identity
 from mskt.errors import DataError, MsktError
 from mskt.fast import accelerate
 from mskt.fast.optim import FlatAdam
@@ -59,8 +60,6 @@ def default_run_name(cfg: Config, dataset: MultimodalDataset) -> str:
 
 def model_config_for(cfg: Config, dataset: MultimodalDataset) -> Config:
     """``cfg`` with the data-dependent fields (dims, task, the dataset's identity) taken from the dataset."""
-    from mskt.data.presets import dataset_identity
-
     dims = dataset.dims
     return cfg.replace(
         text_dim=dims["text"], audio_dim=dims["audio"], vision_dim=dims["vision"],
@@ -167,7 +166,6 @@ def train(
 
     from mskt.train.distributed import Dist, weighted_share
     from mskt.paths import runs_dir
-    from mskt.data.presets import dataset_identity
     from mskt.data.readers import load_dataset
 
     if dataset is None:
