@@ -6,9 +6,16 @@ groups of independent transformer stacks as one autograd node) are built with
 cores), into ``<project>/build/torch_extensions/``; later processes import the cached build
 directly (a few milliseconds) when a stamp beside it says it was built from the same source,
 flags and torch.
-The build is specific to this machine's instruction set (``-march=native``), so its folder is
-named after the CPU's feature flags: a project folder shared by different machines keeps one
-build per kind of CPU.
+Two builds, chosen by the environment variable ``MSKT_KERNEL_ARCH``:
+
+- ``native`` (the default): ``-march=native``, the fastest here. Its floats depend on the CPU
+  (vector width and reassociated sums), so its folder is named after the CPU's feature flags and a
+  project folder shared by different machines keeps one build per kind of CPU.
+- ``portable``: a generic target (``-march=x86-64 -mtune=generic`` on x86-64, ``-march=armv8-a`` on
+  ARM), so the library runs on any CPU of the architecture and its own arithmetic is the same on
+  each. torch's operations around it still pick kernels by CPU, so a whole run is equal across CPUs
+  only within float tolerance either way (``tests/test_refactor_numbers.py`` measures how close).
+  ``docs/speed.md`` states what it costs.
 
 A machine without a C++ compiler or ninja gets ``None`` and one warning; the model then runs the
 same function with torch's own operations, only slower.
@@ -28,8 +35,37 @@ log = logging.getLogger(__name__)
 SOURCE = Path(__file__).parent / "csrc" / "cpu_kernels.cpp"
 # Reassociating sums (-fassociative-math and what it needs) lets the row loops vectorise; the
 # kernels' inputs are finite by construction (masked keys get -1e30, never -inf).
-CFLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-fno-math-errno", "-fassociative-math", "-fno-signed-zeros",
-          "-fno-trapping-math", "-ffinite-math-only", "-fopenmp"]
+MATH_FLAGS = ["-O3", "-fno-math-errno", "-fassociative-math", "-fno-signed-zeros", "-fno-trapping-math", "-ffinite-math-only", "-fopenmp"]
+ARCHES = ("native", "portable")
+
+
+def kernel_arch() -> str:
+    """``$MSKT_KERNEL_ARCH``: ``native`` (default) or ``portable``; anything else is an error."""
+    arch = os.environ.get("MSKT_KERNEL_ARCH", "native").strip() or "native"
+    if arch not in ARCHES:
+        from mskt.errors import ConfigError
+
+        raise ConfigError(f"environment variable MSKT_KERNEL_ARCH={arch!r}: expected one of {', '.join(ARCHES)}")
+    return arch
+
+
+def cflags(arch: str | None = None) -> list[str]:
+    """The compiler flags of the ``arch`` build (default: :func:`kernel_arch`)."""
+    arch = arch or kernel_arch()
+    x86 = platform.machine().lower() in ("x86_64", "amd64")
+    if arch == "native":
+        # 512-bit vectors where the CPU has them: the attention rows are long enough to fill them.
+        target = ["-march=native", "-mprefer-vector-width=512"] if x86 else ["-march=native"]
+    else:
+        target = ["-march=x86-64", "-mtune=generic"] if x86 else (["-march=armv8-a"] if platform.machine() == "aarch64" else [])
+    return MATH_FLAGS[:1] + target + MATH_FLAGS[1:]
+
+
+def build_tag(arch: str | None = None) -> str:
+    """Names the build folder: the CPU's feature flags for ``native`` (it runs only on its kind),
+    the architecture alone for ``portable``."""
+    arch = arch or kernel_arch()
+    return _cpu_tag() if arch == "native" else f"portable_{platform.machine().lower()}"
 
 
 def _cpu_tag() -> str:
@@ -54,7 +90,7 @@ def compiled_kernels():
     backward, ``column_sums``, and ``dropout_factors`` (the factors a seed gives, for tests)."""
     from mskt.paths import project_root
 
-    name = f"mskt_kernels_{_cpu_tag()}"
+    name = f"mskt_kernels_{build_tag()}"
     build_dir = project_root() / "build" / "torch_extensions" / name
     library, stamp = build_dir / f"{name}.so", build_dir / "source.sha1"
     digest = _source_digest()
@@ -67,8 +103,8 @@ def compiled_kernels():
 
         build_dir.mkdir(parents=True, exist_ok=True)
         if not library.exists():
-            log.warning("building mskt's compiled CPU kernels into %s (once per machine, about a minute)", build_dir)
-        module = load(name, [str(SOURCE)], extra_cflags=CFLAGS, extra_ldflags=["-fopenmp"], build_directory=str(build_dir),
+            log.warning("building mskt's compiled CPU kernels (%s build) into %s (once per machine, about a minute)", kernel_arch(), build_dir)
+        module = load(name, [str(SOURCE)], extra_cflags=cflags(), extra_ldflags=["-fopenmp"], build_directory=str(build_dir),
                       verbose=os.environ.get("MSKT_VERBOSE_BUILD") == "1")
     except Exception as e:  # noqa: BLE001 -- no compiler, no ninja, a failed build: torch's operations compute the same
         first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
@@ -84,7 +120,7 @@ def compiled_kernels():
 def _source_digest() -> str:
     import torch
 
-    return hashlib.sha1(SOURCE.read_bytes() + " ".join(CFLAGS).encode() + torch.__version__.encode()).hexdigest()
+    return hashlib.sha1(SOURCE.read_bytes() + " ".join(cflags()).encode() + torch.__version__.encode()).hexdigest()
 
 
 def _import_library(name: str, library: Path):
