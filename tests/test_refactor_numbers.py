@@ -42,10 +42,11 @@ BASELINE = Path(__file__).parent / "data" / "refactor_baseline.json"
 DATASETS = ("synthetic:mosi", "synthetic:mosi-unaligned")
 VARIANTS = ("full", "kt", "language_vision", "language", "vision", "kt_any")
 REQUIRED = os.environ.get("MSKT_REQUIRE_KERNELS") == "1"
-# Absolute, after 2 epochs. Measured (docs/bench/golden-tolerance.md): another kernel build moves
-# these by at most MEASURED_DRIFT; one layer's init changed moves at least one of them by
-# at least MEASURED_REAL_CHANGE.
-TOLERANCE = {"mae": 2e-3, "corr": 2e-3, "loss": 2e-3}
+# Absolute, after 2 epochs. Measured (docs/bench/golden-tolerance.md): another kernel build or
+# another CPU moved these by at most 4.2e-6, 120 times less; the smallest real changes measured
+# (dropout draws in another order; one layer initialised from other draws of the same law) moved
+# each run's MAE by at least 4.2e-3 and 2.5e-2, 8 and 50 times more.
+TOLERANCE = {"mae": 5e-4, "corr": 5e-4, "loss": 5e-4}
 
 
 def run_config(data: str, variant: str) -> Config:
