@@ -273,7 +273,7 @@ def mskt_invocations(line: str) -> list[list[str]]:
         start = None
         if tok == "mskt" or tok.endswith("/mskt"):
             start = i + 1
-        elif tok == "-m" and i + 1 < len(tokens) and tokens[i + 1] == "mskt" or tok == "-m" and tokens[i + 1:i + 2] == ["mskt.cli"]:
+        elif tok == "-m" and tokens[i + 1:i + 2] in (["mskt"], ["mskt.cli"]):
             start = i + 2
         elif " " in tok and re.search(r"(^|[\s/])mskt\s", tok):
             calls += mskt_invocations(tok)
@@ -328,6 +328,17 @@ def check_mskt_args(args: list[str]) -> None:
         flag = a.split("=", 1)[0]
         if flag.startswith("--") and flag not in sub._option_string_actions:
             raise AssertionError(f"mskt {' '.join(args)}: {flag} is not a flag of {sub.prog} (argparse took it as an abbreviation)")
+    if parsed.command in ("train", "grid", "tune") and not any("$" in a for a in args):  # $v: a shell variable
+        from mskt.cli import _config_from_args
+        from mskt.model import VARIANTS
+
+        try:
+            _config_from_args(parsed)  # values: a variant, a preset, a number where a number belongs
+        except MsktError as e:
+            raise AssertionError(f"mskt {' '.join(args)}: {e}") from None
+        bad = [v for v in getattr(parsed, "variants", "").split(",") if v and v not in VARIANTS]
+        if parsed.command == "grid" and bad:
+            raise AssertionError(f"mskt {' '.join(args)}: unknown variant(s) {bad}")
     if parsed.command == "notebooks":
         from mskt.notebooks import check_params, declared_defaults, notebook_paths, parse_params
 
@@ -376,6 +387,8 @@ def test_mskt_command_lines_parse(where, args):
         ('sbatch --wrap "mskt grid --out runs/g --variant kt"', "--variant is not a flag of mskt grid"),
         ("mskt notebooks --only 03 --param epochz=3", "no notebook declares it"),
         ("mskt notebooks --only 01 --param smoke=yes", "so give true or false"),
+        ("mskt train --data synthetic:mosi --variant kt_mpl", "variant='kt_mpl' is not allowed"),
+        ("mskt grid --variants full,kt-any --out runs/g", "unknown variant(s) ['kt-any']"),
     ],
 )
 def test_a_bad_command_line_is_caught(line, needle):

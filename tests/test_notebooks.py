@@ -181,12 +181,12 @@ def test_a_failing_notebook_exits_2_and_leaves_no_figure_looking_complete(failin
     env.pop("MSKT_FIGURE_STAGING", None)
     proc = subprocess.run([sys.executable, "-m", "mskt", "notebooks", "--out", str(out)], capture_output=True, text=True, cwd=root, env=env, timeout=240)
 
-    # Exit 2 and one error line, the last, naming the notebook, the cell and the error; no traceback.
-    # (The kernel itself may print a warning to stderr before it; the runner's own lines go to stdout.)
+    # Exit 2 and one error line on stderr, naming the notebook, the cell and the error; no traceback,
+    # and nothing from the kernels (the runner's own lines go to stdout).
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert "Traceback" not in proc.stderr, proc.stderr
     errors = [line for line in proc.stderr.splitlines() if line.startswith("mskt: error:")]
-    assert len(errors) == 1 and proc.stderr.strip().splitlines()[-1] == errors[0], proc.stderr
+    assert len(errors) == 1 and proc.stderr.strip().splitlines() == errors, proc.stderr
     assert "02_broken.ipynb failed at cell In [" in errors[0]
     assert '`raise RuntimeError("deliberate failure")`' in errors[0] and "RuntimeError: deliberate failure" in errors[0]
     assert "01_good.ipynb" in proc.stdout and "02_broken.ipynb" in proc.stdout and "summary.json" in proc.stdout
