@@ -404,8 +404,25 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+class LogFormat(logging.Formatter):
+    """INFO lines as they are (the data's one-line reports, training progress); a warning or error
+    names the logger it came from (``mskt.fast: 14 stacks run their Python code (...)``). Messages
+    never carry their logger's name themselves, so a format with ``%(name)s`` shows it once."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = super().format(record)
+        return f"{record.name}: {line}" if record.levelno >= logging.WARNING else line
+
+
+def configure_logging(stream=None) -> None:
+    """The command's log: INFO and above to stderr, warnings prefixed with their logger's name."""
+    handler = logging.StreamHandler(stream if stream is not None else sys.stderr)
+    handler.setFormatter(LogFormat("%(message)s"))
+    logging.basicConfig(level=logging.INFO, handlers=[handler])
+
+
 def main(argv=None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    configure_logging()
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

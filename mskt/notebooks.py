@@ -35,6 +35,7 @@ import logging
 import math
 import os
 import shutil
+import tempfile
 import time
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -328,8 +329,8 @@ def run_notebooks(smoke: bool = False, only=None, params: dict | None = None, ou
         atomic_write_text(summary_path, json.dumps(summary, indent=2) + "\n")
 
     write_summary()
-    with _quiet("papermill"):  # the runner prints one line per notebook; papermill's INFO lines repeat them
-        results = _run_each(pm, paths, defaults_by_path, shared, out_dir, summary, write_summary, log)
+    with _quiet("papermill"), _kernel_sockets() as kernel_config:  # the runner prints one line per notebook; papermill's INFO lines repeat them
+        results = _run_each(pm, paths, defaults_by_path, shared, out_dir, summary, write_summary, log, kernel_config)
     with contextlib.suppress(OSError):
         (out_dir / ".staging").rmdir()  # empty by now
     return results
@@ -346,7 +347,29 @@ def _quiet(logger_name: str):
         logger.setLevel(level)
 
 
-def _run_each(pm, paths, defaults_by_path, shared, out_dir, summary, write_summary, log) -> list[NotebookResult]:
+@contextlib.contextmanager
+def _kernel_sockets():
+    """The kernel manager's config for this run: IPC sockets in a private temporary folder.
+
+    Over TCP (jupyter's default) every kernel prints "Kernel is running over TCP without encryption"
+    to the runner's stderr, once per notebook; over IPC (Unix sockets, which only this user can open)
+    there is nothing to warn about, so the log holds only the notebooks and their times. The folder is
+    short (a Unix socket path holds at most 107 bytes) and removed afterwards. Windows has no IPC
+    transport: there the kernels keep TCP, and the warning.
+    """
+    from traitlets.config import Config
+
+    if os.name == "nt":
+        yield Config()
+        return
+    folder = tempfile.mkdtemp(prefix="mskt-kernel-")
+    try:
+        yield Config({"KernelManager": {"transport": "ipc", "ip": os.path.join(folder, "kernel")}})
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _run_each(pm, paths, defaults_by_path, shared, out_dir, summary, write_summary, log, kernel_config) -> list[NotebookResult]:
     """The loop of run_notebooks: execute, then commit or quarantine the figures, then summarise."""
     results = []
     for path in paths:
@@ -363,7 +386,7 @@ def _run_each(pm, paths, defaults_by_path, shared, out_dir, summary, write_summa
             with _environ(STAGING_ENV, str(stage)):
                 pm.execute_notebook(
                     str(path), str(output), parameters=given, cwd=str(path.parent), progress_bar=False,
-                    kernel_name="python3", log_output=False,
+                    kernel_name="python3", log_output=False, config=kernel_config,
                     # A smoke cell takes seconds: one that hangs fails the run instead of stalling it.
                     execution_timeout=SMOKE_CELL_TIMEOUT_S if shared["smoke"] else None,
                 )

@@ -126,3 +126,71 @@ def test_grid_on_a_real_dataset_file_puts_the_papers_rows_beside_ours(tmp_path):
     assert "| *language (paper)* | | 36.4 | 78.1 | 77.3 |" in table
     assert "| *kt (paper)* | | 39.1 | 82.3 | 82.2 |" in table
     assert "0.751" in table and "0.691" in table
+
+
+# ----------------------------------------------------------------------------------------------
+# The log: a warning names its logger once.
+
+FALLBACK = """
+import logging, sys
+from mskt.cli import configure_logging
+configure_logging()
+import torch
+torch.set_num_threads(1)
+from mskt.fast import accelerate, compiled_kernels
+from mskt.model import ModelConfig, build_model
+from mskt.model.layers import TransformerLayer
+assert compiled_kernels() is not None  # the test is about the fallback line, not about building
+class SubclassedLayer(TransformerLayer):
+    pass
+model = build_model(ModelConfig(variant="full", d_model=8, heads=2, encoder_layers=1, crossmodal_layers=1, memory_layers=1,
+                                text_dim=5, audio_dim=3, vision_dim=4))
+model.crossmodal["audio->text"].layers[0].__class__ = SubclassedLayer
+accelerate(model)
+"""
+
+
+def test_the_fallback_warning_names_its_logger_once(tmp_path):
+    from mskt.fast import compiled_kernels
+
+    if compiled_kernels() is None:
+        pytest.skip("the compiled kernels are not available here: no stack is accelerated, so none falls back")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MSKT_HOME": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-c", FALLBACK], capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert lines == [
+        "mskt.fast: 1 stack runs its Python code (crossmodal.audio->text): layers.0 is a SubclassedLayer, not a TransformerLayer"
+    ], lines
+
+
+def test_log_messages_do_not_carry_their_logger_name(caplog):
+    """A format with %(name)s (pytest's, logging.basicConfig()'s default, the CLI's for warnings)
+    adds the name; a message that carried it too read "mskt.fast: mskt.fast: ..."."""
+    import logging
+
+    from mskt.cli import LogFormat
+    from mskt.fast import accelerate, compiled_kernels
+    from mskt.model import ModelConfig, build_model
+    from mskt.model.layers import TransformerLayer
+
+    if compiled_kernels() is None:
+        pytest.skip("the compiled kernels are not available here: no stack is accelerated, so none falls back")
+
+    class SubclassedLayer(TransformerLayer):
+        pass
+
+    model = build_model(ModelConfig(variant="full", d_model=8, heads=2, encoder_layers=1, crossmodal_layers=1, memory_layers=1,
+                                    text_dim=5, audio_dim=3, vision_dim=4))
+    model.crossmodal["audio->text"].layers[0].__class__ = SubclassedLayer
+    with caplog.at_level(logging.WARNING, logger="mskt.fast"):
+        accelerate(model)
+    (record,) = [r for r in caplog.records if r.name == "mskt.fast"]
+    assert record.getMessage().startswith("1 stack runs its Python code (crossmodal.audio->text)"), record.getMessage()
+    formatted = logging.Formatter("%(name)s: %(message)s").format(record)
+    assert formatted.count("mskt.fast") == 1, formatted
+
+    # The CLI's format: a warning gets its logger's name, an INFO line stays as it is.
+    assert LogFormat("%(message)s").format(record) == formatted
+    info = logging.LogRecord("mskt", logging.INFO, __file__, 1, "data.pkl: dataset mosi", (), None)
+    assert LogFormat("%(message)s").format(info) == "data.pkl: dataset mosi"

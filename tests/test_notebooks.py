@@ -181,12 +181,12 @@ def test_a_failing_notebook_exits_2_and_leaves_no_figure_looking_complete(failin
     env.pop("MSKT_FIGURE_STAGING", None)
     proc = subprocess.run([sys.executable, "-m", "mskt", "notebooks", "--out", str(out)], capture_output=True, text=True, cwd=root, env=env, timeout=240)
 
-    # Exit 2 and one error line, the last, naming the notebook, the cell and the error; no traceback.
-    # (The kernel itself may print a warning to stderr before it; the runner's own lines go to stdout.)
+    # Exit 2 and one error line on stderr, naming the notebook, the cell and the error; no traceback,
+    # and nothing from the kernels (the runner's own lines go to stdout).
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert "Traceback" not in proc.stderr, proc.stderr
     errors = [line for line in proc.stderr.splitlines() if line.startswith("mskt: error:")]
-    assert len(errors) == 1 and proc.stderr.strip().splitlines()[-1] == errors[0], proc.stderr
+    assert len(errors) == 1 and proc.stderr.strip().splitlines() == errors, proc.stderr
     assert "02_broken.ipynb failed at cell In [" in errors[0]
     assert '`raise RuntimeError("deliberate failure")`' in errors[0] and "RuntimeError: deliberate failure" in errors[0]
     assert "01_good.ipynb" in proc.stdout and "02_broken.ipynb" in proc.stdout and "summary.json" in proc.stdout
@@ -238,3 +238,33 @@ def test_outside_the_runner_save_figure_writes_in_place(tmp_path, monkeypatch):
     assert sorted(commit_figures(stage)) == sorted(p.resolve() for p in paths)
     assert sorted(p.name for p in (tmp_path / "later").iterdir()) == ["staged.pdf", "staged.png"]
     assert not stage.exists()
+
+
+# ----------------------------------------------------------------------------------------------
+# The main job's log: the notebooks and their times, nothing from the kernels.
+
+
+def test_the_log_of_a_run_holds_only_the_notebooks_and_their_times(tmp_path):
+    """Over jupyter's default TCP transport every kernel printed "Kernel is running over TCP without
+    encryption" to the runner's stderr (8 times in a main job); the runner's kernels use IPC sockets."""
+    import os
+    import subprocess
+    import sys
+
+    import nbformat
+
+    root = tmp_path / "project"
+    (root / "notebooks").mkdir(parents=True)
+    for name in ("01_one", "02_two"):
+        nbformat.write(_notebook(["print('ran')"]), root / "notebooks" / f"{name}.ipynb")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MSKT_HOME": str(root)}
+    env.pop("MSKT_FIGURE_STAGING", None)
+    out = root / "out"
+    proc = subprocess.run([sys.executable, "-m", "mskt", "notebooks", "--out", str(out)], capture_output=True, text=True, cwd=root, env=env, timeout=240)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "without encryption" not in proc.stderr
+    assert proc.stderr.strip() == "", proc.stderr
+    lines = proc.stdout.strip().splitlines()
+    assert [line.split()[0] for line in lines[:-1]] == ["01_one.ipynb", "02_two.ipynb"], lines
+    assert all(line.split()[1].endswith("s") and line.split()[2] == "ok" for line in lines[:-1]), lines
+    assert lines[-1].startswith(f"executed notebooks in {out}"), lines

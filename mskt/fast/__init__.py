@@ -42,7 +42,7 @@ def accelerate(model: nn.Module) -> nn.Module:
     if compiled_kernels() is None:
         return model  # compiled_kernels() has said why, once
     if any(p.device.type != "cpu" for p in model.parameters()):
-        log.info("mskt.fast: the model is not on the CPU; the compiled CPU kernels are not used")
+        log.info("the model is not on the CPU; the compiled CPU kernels are not used")
         return model
     ok, why = source_verified()
     if ok:
@@ -59,7 +59,7 @@ def accelerate(model: nn.Module) -> nn.Module:
     for reason, names in fell_back.items():
         shown = ", ".join(names[:6]) + (f" and {len(names) - 6} more" if len(names) > 6 else "")
         what = f"{len(names)} stacks run their" if len(names) > 1 else "1 stack runs its"
-        log.warning("mskt.fast: %s Python code (%s): %s", what, shown, reason)
+        log.warning("%s Python code (%s): %s", what, shown, reason)  # the log format names the logger, mskt.fast
     return model
 
 

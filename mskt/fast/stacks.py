@@ -177,7 +177,7 @@ class StackAccelerator:
         if why and (self.failed is None or self.failed[0] != signature or self.failed[1] != why):
             self.failed = (signature, why)
             if not quiet:
-                log.warning("mskt.fast: stack %s runs its Python code: %s", self.name, why)
+                log.warning("stack %s runs its Python code: %s", self.name, why)
         return why
 
     def takes(self, stack: nn.Module, x: torch.Tensor) -> bool:
