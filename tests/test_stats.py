@@ -219,3 +219,68 @@ def test_bootstrap_on_predictions_with_a_metric_name():
         stats.bootstrap(good, bad[:, :10], y, "mae")
     with pytest.raises(MsktError, match="not among"):
         stats.bootstrap(good, bad, y, "accuracy", n_boot=2)
+
+
+# ----------------------------------------------------------------------------------------------
+# The readings of the experiments (hand-made frames: no training)
+
+
+def _sweep_frame():
+    """A robustness sweep's rows: 4 training seeds x (one fixed condition, one rate with 3 mask seeds)."""
+    rng = np.random.default_rng(3)
+    rows = []
+    for run_seed in range(4):
+        base = 0.9 + 0.05 * rng.normal()  # a seed effect shared by every label: pairing removes it
+        for label, shift in (("kt_any", 0.0), ("kt", 0.06), ("full", 0.0)):
+            mae = base + shift + 0.005 * rng.normal()
+            rows.append(dict(label=label, variant=label, run_seed=run_seed, protocol="condition", condition="audio",
+                             rate=math.nan, mask_seed=-1, mode="sample", mae=mae, acc2_nonzero=0.8 - mae / 10))
+            for mask_seed in range(3):
+                m = base + 0.3 + 0.005 * rng.normal() + 0.01 * mask_seed
+                rows.append(dict(label=label, variant=label, run_seed=run_seed, protocol="rate", condition="rate 0.5",
+                                 rate=0.5, mask_seed=mask_seed, mode="sample", mae=m, acc2_nonzero=0.8 - m / 10))
+    return pd.DataFrame(rows)
+
+
+def test_robustness_reading_pairs_by_training_seed_after_averaging_mask_seeds():
+    from mskt.experiments import robustness
+
+    frame = _sweep_frame()
+    g = robustness.gaps(frame, "kt_any", ("kt", "full"), "mae")
+    assert list(zip(g["condition"], g["b"])) == [("audio", "kt"), ("audio", "full"), ("rate 0.5", "kt"), ("rate 0.5", "full")]
+    assert set(g["n"]) == {4}  # four training seeds, not 4 x 3 mask seeds
+    per_run = frame[frame["condition"] == "rate 0.5"].groupby(["label", "run_seed"])["mae"].mean()
+    assert g.iloc[2]["delta"] == pytest.approx((per_run["kt_any"] - per_run["kt"]).mean())
+    assert g["p_adj"].tolist() == pytest.approx(stats.adjust(g["p_t"], "holm").tolist())  # one family: the whole reading
+    lines = robustness.reading(frame, "kt_any", ("kt", "full"), "mae").splitlines()
+    assert len(lines) == 2 and lines[0].startswith("         audio: kt_any mae ")
+    assert "vs kt: kt_any better than kt (mae kt_any − kt -0.0" in lines[0]
+    assert "vs full: no detectable difference; the smallest effect this design detects is" in lines[0]
+    assert "vs kt: no detectable difference" in lines[1]
+    # higher is better for accuracy: the same runs, read the same way round
+    acc = robustness.reading(frame, "kt_any", ("kt",), "acc2_nonzero").splitlines()[0]
+    assert "vs kt: kt_any better than kt (acc2_nonzero kt_any − kt +0." in acc
+
+
+def test_grid_comparisons_against_a_reference_variant():
+    from mskt.experiments import grid
+
+    rng = np.random.default_rng(4)
+    rows = []
+    for seed in (1111, 1112, 1113, 1114):
+        shared = 0.02 * rng.normal()
+        for label, shift in (("full", -0.08), ("language", 0.002), ("kt", 0.0)):
+            mae = 0.9 + shared + shift + 0.004 * rng.normal()
+            rows.append(dict(label=label, variant=label, seed=seed, acc2_nonzero=0.8 - mae / 5, mae=mae))
+    runs = pd.DataFrame(rows)
+    tests = grid.comparisons(runs, "regression", against="kt")
+    assert list(zip(tests["a"], tests["metric"])) == [("full", "acc2_nonzero"), ("full", "mae"), ("language", "acc2_nonzero"), ("language", "mae")]
+    assert tests["p_adj"].tolist() == pytest.approx(stats.adjust(tests["p_t"]).tolist())  # Holm over the 4 cells
+    assert tests.iloc[1]["better"] == "full" and tests.iloc[0]["better"] == "full"  # lower MAE and higher Acc2 alike
+    assert tests.iloc[3]["reading"].startswith("no detectable difference")
+    md = grid.comparisons_markdown(tests)
+    assert "| full vs kt | mae | 4 |" in md and "Holm correction across the table's 4 tests" in md
+    bh = grid.comparisons(runs, "regression", against="kt", correction="bh")
+    assert "Benjamini-Hochberg" in grid.comparisons_markdown(bh)
+    with pytest.raises(MsktError, match="against='vision': no runs of it"):
+        grid.comparisons(runs, "regression", against="vision")

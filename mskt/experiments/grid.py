@@ -12,6 +12,7 @@ from pathlib import Path
 import pandas as pd
 
 from mskt.config import Config
+from mskt.errors import ConfigError
 from mskt.experiments.paper import paper_row
 from mskt.data.readers import load_dataset
 from mskt.train import atomic_write_text, train
@@ -69,8 +70,12 @@ def run_configs(base: Config, configs: dict, seeds: int, out_dir, on_run=None, j
     return pd.DataFrame(rows)
 
 
-def run_grid(base: Config, variants, seeds: int, out_dir, on_run=None, jobs: int = 1) -> pd.DataFrame:
-    """Every variant x seeds (see run_configs); writes runs.csv, results.csv and results.md."""
+def run_grid(base: Config, variants, seeds: int, out_dir, on_run=None, jobs: int = 1, against: str | None = None,
+             correction: str = "holm") -> pd.DataFrame:
+    """Every variant x seeds (see run_configs); writes runs.csv, results.csv and results.md, and with
+    ``against`` (a variant of the grid) comparisons.csv and comparisons.md (:func:`comparisons`)."""
+    if against is not None and against not in variants:
+        raise ConfigError(f"against={against!r}: not among the grid's variants {', '.join(variants)}")
     out_dir = Path(out_dir)
     dataset = load_dataset(base.data, scale=base.data_scale, seed=base.data_seed, dataset=base.dataset)
     runs = run_configs(base, {v: {"variant": v} for v in variants}, seeds, out_dir, on_run, jobs, dataset)
@@ -82,6 +87,10 @@ def run_grid(base: Config, variants, seeds: int, out_dir, on_run=None, jobs: int
         out_dir / "results.md",
         to_markdown(table, dataset.meta.name, dataset.meta.aligned, dataset.meta.task, with_paper=real, title=dataset.meta.source),
     )
+    if against is not None:
+        tests = comparisons(runs, dataset.meta.task, against, correction=correction)
+        atomic_write_text(out_dir / "comparisons.csv", tests.to_csv(index=False))
+        atomic_write_text(out_dir / "comparisons.md", comparisons_markdown(tests))
     return runs
 
 
@@ -94,14 +103,46 @@ def _row(label: str, cfg: Config, metrics: dict, on_run) -> dict:
 
 def summarize(runs: pd.DataFrame, task: str, by: str = "label") -> pd.DataFrame:
     """Mean and std over seeds per label (variant): columns (metric, "mean" | "std"), in run order."""
-    report = EMOTION_REPORT if task != "regression" else SIMS_REPORT if "acc3" in runs else REGRESSION_REPORT
-    metrics = [m for m in report if m in runs]
+    metrics = report_metrics(runs, task)
     order = list(dict.fromkeys(runs[by]))
     grouped = runs.groupby(by, sort=False)[metrics]
     table = pd.concat({"mean": grouped.mean(), "std": grouped.std(ddof=1).fillna(0.0)}, axis=1)
     table = table.swaplevel(axis=1).sort_index(axis=1, level=0, sort_remaining=False)[metrics]
     table[("n_seeds", "")] = runs.groupby(by, sort=False).size()
     return table.loc[order]
+
+
+def report_metrics(runs: pd.DataFrame, task: str) -> list:
+    """The metrics a results table shows, in its order: those of the task's report present in ``runs``."""
+    report = EMOTION_REPORT if task != "regression" else SIMS_REPORT if "acc3" in runs else REGRESSION_REPORT
+    return [m for m in report if m in runs]
+
+
+def comparisons(runs: pd.DataFrame, task: str, against: str, metrics=None, by: str = "label",
+                correction: str = "holm") -> pd.DataFrame:
+    """Every other label of ``runs`` against ``against``, paired by seed, on every metric of the results
+    table (or ``metrics``): ``mskt.stats.compare_frame``, the p-values corrected together across the
+    table's cells (labels x metrics) by ``correction`` (Holm by default). One row per (label, metric)."""
+    from mskt import stats
+
+    labels = list(dict.fromkeys(runs[by]))
+    if against not in labels:
+        raise ConfigError(f"against={against!r}: no runs of it (found {', '.join(map(str, labels))})")
+    metrics = list(metrics or report_metrics(runs, task))
+    pairs = [(label, against) for label in labels if label != against]
+    return stats.compare_frame(runs, pairs, metrics, label=by, seed="seed", method=correction)
+
+
+def comparisons_markdown(tests: pd.DataFrame) -> str:
+    """:func:`comparisons` as Markdown (``mskt.stats.comparisons_markdown``), with a line on how to read it."""
+    from mskt import stats
+
+    method = {"holm": "Holm", "bh": "Benjamini-Hochberg", "none": "no"}.get(str(tests["method"].dropna().iloc[0]) if tests["method"].notna().any() else "none")
+    note = (f"Paired by seed: A − B with its t-based 95% CI; p of the paired t, Wilcoxon signed-rank and exact sign "
+            f"tests; {method} correction across the table's {int(tests['p_t'].notna().sum())} tests (the decision uses the "
+            "adjusted p of the t test); MDE: the difference these seeds detect with 80% power (alpha 0.05). "
+            "Accuracies and F1 in points.")
+    return stats.comparisons_markdown(tests) + "\n" + note + "\n"
 
 
 def _fmt(metric: str, mean: float, std: float) -> str:
