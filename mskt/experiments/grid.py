@@ -12,7 +12,7 @@ from pathlib import Path
 import pandas as pd
 
 from mskt.config import Config
-from mskt.errors import ConfigError
+from mskt.errors import ConfigError, MsktError
 from mskt.experiments.paper import paper_row
 from mskt.data.readers import load_dataset
 from mskt.train import atomic_write_text, train
@@ -71,9 +71,10 @@ def run_configs(base: Config, configs: dict, seeds: int, out_dir, on_run=None, j
 
 
 def run_grid(base: Config, variants, seeds: int, out_dir, on_run=None, jobs: int = 1, against: str | None = None,
-             correction: str = "holm") -> pd.DataFrame:
+             correction: str = "holm", bootstrap: int = 0) -> pd.DataFrame:
     """Every variant x seeds (see run_configs); writes runs.csv, results.csv and results.md, and with
-    ``against`` (a variant of the grid) comparisons.csv and comparisons.md (:func:`comparisons`)."""
+    ``against`` (a variant of the grid) comparisons.csv and comparisons.md (:func:`comparisons`);
+    ``bootstrap`` > 0 adds that many resamples of seeds x test samples (:func:`bootstrap_comparisons`)."""
     if against is not None and against not in variants:
         raise ConfigError(f"against={against!r}: not among the grid's variants {', '.join(variants)}")
     out_dir = Path(out_dir)
@@ -90,8 +91,80 @@ def run_grid(base: Config, variants, seeds: int, out_dir, on_run=None, jobs: int
     if against is not None:
         tests = comparisons(runs, dataset.meta.task, against, correction=correction)
         atomic_write_text(out_dir / "comparisons.csv", tests.to_csv(index=False))
-        atomic_write_text(out_dir / "comparisons.md", comparisons_markdown(tests))
+        text = comparisons_markdown(tests)
+        if bootstrap > 0:
+            boot = bootstrap_comparisons(runs, out_dir, dataset, against, report_metrics(runs, dataset.meta.task), n_boot=bootstrap)
+            atomic_write_text(out_dir / "bootstrap.csv", boot.to_csv(index=False))
+            text += "\n" + bootstrap_markdown(boot)
+        atomic_write_text(out_dir / "comparisons.md", text)
     return runs
+
+
+def per_sample_predictions(run_dirs, dataset, batch_size: int = 256):
+    """Per-sample test predictions of runs (one per seed) under the default test protocol (the model's
+    ``test_missing`` modalities missing, as ``evaluate`` scores them): an array (runs, samples, ...).
+    Each run's predictions must reproduce the test metrics it recorded, or it is an error."""
+    import json
+
+    import numpy as np
+
+    from mskt.metrics import compute_metrics
+    from mskt.train import Tensors, load_run, predict
+
+    data, out = None, []
+    for run_dir in run_dirs:
+        cfg, model = load_run(Path(run_dir))
+        if data is None:
+            data = Tensors.from_split(dataset["test"], dataset.meta.task, "cpu")
+        model.to("cpu")
+        pred = predict(model, data, batch_size, missing=",".join(model.test_missing) or None)["pred"]
+        recorded = json.loads((Path(run_dir) / "metrics.json").read_text())["test"]
+        again = compute_metrics(dataset.meta.task, pred, data.labels.numpy(), dataset.meta.name)
+        off = [k for k, v in again.items() if k in recorded and abs(v - recorded[k]) > 1e-4 and v == v]
+        if off:
+            raise MsktError(f"{run_dir}: its test predictions do not reproduce its metrics.json ({off[0]} {again[off[0]]:.4f} vs {recorded[off[0]]:.4f})")
+        out.append(pred)
+    return np.stack(out)  # (seeds, samples, ...)
+
+
+def bootstrap_comparisons(runs: pd.DataFrame, out_dir, dataset, against: str, metrics, n_boot: int = 1000, by: str = "label",
+                          seed: int = 0) -> pd.DataFrame:
+    """Every other label against ``against`` with test-set noise counted: ``mskt.stats.bootstrap`` over
+    seeds x test samples (the same resampled samples for both) of the runs' per-sample test
+    predictions (:func:`per_sample_predictions`, runs in ``out_dir/<label>-seed<seed>``), at the seeds both
+    have. One row per (label, metric): a, b, metric, delta, ci_lo, ci_hi, p, n_seeds, n_samples, n_boot."""
+    from mskt import stats
+
+    out_dir = Path(out_dir)
+    labels = list(dict.fromkeys(runs[by]))
+    seeds = {label: set(runs.loc[runs[by] == label, "seed"]) for label in labels}
+    labels_y = dataset["test"].labels
+    rows = []
+    for label in labels:
+        if label == against:
+            continue
+        common = sorted(seeds[label] & seeds[against])
+        a = per_sample_predictions([out_dir / f"{label}-seed{s}" for s in common], dataset)
+        b = per_sample_predictions([out_dir / f"{against}-seed{s}" for s in common], dataset)
+        for m in metrics:
+            fn = stats.metric_function(m, dataset.meta.task, dataset.meta.name)
+            rows.append({"a": label, "b": against, "metric": m, **stats.bootstrap(a, b, labels_y, fn, n_boot=n_boot, seed=seed)})
+    return pd.DataFrame(rows)
+
+
+def bootstrap_markdown(boot: pd.DataFrame) -> str:
+    """:func:`bootstrap_comparisons` as Markdown (accuracies and F1 in points)."""
+    from mskt.metrics import display_scale
+
+    lines = ["| A vs B | metric | seeds × samples | A − B [95% bootstrap CI] | bootstrap p |", "|---|---|---|---|---|"]
+    for _, r in boot.iterrows():
+        scale, digits = display_scale(r["metric"])
+        f = f"+.{digits}f"
+        lines.append(f"| {r['a']} vs {r['b']} | {r['metric']} | {r['n_seeds']} × {r['n_samples']} | "
+                     f"{scale * r['delta']:{f}} [{scale * r['ci_lo']:{f}}, {scale * r['ci_hi']:{f}}] | {r['p']:.3f} |")
+    lines += ["", f"Bootstrap over seeds and, within each seed, test samples ({int(boot['n_boot'].iloc[0])} resamples, the same "
+              "samples for A and B): test-set noise counted once; not corrected across cells."]
+    return "\n".join(lines) + "\n"
 
 
 def _row(label: str, cfg: Config, metrics: dict, on_run) -> dict:
