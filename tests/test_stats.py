@@ -284,3 +284,32 @@ def test_grid_comparisons_against_a_reference_variant():
     assert "Benjamini-Hochberg" in grid.comparisons_markdown(bh)
     with pytest.raises(MsktError, match="against='vision': no runs of it"):
         grid.comparisons(runs, "regression", against="vision")
+
+
+def test_grid_bootstrap_reports_a_metric_it_cannot_resample(monkeypatch, tmp_path):
+    from mskt.experiments import grid
+
+    rng = np.random.default_rng(5)
+    y = rng.uniform(-3, 3, 30).astype(np.float32)
+    preds = {("kt", 1): rng.normal(size=30), ("kt", 2): rng.normal(size=30),
+             ("full", 1): y + 0.1 * rng.normal(size=30), ("full", 2): np.zeros(30)}  # a constant prediction: no Corr
+
+    class Split:
+        labels = y
+
+    class Data:
+        meta = type("Meta", (), {"task": "regression", "name": "mosi"})
+
+        def __getitem__(self, split):
+            return Split()
+
+    def fake(run_dirs, dataset):  # run folders are <label>-seed<seed>
+        return np.stack([preds[(p.name.split("-seed")[0], int(p.name.split("-seed")[1]))] for p in run_dirs])
+
+    monkeypatch.setattr(grid, "per_sample_predictions", fake)
+    runs = pd.DataFrame({"label": ["kt", "kt", "full", "full"], "seed": [1, 2, 1, 2]})
+    boot = grid.bootstrap_comparisons(runs, tmp_path, Data(), "kt", ["mae", "corr"], n_boot=40)
+    assert list(boot["metric"]) == ["mae", "corr"] and boot.loc[0, "note"] == "" and boot.loc[0, "delta"] < 0
+    assert "not finite" in boot.loc[1, "note"]
+    md = grid.bootstrap_markdown(boot)
+    assert "| full vs kt | corr | 2 × 30 | bootstrap: the metric is not finite" in md and "40 resamples" in md

@@ -133,22 +133,28 @@ def bootstrap_comparisons(runs: pd.DataFrame, out_dir, dataset, against: str, me
     seeds x test samples (the same resampled samples for both) of the runs' per-sample test
     predictions (:func:`per_sample_predictions`, runs in ``out_dir/<label>-seed<seed>``), at the seeds both
     have. One row per (label, metric): a, b, metric, delta, ci_lo, ci_hi, p, n_seeds, n_samples, n_boot."""
+    import numpy as np
+
     from mskt import stats
 
     out_dir = Path(out_dir)
     labels = list(dict.fromkeys(runs[by]))
     seeds = {label: set(runs.loc[runs[by] == label, "seed"]) for label in labels}
     labels_y = dataset["test"].labels
+    reference = dict(zip(sorted(seeds[against]), per_sample_predictions([out_dir / f"{against}-seed{s}" for s in sorted(seeds[against])], dataset)))
     rows = []
     for label in labels:
         if label == against:
             continue
         common = sorted(seeds[label] & seeds[against])
         a = per_sample_predictions([out_dir / f"{label}-seed{s}" for s in common], dataset)
-        b = per_sample_predictions([out_dir / f"{against}-seed{s}" for s in common], dataset)
+        b = np.stack([reference[s] for s in common])  # (seeds, samples, ...)
         for m in metrics:
             fn = stats.metric_function(m, dataset.meta.task, dataset.meta.name)
-            rows.append({"a": label, "b": against, "metric": m, **stats.bootstrap(a, b, labels_y, fn, n_boot=n_boot, seed=seed)})
+            try:
+                rows.append({"a": label, "b": against, "metric": m, **stats.bootstrap(a, b, labels_y, fn, n_boot=n_boot, seed=seed), "note": ""})
+            except stats.StatsError as e:  # e.g. Corr of a constant prediction: said in the table, the others still shown
+                rows.append({"a": label, "b": against, "metric": m, "n_seeds": len(common), "n_samples": len(labels_y), "n_boot": n_boot, "note": str(e)})
     return pd.DataFrame(rows)
 
 
@@ -158,6 +164,9 @@ def bootstrap_markdown(boot: pd.DataFrame) -> str:
 
     lines = ["| A vs B | metric | seeds × samples | A − B [95% bootstrap CI] | bootstrap p |", "|---|---|---|---|---|"]
     for _, r in boot.iterrows():
+        if r.get("note"):
+            lines.append(f"| {r['a']} vs {r['b']} | {r['metric']} | {r['n_seeds']} × {r['n_samples']} | {r['note']} | |")
+            continue
         scale, digits = display_scale(r["metric"])
         f = f"+.{digits}f"
         lines.append(f"| {r['a']} vs {r['b']} | {r['metric']} | {r['n_seeds']} × {r['n_samples']} | "
