@@ -238,3 +238,13 @@ def test_outside_the_runner_save_figure_writes_in_place(tmp_path, monkeypatch):
     assert sorted(commit_figures(stage)) == sorted(p.resolve() for p in paths)
     assert sorted(p.name for p in (tmp_path / "later").iterdir()) == ["staged.pdf", "staged.png"]
     assert not stage.exists()
+
+
+def test_the_notebooks_show_paired_comparisons(smoke_run):
+    """05 shows every variant against kt and the ablations against the default, paired by seed; 06 the
+    robustness reading, which with the smoke run's one training seed says it cannot test."""
+    out, results, _, _ = smoke_run
+    text = {r.notebook: json.dumps(json.loads(r.output.read_text())["cells"]) for r in results}
+    assert "language_vision vs kt" in text["05_ablations.ipynb"] and "Holm correction across the table" in text["05_ablations.ipynb"]
+    assert "ablations against targets=all: not tested (ablation_seeds=1" in text["05_ablations.ipynb"]
+    assert "vs full+drop: not tested: 1 common seed(s)" in text["06_robustness.ipynb"]
