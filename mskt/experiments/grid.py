@@ -172,7 +172,8 @@ def bootstrap_markdown(boot: pd.DataFrame) -> str:
         lines.append(f"| {r['a']} vs {r['b']} | {r['metric']} | {r['n_seeds']} × {r['n_samples']} | "
                      f"{scale * r['delta']:{f}} [{scale * r['ci_lo']:{f}}, {scale * r['ci_hi']:{f}}] | {r['p']:.3f} |")
     lines += ["", f"Bootstrap over seeds and, within each seed, test samples ({int(boot['n_boot'].iloc[0])} resamples, the same "
-              "samples for A and B): test-set noise counted once; not corrected across cells."]
+              "samples for A and B): test-set noise counted once; not corrected across cells. With few seeds this "
+              "interval is narrower than the paired t's (resampled seeds understate seed noise): decide with the table above."]
     return "\n".join(lines) + "\n"
 
 
