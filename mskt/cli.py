@@ -7,7 +7,7 @@
     mskt train --data PATH --variant V [--epochs N] [--seed S] [--out DIR] [--<any config key> VALUE]
     mskt train --resume DIR                 continue an interrupted run; torchrun ... -m mskt train: DDP
     mskt evaluate --run DIR [--data PATH] [--out FILE.json] [--missing audio,vision] [--missing-rate R] [--missing-mode sample|step] [--missing-seed S]
-    mskt grid --data PATH --variants full,kt,... --seeds 3 --out DIR [--<any config key> VALUE]
+    mskt grid --data PATH --variants full,kt,... --seeds 3 --out DIR [--against kt [--correction holm|bh|none] [--bootstrap N]] [--<any config key> VALUE]
     mskt bench [--presets mosi,mosi-unaligned] [--variants full,kt] [--config paper|mult] [--reference [--rounds R]] [--json PATH]
     mskt notebooks [--smoke] [--only 03] [--param key=value]
     mskt tune --data PATH --variant V --trials N [--study NAME] [--storage URL] [--space FILE] [--prune] [--timeout S] [--<any config key> VALUE]
@@ -240,8 +240,16 @@ def cmd_grid(args) -> int:
     def report(row):
         print(f"  {row['variant']:<16} seed {row['seed']}: best epoch {row['best_epoch']}, {row['seconds']:.0f}s", flush=True)
 
-    run_grid(cfg, variants, args.seeds, out, on_run=report, jobs=args.jobs)
+    if args.bootstrap and args.against is None:
+        raise MsktError("--bootstrap needs --against VARIANT (the reference the variants are compared with)")
+    if args.against is not None and args.against not in variants:
+        raise MsktError(f"--against {args.against}: not among --variants {','.join(variants)}")
+    run_grid(cfg, variants, args.seeds, out, on_run=report, jobs=args.jobs, against=args.against, correction=args.correction,
+             bootstrap=args.bootstrap)
     print((out / "results.md").read_text())
+    if args.against is not None:
+        print((out / "comparisons.md").read_text())
+        print(f"wrote {out / 'comparisons.csv'}, {out / 'comparisons.md'}")
     print(f"wrote {out / 'results.csv'}, {out / 'results.md'}, {out / 'runs.csv'}")
     return 0
 
@@ -360,6 +368,9 @@ def build_parser() -> argparse.ArgumentParser:
     gr.add_argument("--seeds", type=int, default=3)
     gr.add_argument("--out", required=True)
     gr.add_argument("--jobs", type=int, default=1, help="runs trained at once, one torch thread each (use the number of cores on a CPU)")
+    gr.add_argument("--against", default=None, metavar="VARIANT", help="also compare every other variant with this one, paired by seed (comparisons.md)")
+    gr.add_argument("--bootstrap", type=int, default=0, metavar="N", help="with --against: also N bootstrap resamples of seeds x test samples (0: none)")
+    gr.add_argument("--correction", default="holm", choices=("holm", "bh", "none"), help="multiple-comparison correction across the comparisons table's cells")
     _add_config_options(gr, skip=("variant",))
     gr.set_defaults(func=cmd_grid)
     tu = sub.add_parser("tune", help="hyperparameter search on Optuna; trials are run folders under runs/tune/<study>/")

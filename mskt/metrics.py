@@ -53,7 +53,25 @@ __all__ = [
     "compute_metrics",
     "weighted_f1",
     "format_metrics",
+    "LOWER_IS_BETTER",
+    "higher_is_better",
+    "display_scale",
 ]
+
+# Which way each metric goes: every metric here is better higher except these (the task loss that
+# ``mskt.train.evaluate`` adds beside them counts as a metric too).
+LOWER_IS_BETTER = ("mae", "loss")
+
+
+def higher_is_better(metric: str) -> bool:
+    """Whether a larger value of ``metric`` is better (False for MAE and the loss, True otherwise)."""
+    return metric not in LOWER_IS_BETTER
+
+
+def display_scale(metric: str) -> tuple[int, int]:
+    """(scale, decimals) to show ``metric``: accuracies and F1 in percent with 1 decimal, MAE, Corr
+    and the loss as they are with 3."""
+    return (1, 3) if metric in ("mae", "corr", "loss") else (100, 1)
 
 
 def weighted_f1(y_true, y_pred) -> float:

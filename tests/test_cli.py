@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from formats import write_mult_pickle
@@ -63,6 +64,8 @@ def test_convert_a_mult_pickle_round_trips(tmp_path):
         (["train", "--variant", "bogus"], "variant='bogus' is not allowed"),
         (["train", "--epochs", "ten"], "epochs must be int"),
         (["grid", "--variants", "full,nope", "--out", "x"], "unknown variant"),
+        (["grid", "--variants", "full,kt", "--against", "vision", "--out", "x"], "--against vision: not among --variants full,kt"),
+        (["grid", "--variants", "full,kt", "--bootstrap", "10", "--out", "x"], "--bootstrap needs --against"),
     ],
 )
 def test_expected_errors_are_one_line_without_traceback(args, needle, tmp_path):
@@ -115,6 +118,24 @@ def test_train_then_evaluate_and_grid(tmp_path):
     assert "| language | 2 |" in table and "| kt | 2 |" in table and "(paper)" not in table  # synthetic: no paper rows
     runs = (grid / "runs.csv").read_text().splitlines()
     assert len(runs) == 1 + 4
+    assert not (grid / "comparisons.md").exists() and "comparisons" not in out  # only with --against
+
+    # --against: the same runs (read back), each other variant against kt, paired by seed
+    out = mskt("grid", "--variants", "language,kt", "--seeds", "2", "--against", "kt", *data, *TINY_MODEL, "--out", grid, cwd=tmp_path).stdout
+    compared = (grid / "comparisons.md").read_text()
+    assert compared in out and compared.count("| language vs kt | ") == 7  # every metric of the results table
+    assert "Holm correction across the table's 7 tests" in compared
+    rows = (grid / "comparisons.csv").read_text().splitlines()
+    assert len(rows) == 1 + 7 and rows[0].startswith("a,b,metric,n,")
+    assert not (grid / "bootstrap.csv").exists() and "bootstrap" not in compared  # only with --bootstrap
+
+    # --bootstrap: seeds x test samples from the runs' per-sample predictions (which reproduce metrics.json)
+    mskt("grid", "--variants", "language,kt", "--seeds", "2", "--against", "kt", "--bootstrap", "50", *data, *TINY_MODEL, "--out", grid, cwd=tmp_path)
+    boot = pd.read_csv(grid / "bootstrap.csv")
+    assert len(boot) == 7 and set(boot["n_seeds"]) == {2} and set(boot["n_boot"]) == {50} and (boot["ci_lo"] <= boot["ci_hi"]).all()
+    tests = pd.read_csv(grid / "comparisons.csv").set_index("metric")
+    assert boot.set_index("metric")["delta"].to_numpy() == pytest.approx(tests.loc[boot["metric"], "delta"].to_numpy(), abs=1e-5)
+    assert "50 resamples" in (grid / "comparisons.md").read_text()
 
 
 def test_grid_on_a_real_dataset_file_puts_the_papers_rows_beside_ours(tmp_path):

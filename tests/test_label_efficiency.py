@@ -14,6 +14,7 @@ from mskt.config import Config
 from mskt.data.labels import UNLABELLED_CLASS, hide_labels, labelled_subset, strata
 from mskt.data.readers import load_dataset
 from mskt.data.synthetic import SyntheticConfig, _mixed_audio_view, make_synthetic, parse_knobs, with_knobs
+from mskt import stats
 from mskt.errors import ConfigError
 from mskt.experiments import label_efficiency as le
 from mskt.model import build_model
@@ -223,30 +224,46 @@ def _runs():
     rows = []
     for s in (0.0, 1.0):
         for f in (0.1, 1.0):
-            for seed, noise in ((0, 0.01), (1, -0.01), (2, 0.0)):
+            for seed, noise, jitter in ((0, 0.01, 0.004), (1, -0.01, -0.003), (2, 0.0, -0.001)):
                 rows.append(dict(variant="language_vision", seed=seed, label_fraction=f, audio_shared=s, mae=1.0 + noise, acc2_nonzero=0.7))
-                better = 0.1 if s == 1.0 and f == 0.1 else -0.05  # kt wins only at few labels, shared audio
+                # kt wins only at few labels and shared audio, ties at every label without it, loses otherwise
+                better = (0.1 if s == 1.0 else 0.0) if f == 0.1 else (0.0 if s == 0.0 else -0.05)
+                better += jitter  # paired differences that vary by seed (mean 0)
                 rows.append(dict(variant="kt", seed=seed, label_fraction=f, audio_shared=s, mae=1.0 + noise - better, acc2_nonzero=0.7 + better))
     return pd.DataFrame(rows)
 
 
 def test_gains_are_paired_and_oriented():
     g = le.gains(_runs())
+    jitter_sd = float(np.std([0.004, -0.003, -0.001], ddof=1))
     cell = g[(g["audio_shared"] == 1.0) & (g["label_fraction"] == 0.1)].set_index("metric")
-    assert cell.loc["mae", "mean"] == pytest.approx(0.1) and cell.loc["mae", "std"] == pytest.approx(0.0, abs=1e-12)  # paired by seed
+    assert cell.loc["mae", "mean"] == pytest.approx(0.1) and cell.loc["mae", "std"] == pytest.approx(jitter_sd)  # paired by seed
     assert cell.loc["acc2_nonzero", "mean"] == pytest.approx(0.1) and cell.loc["mae", "wins"] == 3
-    worse = g[(g["audio_shared"] == 0.0) & (g["label_fraction"] == 1.0)].set_index("metric")
-    assert worse.loc["mae", "mean"] == pytest.approx(-0.05) and worse.loc["mae", "wins"] == 0
+    assert 0 < cell.loc["mae", "ci_lo"] < 0.1 < cell.loc["mae", "ci_hi"]  # oriented like the gain (MAE: baseline - kt)
+    assert cell.loc["mae", "p_adj"] < 0.05 and cell.loc["mae", "p_adj"] >= cell.loc["mae", "p_t"]
+    worse = g[(g["audio_shared"] == 1.0) & (g["label_fraction"] == 1.0)].set_index("metric")
+    assert worse.loc["mae", "mean"] == pytest.approx(-0.05) and worse.loc["mae", "wins"] == 0 and worse.loc["mae", "ci_hi"] < 0
     table = le.phase_table(g, "acc2_nonzero")
-    assert table.loc[1.0, "10% labels"] == "+10.0 ± 0.0 (3/3)"
+    assert table.loc[1.0, "10% labels"].startswith("+10.0 [")
+    assert table.loc[0.0, "100% labels"].startswith("+0.0 [-") and " p " in table.loc[0.0, "100% labels"]
     text = le.reading(g, "mae").splitlines()
-    assert text[0] == "audio_shared=0: kt loses to language_vision on every seed at 10% (-0.050), 100% (-0.050)."
-    assert text[1].startswith("audio_shared=1: kt beats language_vision on every seed at 10% (+0.100); kt loses")
+    assert len(text) == 4
+    tie = g[(g["audio_shared"] == 0.0) & (g["label_fraction"] == 0.1)].set_index("metric").loc["mae"]
+    assert tie["mde"] == pytest.approx(stats.mde(jitter_sd, 3))
+    assert text[0] == f"audio_shared=0, 10% labels: no detectable difference; the smallest effect this design detects is {tie['mde']:.3f} of mae"
+    assert text[2].startswith("audio_shared=1, 10% labels: kt better than language_vision (mae kt − language_vision -0.100, 95% CI [")
+    assert text[3].startswith("audio_shared=1, 100% labels: language_vision better than kt (mae kt − language_vision +0.050")
     s = le.summary(_runs())
     assert set(s["n_seeds"]) == {3} and len(s) == 2 * 2 * 2 * 2
-    assert le.curves_table(s, "acc2_nonzero").loc[("kt", 1.0), "10% labels"] == "80.0 ± 0.0"
+    assert le.curves_table(s, "acc2_nonzero").loc[("kt", 1.0), "10% labels"] == "80.0 ± 0.4"
     with pytest.raises(ConfigError, match="full"):
         le.gains(_runs(), baseline="full")
+
+
+def test_one_seed_gains_are_not_tested():
+    g = le.gains(_runs().query("seed == 0"))
+    assert set(g["reading"].str.startswith("not tested: 1 common seed")) == {True}
+    assert le.phase_table(g, "mae").loc[1.0, "10% labels"] == "+0.104 (1 seed: not tested)"
 
 
 def test_plots_of_the_sweep():

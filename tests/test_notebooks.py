@@ -268,3 +268,13 @@ def test_the_log_of_a_run_holds_only_the_notebooks_and_their_times(tmp_path):
     assert [line.split()[0] for line in lines[:-1]] == ["01_one.ipynb", "02_two.ipynb"], lines
     assert all(line.split()[1].endswith("s") and line.split()[2] == "ok" for line in lines[:-1]), lines
     assert lines[-1].startswith(f"executed notebooks in {out}"), lines
+
+
+def test_the_notebooks_show_paired_comparisons(smoke_run):
+    """05 shows every variant against kt and the ablations against the default, paired by seed; 06 the
+    robustness reading, which with the smoke run's one training seed says it cannot test."""
+    out, results, _, _ = smoke_run
+    text = {r.notebook: json.dumps(json.loads(r.output.read_text())["cells"]) for r in results}
+    assert "language_vision vs kt" in text["05_ablations.ipynb"] and "Holm correction across the table" in text["05_ablations.ipynb"]
+    assert "ablations against targets=all: not tested (ablation_seeds=1" in text["05_ablations.ipynb"]
+    assert "vs full+drop: not tested: 1 common seed(s)" in text["06_robustness.ipynb"]

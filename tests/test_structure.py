@@ -16,11 +16,12 @@ ALLOWED = {
     "model": {"errors", "modalities"},
     "config": {"model", "errors", "paths"},
     "metrics": {"errors", "data"},
+    "stats": {"errors", "metrics"},
     "data": {"errors", "paths", "modalities"},
     "fast": {"model", "errors", "paths"},
     "train": {"config", "model", "fast", "data", "metrics", "errors", "paths", "modalities"},
-    "experiments": {"train", "model", "fast", "data", "metrics", "config", "errors", "paths", "modalities"},
-    "viz": {"train", "model", "data", "metrics", "experiments", "config", "errors", "paths", "modalities"},
+    "experiments": {"train", "model", "fast", "data", "metrics", "stats", "config", "errors", "paths", "modalities"},
+    "viz": {"train", "model", "data", "metrics", "stats", "experiments", "config", "errors", "paths", "modalities"},
 }
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import pandas as pd
 
 from mskt.config import Config
+from mskt.errors import ConfigError, MsktError
 from mskt.experiments.paper import paper_row
 from mskt.data.readers import load_dataset
 from mskt.train import atomic_write_text, train
@@ -69,8 +70,13 @@ def run_configs(base: Config, configs: dict, seeds: int, out_dir, on_run=None, j
     return pd.DataFrame(rows)
 
 
-def run_grid(base: Config, variants, seeds: int, out_dir, on_run=None, jobs: int = 1) -> pd.DataFrame:
-    """Every variant x seeds (see run_configs); writes runs.csv, results.csv and results.md."""
+def run_grid(base: Config, variants, seeds: int, out_dir, on_run=None, jobs: int = 1, against: str | None = None,
+             correction: str = "holm", bootstrap: int = 0) -> pd.DataFrame:
+    """Every variant x seeds (see run_configs); writes runs.csv, results.csv and results.md, and with
+    ``against`` (a variant of the grid) comparisons.csv and comparisons.md (:func:`comparisons`);
+    ``bootstrap`` > 0 adds that many resamples of seeds x test samples (:func:`bootstrap_comparisons`)."""
+    if against is not None and against not in variants:
+        raise ConfigError(f"against={against!r}: not among the grid's variants {', '.join(variants)}")
     out_dir = Path(out_dir)
     dataset = load_dataset(base.data, scale=base.data_scale, seed=base.data_seed, dataset=base.dataset)
     runs = run_configs(base, {v: {"variant": v} for v in variants}, seeds, out_dir, on_run, jobs, dataset)
@@ -82,7 +88,93 @@ def run_grid(base: Config, variants, seeds: int, out_dir, on_run=None, jobs: int
         out_dir / "results.md",
         to_markdown(table, dataset.meta.name, dataset.meta.aligned, dataset.meta.task, with_paper=real, title=dataset.meta.source),
     )
+    if against is not None:
+        tests = comparisons(runs, dataset.meta.task, against, correction=correction)
+        atomic_write_text(out_dir / "comparisons.csv", tests.to_csv(index=False))
+        text = comparisons_markdown(tests)
+        if bootstrap > 0:
+            boot = bootstrap_comparisons(runs, out_dir, dataset, against, report_metrics(runs, dataset.meta.task), n_boot=bootstrap)
+            atomic_write_text(out_dir / "bootstrap.csv", boot.to_csv(index=False))
+            text += "\n" + bootstrap_markdown(boot)
+        atomic_write_text(out_dir / "comparisons.md", text)
     return runs
+
+
+def per_sample_predictions(run_dirs, dataset, batch_size: int = 256):
+    """Per-sample test predictions of runs (one per seed) under the default test protocol (the model's
+    ``test_missing`` modalities missing, as ``evaluate`` scores them): an array (runs, samples, ...).
+    Each run's predictions must reproduce the test metrics it recorded, or it is an error."""
+    import json
+
+    import numpy as np
+
+    from mskt.metrics import compute_metrics
+    from mskt.train import Tensors, load_run, predict
+
+    data, out = None, []
+    for run_dir in run_dirs:
+        cfg, model = load_run(Path(run_dir))
+        if data is None:
+            data = Tensors.from_split(dataset["test"], dataset.meta.task, "cpu")
+        model.to("cpu")
+        pred = predict(model, data, batch_size, missing=",".join(model.test_missing) or None)["pred"]
+        recorded = json.loads((Path(run_dir) / "metrics.json").read_text())["test"]
+        again = compute_metrics(dataset.meta.task, pred, data.labels.numpy(), dataset.meta.name)
+        off = [k for k, v in again.items() if k in recorded and abs(v - recorded[k]) > 1e-4 and v == v]
+        if off:
+            raise MsktError(f"{run_dir}: its test predictions do not reproduce its metrics.json ({off[0]} {again[off[0]]:.4f} vs {recorded[off[0]]:.4f})")
+        out.append(pred)
+    return np.stack(out)  # (seeds, samples, ...)
+
+
+def bootstrap_comparisons(runs: pd.DataFrame, out_dir, dataset, against: str, metrics, n_boot: int = 1000, by: str = "label",
+                          seed: int = 0) -> pd.DataFrame:
+    """Every other label against ``against`` with test-set noise counted: ``mskt.stats.bootstrap`` over
+    seeds x test samples (the same resampled samples for both) of the runs' per-sample test
+    predictions (:func:`per_sample_predictions`, runs in ``out_dir/<label>-seed<seed>``), at the seeds both
+    have. One row per (label, metric): a, b, metric, delta, ci_lo, ci_hi, p, n_seeds, n_samples, n_boot."""
+    import numpy as np
+
+    from mskt import stats
+
+    out_dir = Path(out_dir)
+    labels = list(dict.fromkeys(runs[by]))
+    seeds = {label: set(runs.loc[runs[by] == label, "seed"]) for label in labels}
+    labels_y = dataset["test"].labels
+    reference = dict(zip(sorted(seeds[against]), per_sample_predictions([out_dir / f"{against}-seed{s}" for s in sorted(seeds[against])], dataset)))
+    rows = []
+    for label in labels:
+        if label == against:
+            continue
+        common = sorted(seeds[label] & seeds[against])
+        a = per_sample_predictions([out_dir / f"{label}-seed{s}" for s in common], dataset)
+        b = np.stack([reference[s] for s in common])  # (seeds, samples, ...)
+        for m in metrics:
+            fn = stats.metric_function(m, dataset.meta.task, dataset.meta.name)
+            try:
+                rows.append({"a": label, "b": against, "metric": m, **stats.bootstrap(a, b, labels_y, fn, n_boot=n_boot, seed=seed), "note": ""})
+            except stats.StatsError as e:  # e.g. Corr of a constant prediction: said in the table, the others still shown
+                rows.append({"a": label, "b": against, "metric": m, "n_seeds": len(common), "n_samples": len(labels_y), "n_boot": n_boot, "note": str(e)})
+    return pd.DataFrame(rows)
+
+
+def bootstrap_markdown(boot: pd.DataFrame) -> str:
+    """:func:`bootstrap_comparisons` as Markdown (accuracies and F1 in points)."""
+    from mskt.metrics import display_scale
+
+    lines = ["| A vs B | metric | seeds × samples | A − B [95% bootstrap CI] | bootstrap p |", "|---|---|---|---|---|"]
+    for _, r in boot.iterrows():
+        if r.get("note"):
+            lines.append(f"| {r['a']} vs {r['b']} | {r['metric']} | {r['n_seeds']} × {r['n_samples']} | {r['note']} | |")
+            continue
+        scale, digits = display_scale(r["metric"])
+        f = f"+.{digits}f"
+        lines.append(f"| {r['a']} vs {r['b']} | {r['metric']} | {r['n_seeds']} × {r['n_samples']} | "
+                     f"{scale * r['delta']:{f}} [{scale * r['ci_lo']:{f}}, {scale * r['ci_hi']:{f}}] | {r['p']:.3f} |")
+    lines += ["", f"Bootstrap over seeds and, within each seed, test samples ({int(boot['n_boot'].iloc[0])} resamples, the same "
+              "samples for A and B): test-set noise counted once; not corrected across cells. With few seeds this "
+              "interval is narrower than the paired t's (resampled seeds understate seed noise): decide with the table above."]
+    return "\n".join(lines) + "\n"
 
 
 def _row(label: str, cfg: Config, metrics: dict, on_run) -> dict:
@@ -94,14 +186,46 @@ def _row(label: str, cfg: Config, metrics: dict, on_run) -> dict:
 
 def summarize(runs: pd.DataFrame, task: str, by: str = "label") -> pd.DataFrame:
     """Mean and std over seeds per label (variant): columns (metric, "mean" | "std"), in run order."""
-    report = EMOTION_REPORT if task != "regression" else SIMS_REPORT if "acc3" in runs else REGRESSION_REPORT
-    metrics = [m for m in report if m in runs]
+    metrics = report_metrics(runs, task)
     order = list(dict.fromkeys(runs[by]))
     grouped = runs.groupby(by, sort=False)[metrics]
     table = pd.concat({"mean": grouped.mean(), "std": grouped.std(ddof=1).fillna(0.0)}, axis=1)
     table = table.swaplevel(axis=1).sort_index(axis=1, level=0, sort_remaining=False)[metrics]
     table[("n_seeds", "")] = runs.groupby(by, sort=False).size()
     return table.loc[order]
+
+
+def report_metrics(runs: pd.DataFrame, task: str) -> list:
+    """The metrics a results table shows, in its order: those of the task's report present in ``runs``."""
+    report = EMOTION_REPORT if task != "regression" else SIMS_REPORT if "acc3" in runs else REGRESSION_REPORT
+    return [m for m in report if m in runs]
+
+
+def comparisons(runs: pd.DataFrame, task: str, against: str, metrics=None, by: str = "label",
+                correction: str = "holm") -> pd.DataFrame:
+    """Every other label of ``runs`` against ``against``, paired by seed, on every metric of the results
+    table (or ``metrics``): ``mskt.stats.compare_frame``, the p-values corrected together across the
+    table's cells (labels x metrics) by ``correction`` (Holm by default). One row per (label, metric)."""
+    from mskt import stats
+
+    labels = list(dict.fromkeys(runs[by]))
+    if against not in labels:
+        raise ConfigError(f"against={against!r}: no runs of it (found {', '.join(map(str, labels))})")
+    metrics = list(metrics or report_metrics(runs, task))
+    pairs = [(label, against) for label in labels if label != against]
+    return stats.compare_frame(runs, pairs, metrics, label=by, seed="seed", method=correction)
+
+
+def comparisons_markdown(tests: pd.DataFrame) -> str:
+    """:func:`comparisons` as Markdown (``mskt.stats.comparisons_markdown``), with a line on how to read it."""
+    from mskt import stats
+
+    method = {"holm": "Holm", "bh": "Benjamini-Hochberg", "none": "no"}.get(str(tests["method"].dropna().iloc[0]) if tests["method"].notna().any() else "none")
+    note = (f"Paired by seed: A − B with its t-based 95% CI; p of the paired t, Wilcoxon signed-rank and exact sign "
+            f"tests; {method} correction across the table's {int(tests['p_t'].notna().sum())} tests (the decision uses the "
+            "adjusted p of the t test); MDE: the difference these seeds detect with 80% power (alpha 0.05). "
+            "Accuracies and F1 in points.")
+    return stats.comparisons_markdown(tests) + "\n" + note + "\n"
 
 
 def _fmt(metric: str, mean: float, std: float) -> str:

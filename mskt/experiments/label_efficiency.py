@@ -25,9 +25,9 @@ from mskt.config import Config
 from mskt.data.synthetic import with_knobs
 from mskt.errors import ConfigError
 from mskt.experiments.grid import run_configs
+from mskt.metrics import LOWER_IS_BETTER
 
 FRACTIONS = (0.05, 0.1, 0.25, 0.5, 1.0)  # the issue's label fractions
-LOWER_IS_BETTER = ("mae", "loss")
 
 
 def default_metrics(task: str) -> tuple:
@@ -82,11 +82,16 @@ def summary(runs: pd.DataFrame, knob: str | None = "audio_shared", metrics=None)
 
 
 def gains(runs: pd.DataFrame, knob: str | None = "audio_shared", method: str = "kt", baseline: str = "language_vision",
-          metrics=None) -> pd.DataFrame:
+          metrics=None, correction: str = "holm") -> pd.DataFrame:
     """The gain of ``method`` over ``baseline``, paired seed by seed (same data, same labelled
     subset), oriented so that positive means ``method`` is better: baseline - method for MAE (and
     loss), method - baseline otherwise. One row per (knob value, label fraction, metric): mean, std
-    over seeds, n_seeds, and ``wins``, the number of seeds where ``method`` was better."""
+    over seeds, n_seeds, ``wins`` (the seeds where ``method`` was better) and the paired comparison of
+    ``mskt.stats.compare_frame``: the gain's 95% CI (ci_lo, ci_hi, oriented like the gain), the paired
+    t, Wilcoxon and sign tests' p, ``p_adj`` (adjusted by ``correction`` across the cells of one
+    metric's phase diagram), the minimal detectable effect ``mde`` and the ``reading``."""
+    from mskt import stats
+
     metrics = list(metrics or [m for m in ("mae", "acc2_nonzero", "mean_f1") if m in runs])
     keys = _keys(knob)
     for v in (method, baseline):
@@ -103,46 +108,53 @@ def gains(runs: pd.DataFrame, knob: str | None = "audio_shared", method: str = "
     out = long.groupby(keys + ["metric"], sort=True)["gain"].agg(
         mean="mean", std=lambda v: v.std(ddof=1), n_seeds="count", wins=lambda v: int((v > 0).sum()))
     out = out.reset_index().fillna({"std": 0.0})
-    out.attrs.update(method=method, baseline=baseline, knob=knob)
+    # one phase diagram per metric: its cells are corrected together
+    pair = runs[runs["variant"].isin([method, baseline])]
+    tests = pd.concat([stats.compare_frame(pair, [(method, baseline)], m, cells=keys, label="variant", method=correction)
+                       for m in metrics], ignore_index=True)
+    flip = tests["metric"].isin(LOWER_IS_BETTER)  # the CI of a - b, turned into the CI of the gain
+    lo, hi = tests["ci_lo"].where(~flip, -tests["ci_hi"]), tests["ci_hi"].where(~flip, -tests["ci_lo"])
+    tests = tests.assign(ci_lo=lo, ci_hi=hi)[keys + ["metric", "ci_lo", "ci_hi", "p_t", "p_wilcoxon", "p_sign", "p_adj", "mde", "reading"]]
+    out = out.merge(tests, on=keys + ["metric"], how="left")
+    out.attrs.update(method=method, baseline=baseline, knob=knob, correction=correction)
     return out
+
+
+def _p(p: float) -> str:
+    return "< 0.001" if p < 0.001 else f"{p:.3f}"
 
 
 def phase_table(gain: pd.DataFrame, metric: str, knob: str | None = "audio_shared") -> pd.DataFrame:
     """One metric's gains as a table: rows the knob's values, columns the label fractions, cells
-    "mean ± std (wins/seeds)"; accuracies in points, MAE as it is."""
+    "mean [95% CI] p <adjusted p>" (paired over seeds, :func:`gains`); accuracies in points, MAE as it is."""
     scale = 1 if metric in LOWER_IS_BETTER or metric == "corr" else 100
     g = gain[gain["metric"] == metric]
     if g.empty:
         raise ConfigError(f"phase_table: no gains for metric {metric!r} (found {', '.join(sorted(set(gain['metric'])))})")
     digits = 3 if scale == 1 else 1
-    cell = g.apply(lambda r: f"{scale * r['mean']:+.{digits}f} ± {scale * r['std']:.{digits}f} ({r['wins']}/{r['n_seeds']})", axis=1)
-    table = g.assign(cell=cell).pivot(index=knob if knob else "metric", columns="label_fraction", values="cell")
+
+    def cell(r):
+        if not r["n_seeds"] >= 2:
+            return f"{scale * r['mean']:+.{digits}f} ({r['n_seeds']} seed: not tested)"
+        return f"{scale * r['mean']:+.{digits}f} [{scale * r['ci_lo']:+.{digits}f}, {scale * r['ci_hi']:+.{digits}f}] p {_p(r['p_adj'])}"
+
+    table = g.assign(cell=g.apply(cell, axis=1)).pivot(index=knob if knob else "metric", columns="label_fraction", values="cell")
     table.columns = [f"{100 * c:g}% labels" for c in table.columns]
     return table
 
 
 def reading(gain: pd.DataFrame, metric: str, knob: str | None = "audio_shared") -> str:
-    """Plain lines from one metric's gains (:func:`gains`): per knob value, the label fractions where the
-    method beat its baseline on every seed, where it lost on every seed, and where the seeds
-    disagree (within seed noise). Says what the numbers say, wins and losses alike."""
+    """One line per (knob value, label fraction) from one metric's gains (:func:`gains`): the paired
+    comparison's reading, "kt better than language_vision (...)", "language_vision better than kt (...)"
+    (mean difference, 95% CI, adjusted p) or "no detectable difference; the smallest effect this
+    design detects is X". Says what the numbers say, wins and losses alike."""
     g = gain[gain["metric"] == metric]
     if g.empty:
         raise ConfigError(f"reading: no gains for metric {metric!r}")
-    method, baseline = gain.attrs.get("method", "method"), gain.attrs.get("baseline", "baseline")
-    scale = 1 if metric in LOWER_IS_BETTER or metric == "corr" else 100
-    unit = "" if scale == 1 else " points"
     lines = []
-    for value, rows in (g.groupby(knob, sort=True) if knob else [(None, g)]):
-        parts = {f"{method} beats {baseline} on every seed at": [], f"{method} loses to {baseline} on every seed at": [],
-                 "the seeds disagree (within seed noise) at": []}
-        keys = list(parts)
-        for _, r in rows.sort_values("label_fraction").iterrows():
-            kind = keys[0] if r["wins"] == r["n_seeds"] and r["mean"] > 0 else keys[1] if r["wins"] == 0 and r["mean"] < 0 else keys[2]
-            digits = 3 if scale == 1 else 1
-            parts[kind].append(f"{100 * r['label_fraction']:g}% ({scale * r['mean'] + 0.0:+.{digits}f}{unit})")
-        head = f"{knob}={value:g}: " if knob else ""
-        body = "; ".join(f"{k} {', '.join(v)}" for k, v in parts.items() if v)
-        lines.append(f"{head}{body}.")
+    for _, r in g.sort_values(_keys(knob)).iterrows():
+        head = f"{knob}={r[knob]:g}, " if knob else ""
+        lines.append(f"{head}{100 * r['label_fraction']:g}% labels: {r['reading']}")
     return "\n".join(lines)
 
 

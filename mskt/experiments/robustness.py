@@ -122,28 +122,20 @@ def summarize(frame: pd.DataFrame, metrics=None) -> pd.DataFrame:
     return table
 
 
-def gaps(frame: pd.DataFrame, reference: str = "kt_any", others=("kt", "language_vision"), metric: str = "mae") -> pd.DataFrame:
-    """Per condition, ``reference`` minus each of ``others`` on ``metric``: the difference of the
-    means over seeds and, beside it, the larger of the two stds (a difference smaller than that is
-    within seed noise); n: the reference's evaluations per condition. Rows in the frame's condition
-    order; labels absent from the frame are skipped."""
-    table = summarize(frame, [metric])
-    order = list(dict.fromkeys(frame["condition"]))
-    rows = []
-    for condition in order:
-        sel = table.xs(condition, level="condition")
-        if reference not in sel.index.get_level_values("label"):
-            continue
-        ref = sel.loc[reference].iloc[0]
-        row = {"condition": condition, "n": int(ref[("n", "")]), f"{reference} {metric}": ref[(metric, "mean")]}
-        for other in others:
-            if other not in sel.index.get_level_values("label"):
-                continue
-            oth = sel.loc[other].iloc[0]
-            row[f"- {other}"] = ref[(metric, "mean")] - oth[(metric, "mean")]
-            row[f"noise vs {other}"] = max(ref[(metric, "std")], oth[(metric, "std")])
-        rows.append(row)
-    return pd.DataFrame(rows)
+def gaps(frame: pd.DataFrame, reference: str = "kt_any", others=("kt", "language_vision"), metric: str = "mae",
+         method: str = "holm") -> pd.DataFrame:
+    """Per condition, ``reference`` against each of ``others`` on ``metric``, paired by training seed
+    (``mskt.stats.compare_frame``): each run's value is first averaged over its mask seeds, so a run
+    counts once however many masks it was evaluated under. One row per (protocol, condition, other):
+    the mean difference reference - other with its 95% CI, the paired t, Wilcoxon and sign tests' p,
+    the p adjusted by ``method`` across every row of the table, the minimal detectable effect and the
+    reading; rows in the frame's condition order, labels absent from the frame skipped."""
+    from mskt import stats
+
+    present = set(frame["label"])
+    per_run = frame.groupby(["protocol", "condition", "label", "run_seed"], sort=False)[metric].mean().reset_index()
+    pairs = [(reference, o) for o in others if o in present and reference in present]
+    return stats.compare_frame(per_run, pairs, metric, cells=("protocol", "condition"), seed="run_seed", method=method)
 
 
 def to_markdown(frame: pd.DataFrame, metric: str = "mae", protocol: str = "rate") -> str:
@@ -161,26 +153,22 @@ def to_markdown(frame: pd.DataFrame, metric: str = "mae", protocol: str = "rate"
     return "\n".join(lines) + "\n"
 
 
-def reading(frame: pd.DataFrame, reference: str = "kt_any", others=("kt", "language_vision"), metric: str = "mae") -> str:
-    """One plain line per condition: where ``reference`` stands against each of ``others`` on
-    ``metric``, and whether the gap exceeds seed noise (the larger std of the two). Lower is better
-    for mae and loss, higher for the rest."""
-    lower_better = metric in ("mae", "loss")
-    table = gaps(frame, reference, others, metric)
+def reading(frame: pd.DataFrame, reference: str = "kt_any", others=("kt", "language_vision"), metric: str = "mae",
+            method: str = "holm") -> str:
+    """One plain line per condition: ``reference``'s mean of ``metric`` over training seeds, then against
+    each of ``others`` the reading of :func:`gaps` (paired by training seed, mask seeds averaged
+    first, p adjusted across every condition and other of this reading): "A better than B (...)",
+    "B better than A (...)" or "no detectable difference; the smallest effect this design detects is X"."""
+    from mskt.metrics import display_scale
+
+    table = gaps(frame, reference, others, metric, method)
+    per_run = frame[frame["label"] == reference].groupby(["condition", "run_seed"], sort=False)[metric].mean()
+    scale, digits = display_scale(metric)
     lines = []
-    for _, row in table.iterrows():
-        parts = []
-        for other in others:
-            if f"- {other}" not in row:
-                continue
-            diff, noise = row[f"- {other}"], row[f"noise vs {other}"]
-            better = diff < 0 if lower_better else diff > 0
-            if row["n"] < 2:
-                size = "one evaluation per condition: no noise estimate"
-            else:
-                size = "within seed noise" if abs(diff) <= noise else ("better" if better else "worse")
-            parts.append(f"{'+' if diff >= 0 else '−'}{abs(diff):.3f} vs {other} ({size}, std {noise:.3f})")
-        lines.append(f"{row['condition']:>14}: {reference} {metric} {row[f'{reference} {metric}']:.3f}; " + "; ".join(parts))
+    for condition, rows in table.groupby("condition", sort=False):
+        mean = scale * per_run.xs(condition, level="condition").mean()
+        parts = [f"vs {r['b']}: {r['reading']}" for _, r in rows.iterrows()]
+        lines.append(f"{condition:>14}: {reference} {metric} {mean:.{digits}f}; " + "; ".join(parts))
     return "\n".join(lines)
 
 
