@@ -27,7 +27,7 @@ import torch.nn as nn
 from mskt.modalities import MODALITIES
 from mskt.model.config import ModelConfig
 from mskt.model.encoders import CTCAligner, ModalityEncoder
-from mskt.model.layers import TORCH_KERNELS, Transformer, dropout_key, key_mask, run_stacks
+from mskt.model.layers import TORCH_KERNELS, Transformer, dropout_key, key_mask, run_stacks, set_dropout_context
 from mskt.model.losses import task_loss
 
 # The order the encoders run in.
@@ -282,6 +282,13 @@ class MulT(nn.Module):
         return Output(pred=pred, internals=internals, attention=attention, aux=aux, lengths=grids)
 
     # -- loss ---------------------------------------------------------------------------------
+
+    def train(self, mode: bool = True):
+        """Also ends the training loop's dropout context (``set_dropout_context``): it keys one
+        step's masks, and the loop sets it anew for each step. A forward in training mode outside
+        the loop then draws fresh masks per call, as without one."""
+        set_dropout_context(self, None)
+        return super().train(mode)
 
     def loss_denominator(self):
         """How this step's loss means divide (``mskt.model.losses``): None (by their own count), or,
