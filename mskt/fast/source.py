@@ -13,7 +13,7 @@ import tokenize
 from mskt.model.layers import Attention, Kernels, Transformer, TransformerLayer
 
 # The digest of the Python code the compiled node mirrors (see the module docstring, point 2).
-MIRRORED_SOURCE = "6a10212a5d10da9bef5ec4f430187bc79fc0abd8"
+MIRRORED_SOURCE = "7f48a611fb503b64e2467fd6513b08e8e440f4aa"
 
 
 def mirrored_roots() -> tuple:

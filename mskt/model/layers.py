@@ -64,21 +64,22 @@ _GOLDEN = 0x9E3779B9  # the columns' stride (and the sample key's offset)
 _GOLDEN2 = 0x85EBCA6B  # the rows' stride
 
 
-def _mul32(x, c: int):
-    """x * c mod 2**32 for x in [0, 2**32): in two 16-bit halves of c, so int64 never overflows."""
-    if isinstance(x, int):
-        return (x * c) & _M32
-    return (x * (c & 0xFFFF)).add_(((x * (c >> 16)) & 0xFFFF) << 16).bitwise_and_(_M32)
-
-
 def mix32(x):
-    """Wellons' "lowbias32" integer mixer on uint32 values (a Python int or an int64 tensor holding
-    them): full avalanche, the compiled kernels' ``mix32``."""
-    x = x ^ (x >> 16)
-    x = _mul32(x, 0x7FEB352D)
-    x = x ^ (x >> 15)
-    x = _mul32(x, 0x846CA68B)
-    return x ^ (x >> 16)
+    """Wellons' "lowbias32" integer mixer on uint32 values (a Python int, or an int64 tensor holding
+    them, mixed in place): full avalanche, the compiled kernels' ``mix32``."""
+    if isinstance(x, int):
+        x ^= x >> 16
+        x = x * 0x7FEB352D & _M32
+        x ^= x >> 15
+        x = x * 0x846CA68B & _M32
+        return x ^ (x >> 16)
+    # The int64 products may pass 2**63 and wrap: their low 32 bits, all that is kept, are exact.
+    x ^= x >> 16
+    x.mul_(0x7FEB352D).bitwise_and_(_M32)
+    x ^= x >> 15
+    x.mul_(0x846CA68B).bitwise_and_(_M32)
+    x ^= x >> 16
+    return x
 
 
 def _mix64(x: int) -> int:
@@ -173,9 +174,9 @@ def dropout_mask(shape, p: float, key: DropoutKey, dtype: torch.dtype = torch.fl
     c_lo, c_hi = call & _M32, call >> 32
     s_lo, s_hi = samples & _M32, (samples >> 32) & _M32  # (B,) each
     sample_key = mix32(c_lo ^ mix32((s_lo + mix32(c_hi ^ mix32((s_hi + _GOLDEN) & _M32))) & _M32))  # (B,)
-    rows = _mul32(torch.arange(R, device=samples.device), _GOLDEN2)  # (R,)
+    rows = torch.arange(R, device=samples.device).mul_(_GOLDEN2)  # (R,); wraps are masked below
     row_key = mix32((sample_key[:, None] + rows).bitwise_and_(_M32))  # (B, R)
-    cols = _mul32(torch.arange(C, device=samples.device), _GOLDEN)  # (C,)
+    cols = torch.arange(C, device=samples.device).mul_(_GOLDEN)  # (C,)
     bits = mix32((row_key[:, :, None] + cols).bitwise_and_(_M32))  # (B, R, C)
     threshold, scale = dropout_threshold(p)
     return bits.ge_(threshold).to(dtype).view(shape), scale
