@@ -174,6 +174,16 @@ def test_dropout_sites_of_a_model_draw_independent_masks():
     assert not set(keys) & {dropout_key(m, tag, 0.3, x).call for m, tag in sites}
 
 
+def test_hashed_dropout_rounds_a_bfloat16_product_once():
+    """Under bf16 autocast the kept values are x * scale rounded once, not x times a rounded scale."""
+    x = torch.randn(2, 100, 64).bfloat16()
+    key = DropoutKey(call_key(1, 1, 1), torch.arange(2))
+    y = dropout(x, 0.1, key)
+    keep, scale = dropout_mask(x.shape, 0.1, key)
+    assert y.dtype == torch.bfloat16
+    assert torch.equal(y, (x.float() * keep * scale).bfloat16())
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 def test_cuda_draws_the_cpu_masks():
     """One definition on every device: CUDA computes the same bits with the same torch operations."""

@@ -188,8 +188,10 @@ def dropout(x: torch.Tensor, p: float, key: DropoutKey | None) -> torch.Tensor:
     if key is None or p == 0.0:
         return x
     keep, scale = dropout_mask(x.shape, p, key, x.dtype)
-    # A float multiply, not ``where``: the backward pass is one more multiply by the same factors.
-    return x * keep.mul_(scale)
+    # Float multiplies, not ``where``. The scale goes on last, as a Python float: a bfloat16 x is
+    # scaled in float32 and rounded once (a bfloat16 mask holding it would round the scale itself);
+    # a float32 x gets x * float32(scale), the compiled kernels' product, bit for bit.
+    return (x * keep).mul_(scale)
 
 
 def relu_dropout(x: torch.Tensor, p: float, key: DropoutKey | None) -> torch.Tensor:
