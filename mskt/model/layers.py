@@ -64,21 +64,20 @@ _GOLDEN = 0x9E3779B9  # the columns' stride (and the sample key's offset)
 _GOLDEN2 = 0x85EBCA6B  # the rows' stride
 
 
-def mix32(x):
-    """Wellons' "lowbias32" integer mixer on uint32 values (a Python int, or an int64 tensor holding
-    them, mixed in place): full avalanche, the compiled kernels' ``mix32``."""
-    if isinstance(x, int):
-        x ^= x >> 16
-        x = x * 0x7FEB352D & _M32
-        x ^= x >> 15
-        x = x * 0x846CA68B & _M32
-        return x ^ (x >> 16)
-    # The int64 products may pass 2**63 and wrap: their low 32 bits, all that is kept, are exact.
-    x ^= x >> 16
-    x.mul_(0x7FEB352D).bitwise_and_(_M32)
-    x ^= x >> 15
-    x.mul_(0x846CA68B).bitwise_and_(_M32)
-    x ^= x >> 16
+def _i32(v: int) -> int:
+    """A uint32 value's bit pattern as a signed int32 (how int32 tensors hold it)."""
+    return v - (1 << 32) if v >= 1 << 31 else v
+
+
+def mix32(x: torch.Tensor) -> torch.Tensor:
+    """Wellons' "lowbias32" integer mixer (full avalanche; the compiled kernels' ``mix32``), in place
+    on an int32 tensor holding uint32 bit patterns. Its products wrap mod 2**32, as uint32's do;
+    its right shifts are arithmetic, so each is masked to the logical shift."""
+    x ^= (x >> 16) & 0xFFFF
+    x.mul_(_i32(0x7FEB352D))
+    x ^= (x >> 15) & 0x1FFFF
+    x.mul_(_i32(0x846CA68B))
+    x ^= (x >> 16) & 0xFFFF
     return x
 
 
@@ -171,15 +170,17 @@ def dropout_mask(shape, p: float, key: DropoutKey, dtype: torch.dtype = torch.fl
     R = math.prod(shape[1:-1])
     assert samples.shape == (B,), f"dropout: {B} batch rows but {tuple(samples.shape)} sample indices"
     call = key.call & _M64
-    c_lo, c_hi = call & _M32, call >> 32
-    s_lo, s_hi = samples & _M32, (samples >> 32) & _M32  # (B,) each
-    sample_key = mix32(c_lo ^ mix32((s_lo + mix32(c_hi ^ mix32((s_hi + _GOLDEN) & _M32))) & _M32))  # (B,)
-    rows = torch.arange(R, device=samples.device).mul_(_GOLDEN2)  # (R,); wraps are masked below
-    row_key = mix32((sample_key[:, None] + rows).bitwise_and_(_M32))  # (B, R)
-    cols = torch.arange(C, device=samples.device).mul_(_GOLDEN)  # (C,)
-    bits = mix32((row_key[:, :, None] + cols).bitwise_and_(_M32))  # (B, R, C)
+    c_lo, c_hi = _i32(call & _M32), _i32(call >> 32)
+    as_i32 = lambda v: ((v & _M32) ^ (1 << 31)).sub_(1 << 31).to(torch.int32)  # noqa: E731 -- low 32 bits of int64 values
+    s_lo, s_hi = as_i32(samples), as_i32(samples >> 32)  # (B,) each
+    sample_key = mix32(c_lo ^ mix32(s_lo + mix32(c_hi ^ mix32(s_hi + _i32(_GOLDEN)))))  # (B,)
+    rows = torch.arange(R, dtype=torch.int32, device=samples.device).mul_(_i32(_GOLDEN2))  # (R,)
+    row_key = mix32(sample_key[:, None] + rows)  # (B, R)
+    cols = torch.arange(C, dtype=torch.int32, device=samples.device).mul_(_i32(_GOLDEN))  # (C,)
+    bits = mix32(row_key[:, :, None] + cols)  # (B, R, C)
     threshold, scale = dropout_threshold(p)
-    return bits.ge_(threshold).to(dtype).view(shape), scale
+    # bits >= threshold as uint32: flip the sign bit of both sides and compare as int32.
+    return bits.bitwise_xor_(-(1 << 31)).ge_(threshold - (1 << 31)).to(dtype).view(shape), scale
 
 
 def dropout(x: torch.Tensor, p: float, key: DropoutKey | None) -> torch.Tensor:
