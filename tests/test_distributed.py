@@ -1,11 +1,12 @@
-"""DDP under torchrun: 2 CPU processes (gloo) train the same model as one process with the same
-global batch.
+"""DDP under torchrun: 2 and 3 CPU processes (gloo) train the same model as one process with the same
+global batch, dropout on (the default rates).
 
-Stated tolerance. Variants whose loss is a mean over samples (full, language_vision, ...) match
-single-process training to float rounding: every test metric within 1e-6. kt's consistency terms
-are means over the real (unpadded) steps of each rank's part of the batch, and DDP averages ranks
-by samples, so with sequences of different lengths its update differs slightly from the global
-batch's: test metrics within 0.02 after 2 epochs.
+Stated tolerance: every test metric within 1e-4 of one process, for every variant. Dropout masks
+are keyed by each row's dataset index, so a sample draws the same masks at any world size; loss
+means over something other than samples (kt's consistency terms, means over real steps) divide by
+the global batch's count scaled to each rank's share, so DDP's average of the ranks' gradients is
+the global batch's. What remains is float rounding (products over other batch sizes, the
+all-reduce's order of summation).
 """
 
 from __future__ import annotations
@@ -25,13 +26,12 @@ try:
 except ImportError:  # tests/ imported as a package
     from tests.conftest import TINY
 
-NO_DROPOUT = ["--attn-dropout=0", "--relu-dropout=0", "--res-dropout=0", "--embed-dropout=0"]
 # 64 training samples in batches of 9: the last global batch has one sample, so rank 1 sits it out;
 # 11 validation samples split 6 / 5.
 RUN = [
     "--data", "synthetic:mosi", "--data-scale", "0.05", "--epochs", "2", "--batch-size", "9",
     "--threads", "1", "--device", "cpu", "--progress", "off",
-    *[f"--{k.replace('_', '-')}={v}" for k, v in TINY.items() if not k.endswith("_dim")], *NO_DROPOUT,
+    *[f"--{k.replace('_', '-')}={v}" for k, v in TINY.items() if not k.endswith("_dim")], "--out-dropout=0.1",
 ]
 
 
@@ -45,14 +45,14 @@ def _train(out, variant, procs):
     return json.loads((out / "metrics.json").read_text()), proc
 
 
-@pytest.mark.parametrize("variant, tolerance", [("full", 1e-6), ("kt", 0.02)])
-def test_two_gloo_processes_match_one_process(tmp_path, variant, tolerance):
+@pytest.mark.parametrize("variant, procs", [("full", 2), ("kt", 2), ("kt", 3)])
+def test_gloo_processes_match_one_process_with_dropout(tmp_path, variant, procs):
     single, _ = _train(tmp_path / "single", variant, 1)
-    ddp, proc = _train(tmp_path / "ddp", variant, 2)
-    assert ddp["world_size"] == 2 and single["world_size"] == 1
+    ddp, proc = _train(tmp_path / "ddp", variant, procs)
+    assert ddp["world_size"] == procs and single["world_size"] == 1
     assert ddp["best_epoch"] == single["best_epoch"]
     for key, value in single["test"].items():
-        assert abs(ddp["test"][key] - value) <= tolerance, (key, value, ddp["test"][key])
+        assert abs(ddp["test"][key] - value) <= 1e-4, (key, value, ddp["test"][key])
     # Only rank 0 reports and writes: one summary line, one set of files.
     assert proc.stdout.count("run folder:") == 1
     assert sorted(p.name for p in (tmp_path / "ddp").iterdir()) == ["checkpoint.pt", "config.json", "history.csv", "last.pt", "metrics.json"]

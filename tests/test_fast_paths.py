@@ -3,9 +3,10 @@
 - fused attention (the compiled CPU kernel ``mskt.fast`` hands a module, and torch's SDPA) against the explicit
   softmax(QK^T/sqrt(d) + mask) V, values and every gradient, with and without dropout;
 - the compiled dropout against dropout's definition, and the fallback when the kernels cannot build;
-- the cheaper CPU dropout against dropout's definition (rate, scale, gradient, reproducibility);
+- the hashed dropout against dropout's definition (rate, scale, gradient, a function of its key:
+  seed, step, site, sample and position, not of the batch a sample is in);
 - attention dropout on the explicit path against the same mask applied by hand;
-- the CPU training attention with dropout (``DropoutAttention``: its own backward) against the
+- the training attention with dropout (``DropoutAttention``: its own backward) against the
   explicit path with the same mask, values and every gradient;
 - the memory transformer's last-step-only last layer against the full computation, plain and accelerated;
 - fused Adam over one flat tensor (FlatAdam) against torch's reference Adam over the separate tensors;
@@ -32,6 +33,7 @@ from mskt.fast.kernels import COMPILED_KERNELS
 from mskt.fast.optim import FlatAdam
 from mskt.fast.runtime import CompiledOrEager, autocast, keep_freed_memory
 from mskt.model import TORCH_KERNELS, Attention, Transformer, build_model, dropout, dropout_mask, key_mask
+from mskt.model.layers import DropoutContext, DropoutKey, call_key, dropout_key, set_dropout_context
 from mskt.train import Tensors, make_optimizer, training_step
 
 try:
@@ -116,53 +118,92 @@ def test_fused_attention_gradients_equal_explicit_ones(kernels):
 
 def test_dropout_is_the_identity_when_not_training_or_p_is_zero():
     x = torch.randn(4, 5, 6)
-    assert dropout(x, 0.3, training=False) is x
-    assert dropout(x, 0.0, training=True) is x
+    assert dropout(x, 0.3, None) is x
+    assert dropout(x, 0.0, DropoutKey(1, torch.arange(4))) is x
+    layer = Transformer(6, 2, 1, 0.3, 0.3, 0.3, 0.3).eval()
+    assert dropout_key(layer, "embed", 0.3, x) is None  # evaluation: no key, so no dropout
+    assert dropout_key(layer.train(), "embed", 0.0, x) is None
 
 
 @pytest.mark.parametrize("p", [0.1, 0.25, 0.5, 0.9])
-def test_cpu_dropout_has_the_right_rate_scale_and_gradient(p):
-    n = 400_000
-    x = torch.ones(n, requires_grad=True)
-    y = dropout(x, p, training=True)
+def test_hashed_dropout_has_the_right_rate_scale_and_gradient(p):
+    shape = (4, 1000, 100)
+    n = math.prod(shape)
+    x = torch.ones(shape, requires_grad=True)
+    y = dropout(x, p, DropoutKey(call_key(11, 0, 5), torch.arange(4)))
     kept = y != 0
     rate = 1 - kept.float().mean().item()
     assert abs(rate - p) < 5 * math.sqrt(p * (1 - p) / n)  # five binomial standard errors
-    effective = round(p * 65536) / 65536
-    assert abs(effective - p) <= 2**-17
+    effective = round(p * 2**32) / 2**32
+    assert abs(effective - p) <= 2**-33
     assert torch.allclose(y[kept], torch.tensor(1 / (1 - effective)))  # the exact inverse keep rate
     y.sum().backward()
     torch.testing.assert_close(x.grad, y.detach())  # d(x * keep * scale)/dx = keep * scale
 
 
-def test_cpu_dropout_is_reproducible_by_seed_and_fresh_otherwise():
+def test_hashed_dropout_is_a_function_of_its_key():
+    """The mask of a row depends on (seed, step, site, sample index, position) only: a sample keeps
+    its mask in another batch at another place; another seed, step, site or sample changes it."""
     x = torch.randn(3, 50, 40)
-    torch.manual_seed(5)
-    a = dropout(x, 0.3, True)
-    b = dropout(x, 0.3, True)
-    torch.manual_seed(5)
-    assert torch.equal(dropout(x, 0.3, True), a)
-    assert not torch.equal(a, b)
+    samples = torch.tensor([7, 123456, 2**35 + 1])
+    key = lambda seed=1, step=0, site=9, s=samples: DropoutKey(call_key(seed, step, site), s)  # noqa: E731
+    a = dropout(x, 0.3, key())
+    assert torch.equal(dropout(x, 0.3, key()), a)
+    # The same three samples in another batch of five, at other rows.
+    bigger = torch.randn(5, 50, 40)
+    bigger[[4, 0, 2]] = x
+    b = dropout(bigger, 0.3, key(s=torch.tensor([123456, 99, 2**35 + 1, 5, 7])))
+    assert torch.equal(b[[4, 0, 2]], a)
+    for other in (key(seed=2), key(step=1), key(site=10), key(s=samples + 1)):
+        assert not torch.equal(dropout(x, 0.3, other), a)
 
 
-def test_cpu_dropout_masks_are_uniform_across_positions():
-    """Each of the four 16-bit parts of a 64-bit draw drops at the same rate (no biased lane)."""
-    keep, _ = dropout_mask((1_000_000,), 0.5)
-    lanes = keep.view(-1, 4).float().mean(0)
-    assert torch.all((lanes - 0.5).abs() < 0.005), lanes
+def test_dropout_sites_of_a_model_draw_independent_masks():
+    """Under one context, each dropout of each module gets its own key: the stack's embedding, each
+    layer's residuals and relu; the same module path and step give the same key again."""
+    stack = Transformer(8, 2, 2, 0.3, 0.3, 0.3, 0.3).train()
+    set_dropout_context(stack, DropoutContext(3, 1, torch.arange(4)))
+    x = torch.randn(4, 6, 8)
+    sites = [(stack, "embed"), *[(m, tag) for layer in stack.layers
+                                 for m, tag in ((layer.attn, "weights"), (layer, "attention_residual"), (layer, "relu"),
+                                                (layer, "feed_forward_residual"))]]
+    keys = [dropout_key(m, tag, 0.3, x).call for m, tag in sites]
+    assert len(set(keys)) == len(keys)
+    assert keys == [dropout_key(m, tag, 0.3, x).call for m, tag in sites]
+    set_dropout_context(stack, DropoutContext(3, 2, torch.arange(4)))
+    assert not set(keys) & {dropout_key(m, tag, 0.3, x).call for m, tag in sites}
+
+
+def test_hashed_dropout_rounds_a_bfloat16_product_once():
+    """Under bf16 autocast the kept values are x * scale rounded once, not x times a rounded scale."""
+    x = torch.randn(2, 100, 64).bfloat16()
+    key = DropoutKey(call_key(1, 1, 1), torch.arange(2))
+    y = dropout(x, 0.1, key)
+    keep, scale = dropout_mask(x.shape, 0.1, key)
+    assert y.dtype == torch.bfloat16
+    assert torch.equal(y, (x.float() * keep * scale).bfloat16())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_cuda_draws_the_cpu_masks():
+    """One definition on every device: CUDA computes the same bits with the same torch operations."""
+    key = DropoutKey(call_key(4, 5, 6), torch.tensor([3, 2**33, 17]))
+    cpu, scale = dropout_mask((3, 7, 200), 0.2, key)
+    cuda, cuda_scale = dropout_mask((3, 7, 200), 0.2, DropoutKey(key.call, key.samples.cuda()))
+    assert scale == cuda_scale and torch.equal(cuda.cpu(), cpu)
 
 
 def test_attention_dropout_applies_one_mask_to_the_weights():
     g, seed = fresh_generator()
     x, source, mask = random_attention_inputs(g)
     attn = attention_module(12, 3, 0.2, "torch").train()
-    torch.manual_seed(seed)
+    set_dropout_context(attn, DropoutContext(seed, 0, torch.arange(x.shape[0]) * 3))
     out, _ = attn(x, source, mask)
-    # By hand: the same weights, the same mask drawn from the same RNG state, dropout's scale.
+    # By hand: the same weights, the model's mask for this site, dropout's scale.
+    key = dropout_key(attn, "weights", 0.2, x)
     attn.eval()
     _, weights = attn(x, source, mask, return_attention=True)
-    torch.manual_seed(seed)
-    keep, scale = dropout_mask(weights.shape, 0.2)
+    keep, scale = dropout_mask(weights.shape, 0.2, key)
     B, T, d = x.shape
     v = attn.kv(source).view(B, -1, 2, 3, 4).permute(2, 0, 3, 1, 4)[1]
     y = (weights * keep * scale) @ v
@@ -173,17 +214,17 @@ def test_attention_dropout_applies_one_mask_to_the_weights():
 def test_cpu_dropout_attention_equals_the_explicit_path_with_the_same_mask(repeat):
     """Training on CPU with attention dropout takes DropoutAttention (hand-written backward, mask
     bias inside the GEMM); return_attention=True takes autograd through the explicit steps. With
-    the same RNG state both draw the same mask: equal outputs and equal gradients for the inputs,
-    the source and every weight, padded keys included."""
+    the same dropout context both use the same mask: equal outputs and equal gradients for the
+    inputs, the source and every weight, padded keys included."""
     g, seed = fresh_generator()
     x, source, mask = random_attention_inputs(g)
     p = float(torch.empty(1).uniform_(0.05, 0.6, generator=g))
     attn = attention_module(12, 3, p, "torch").train()
+    set_dropout_context(attn, DropoutContext(seed, 0, torch.arange(x.shape[0])))
     weight = torch.randn(x.shape[0], x.shape[1], 12, generator=g)
     results = []
     for explicit in (False, True):
         xs, src = x.clone().requires_grad_(), source.clone().requires_grad_()
-        torch.manual_seed(seed)
         out, _ = attn(xs, src, mask, return_attention=explicit)
         grads = torch.autograd.grad((out * weight).sum(), [xs, src, *attn.parameters()])
         results.append((out, grads))

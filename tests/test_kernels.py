@@ -3,16 +3,17 @@
 - the compiled attention (training, with dropout) against autograd through the explicit steps with the
   kernel's own dropout factors: outputs and the gradients of inputs, source and every weight, on
   fresh random shapes, padding and head widths (the specialised ones and one read at run time);
-- its dropout factors have dropout's law: rate, exact inverse keep rate, no correlation between
-  neighbours, reproducible by seed;
-- the compiled dropout (``COMPILED_KERNELS.dropout``): rate, scale, gradient, reproducible by torch's
-  seed; relu-dropout against relu then dropout with the same factors; the LayerNorm kernel (which
-  the stack node's norms compute) against torch's, values and gradients;
+- its dropout factors ARE the model's masks (``mskt.model.layers.dropout_mask``), bit for bit, on
+  fresh random shapes, keys and sample indices, and they have dropout's law: rate, exact inverse
+  keep rate, no correlation between neighbours (keys, rows, samples), a function of the key only;
+- the compiled dropout (``COMPILED_KERNELS.dropout``): rate, scale, gradient, and bitwise the Python
+  dropout with the same key; relu-dropout likewise; the LayerNorm kernel (which the stack node's
+  norms compute) against torch's, values and gradients;
 - independent transformer stacks of an accelerated model (``mskt.fast.accelerate``: the compiled
   stack node, side by side on two threads, or one at a time) against the same stacks on torch's
   operations: outputs and every gradient, cross-modal and self-attention, all steps and the last
-  step only, on fresh random shapes, padding and layer counts; with dropout, bitwise the same on one
-  thread and on two;
+  step only, on fresh random shapes, padding and layer counts, without dropout and with it (the
+  same masks, from one dropout context); with dropout, bitwise the same on one thread and on two;
 - an accelerated model's evaluation predictions and gradients are the same as the plain model's;
 - a machine where the kernels cannot be built trains on torch's operations, with one warning.
 
@@ -35,6 +36,7 @@ from mskt.errors import ConfigError
 from mskt.fast import accelerate, accelerated_stacks, kernels
 from mskt.fast.kernels import COMPILED_KERNELS
 from mskt.model import TORCH_KERNELS, Attention, Transformer, build_model, key_mask, run_stacks
+from mskt.model.layers import DropoutContext, DropoutKey, call_key, dropout, dropout_key, dropout_mask, relu_dropout, set_dropout_context
 
 try:
     from conftest import NO_DROPOUT, make_batch_fn, tiny_model_config
@@ -62,7 +64,7 @@ def test_a_new_process_imports_the_built_kernels_without_torchs_loader():
         "ext.load = refuse\n"
         "from mskt.fast.build import compiled_kernels\n"
         "import torch\n"
-        "out, lse = compiled_kernels().forward(torch.randn(1, 2, 6), torch.randn(1, 3, 12), torch.zeros(1, 3), 1, 0.5, 0.0, 0)\n"
+        "out, lse = compiled_kernels().forward(torch.randn(1, 2, 6), torch.randn(1, 3, 12), torch.zeros(1, 3), 1, 0.5, 0.0, 0, torch.zeros(0, dtype=torch.long))\n"
         "assert out.shape == (1, 2, 6)\n"
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
@@ -72,6 +74,20 @@ def test_a_new_process_imports_the_built_kernels_without_torchs_loader():
 def fresh_generator():
     seed = int(np.random.SeedSequence().entropy % 2**31)
     return torch.Generator().manual_seed(seed), seed
+
+
+def random_key(g, batch):
+    """A dropout key with a random 64-bit call key and random sample indices (some above 2**32)."""
+    call = int(torch.randint(-(2**63), 2**63 - 1, (1,), generator=g))
+    samples = torch.randint(0, 2**40, (batch,), generator=g)
+    samples[: batch // 2] %= 5000  # dataset-sized indices too
+    return DropoutKey(call, samples)
+
+
+def python_factors(shape, p, key):
+    """The model's dropout factors (0 or the inverse keep rate) for a tensor of ``shape``."""
+    keep, scale = dropout_mask(shape, p, key)
+    return keep * scale
 
 
 def with_compiled_kernels(module):
@@ -115,17 +131,15 @@ def test_fused_attention_with_dropout_equals_the_explicit_steps_with_its_mask(d,
     mask = key_mask(lengths, S)
     p = float(torch.empty(1).uniform_(0.05, 0.6, generator=g))
     attn = with_compiled_kernels(Attention(d, heads, dropout=p)).train()
+    set_dropout_context(attn, DropoutContext(seed, 3, random_key(g, B).samples))
     weight = torch.randn(B, T, d, generator=g)
 
     xs, src = x.clone().requires_grad_(), source.clone().requires_grad_()
-    torch.manual_seed(seed)
     fused, none = attn(xs, src, mask)
     fused_grads = torch.autograd.grad((fused * weight).sum(), [xs, src, *attn.parameters()])
     assert none is None
-    # The kernel's seed is the first draw from torch's generator after the same seed.
-    torch.manual_seed(seed)
-    kernel_seed = int(torch.empty((), dtype=torch.int64).random_())
-    factors = kernels.compiled_kernels().dropout_factors(B * heads, T, S, p, kernel_seed).view(B, heads, T, S)
+    # The model's own mask for this site: (B, h, T, S), row head * T + t of each sample.
+    factors = python_factors((B, heads, T, S), p, dropout_key(attn, "weights", p, x))
     xs, src = x.clone().requires_grad_(), source.clone().requires_grad_()
     plain = explicit_attention(attn, xs, src, mask, factors)
     plain_grads = torch.autograd.grad((plain * weight).sum(), [xs, src, *attn.parameters()])
@@ -161,72 +175,99 @@ def test_fused_attention_checks_its_inputs():
     ext = kernels.compiled_kernels()
     q, kv, bias = torch.randn(2, 3, 12), torch.randn(2, 5, 24), torch.zeros(2, 5)
     with pytest.raises(RuntimeError, match="do not match"):
-        ext.forward(q, kv[:, :4].contiguous(), bias, 3, 0.5, 0.0, 0)
+        ext.forward(q, kv[:, :4].contiguous(), bias, 3, 0.5, 0.0, 0, torch.arange(2))
     with pytest.raises(RuntimeError, match="not a multiple"):
-        ext.forward(q, kv, bias, 5, 0.5, 0.0, 0)
+        ext.forward(q, kv, bias, 5, 0.5, 0.0, 0, torch.arange(2))
     with pytest.raises(RuntimeError, match="float32"):
-        ext.forward(q.double(), kv, bias, 3, 0.5, 0.0, 0)
+        ext.forward(q.double(), kv, bias, 3, 0.5, 0.0, 0, torch.arange(2))
+    with pytest.raises(RuntimeError, match="samples"):
+        ext.forward(q, kv, bias, 3, 0.5, 0.1, 0, torch.arange(3))  # one sample index per batch row
+
+
+@pytest.mark.parametrize("repeat", range(4))
+def test_the_compiled_masks_are_the_models_masks(repeat):
+    """One definition: the kernels' factors for a (B, R, C) tensor equal ``dropout_mask``'s (times
+    its scale) exactly, for any key, sample indices (any size) and rate."""
+    g, seed = fresh_generator()
+    B, R, C = (int(torch.randint(1, n, (1,), generator=g)) for n in (6, 40, 70))
+    p = float(torch.empty(1).uniform_(0.01, 0.95, generator=g))
+    key = random_key(g, B)
+    compiled = kernels.compiled_kernels().dropout_factors(R, C, p, key.call, key.samples)
+    assert torch.equal(compiled, python_factors((B, R, C), p, key)), f"seed {seed}"
+    # The same rows read as (B, R1, R2, C) by the model: the same factors (middle dims flatten).
+    assert torch.equal(python_factors((B, 1, R, C), p, key).view(B, R, C), compiled)
 
 
 @pytest.mark.parametrize("p", [0.1, 0.25, 0.5])
 def test_kernel_dropout_factors_have_dropouts_law(p):
     ext = kernels.compiled_kernels()
-    factors = ext.dropout_factors(40, 50, 500, p, 123)  # one million
+    samples = torch.arange(40)
+    factors = ext.dropout_factors(50, 500, p, 123, samples)  # (40 samples, 50 rows, 500 columns): one million
     kept = factors != 0
     n = factors.numel()
     rate = 1 - kept.float().mean().item()
     assert abs(rate - p) < 5 * math.sqrt(p * (1 - p) / n)
     threshold = round(p * 2**32)
     torch.testing.assert_close(factors[kept], torch.full((int(kept.sum()),), 2**32 / (2**32 - threshold)))
-    # Neighbours along keys and along rows are uncorrelated.
+    # Neighbours along columns, rows and consecutive sample indices are uncorrelated.
     z = kept.float() - kept.float().mean()
-    for a, b in ((z[..., 1:], z[..., :-1]), (z[:, 1:], z[:, :-1])):
+    for a, b in ((z[..., 1:], z[..., :-1]), (z[:, 1:], z[:, :-1]), (z[1:], z[:-1])):
         corr = (a * b).mean() / z.var()
         assert abs(corr) < 5 / math.sqrt(n), corr
-    assert torch.equal(ext.dropout_factors(40, 50, 500, p, 123), factors)
-    assert not torch.equal(ext.dropout_factors(40, 50, 500, p, 124), factors)
+    # A function of the key only: the same key, the same factors; a sample's rows do not depend on
+    # its place in the batch; another call key or step, other factors.
+    assert torch.equal(ext.dropout_factors(50, 500, p, 123, samples), factors)
+    assert torch.equal(ext.dropout_factors(50, 500, p, 123, samples.flip(0)), factors.flip(0))
+    assert not torch.equal(ext.dropout_factors(50, 500, p, 124, samples), factors)
+    other_step = ext.dropout_factors(50, 500, p, call_key(7, 2, 99), samples)
+    assert not torch.equal(ext.dropout_factors(50, 500, p, call_key(7, 1, 99), samples), other_step)
 
 
 @pytest.mark.parametrize("p", [0.1, 0.25, 0.9])
 def test_fused_dropout_has_the_right_rate_scale_and_gradient(p):
-    n = 400_003  # not a multiple of the kernel's 1024-element chunks
-    x = torch.ones(n, requires_grad=True)
-    y = COMPILED_KERNELS.dropout(x, p, training=True)
+    shape = (3, 1001, 133)  # rows of 133: not a multiple of any vector width
+    n = math.prod(shape)
+    x = torch.ones(shape, requires_grad=True)
+    y = COMPILED_KERNELS.dropout(x, p, DropoutKey(call_key(1, 2, 3), torch.arange(3)))
     kept = y != 0
     rate = 1 - kept.float().mean().item()
     assert abs(rate - p) < 5 * math.sqrt(p * (1 - p) / n)
     threshold = round(p * 2**32)
     assert torch.allclose(y[kept], torch.tensor(2**32 / (2**32 - threshold)))
-    y.backward(torch.arange(n, dtype=torch.float32))
-    torch.testing.assert_close(x.grad, y.detach() * torch.arange(n))  # the same factors, recomputed
+    weight = torch.arange(n, dtype=torch.float32).view(shape)
+    y.backward(weight)
+    torch.testing.assert_close(x.grad, y.detach() * weight)  # the same factors, recomputed
 
 
-def test_fused_dropout_is_reproducible_by_seed_and_fresh_otherwise():
-    x = torch.randn(3, 50, 40)
-    torch.manual_seed(5)
-    a = COMPILED_KERNELS.dropout(x, 0.3, True)
-    b = COMPILED_KERNELS.dropout(x, 0.3, True)
-    torch.manual_seed(5)
-    assert torch.equal(COMPILED_KERNELS.dropout(x, 0.3, True), a)
-    assert not torch.equal(a, b)
-
-
-@pytest.mark.parametrize("p", [0.1, 0.5])
-def test_fused_relu_dropout_is_relu_then_dropout_with_the_kernels_factors(p):
+@pytest.mark.parametrize("shape", [(3, 50, 40), (5, 17), (2, 3, 4, 129)])
+def test_fused_dropout_is_the_python_dropout_bitwise(shape):
+    """The compiled dropout and relu-dropout and the model's, with one key: the same values and the
+    same gradients, bitwise (the same factors, one float multiply each)."""
     g, seed = fresh_generator()
-    x = torch.randn(int(torch.randint(1, 5000, (1,), generator=g)), generator=g, requires_grad=True)
-    torch.manual_seed(seed)
-    y = COMPILED_KERNELS.relu_dropout(x, p, training=True)
-    torch.manual_seed(seed)
-    kernel_seed = int(torch.empty((), dtype=torch.int64).random_())
-    # The elementwise kernels take element i's factor from (row i // 1024, key i % 1024).
-    factors = kernels.compiled_kernels().dropout_factors(math.ceil(x.numel() / 1024), 1, 1024, p, kernel_seed).flatten()[: x.numel()]
-    plain = torch.relu(x) * factors
-    torch.testing.assert_close(y, plain, msg=f"seed {seed}")
-    weight = torch.randn(x.shape, generator=g)
-    (a,) = torch.autograd.grad((y * weight).sum(), x)
-    (b,) = torch.autograd.grad((plain * weight).sum(), x)
-    torch.testing.assert_close(a, b, msg=f"seed {seed}")
+    x = torch.randn(shape, generator=g)
+    key = random_key(g, shape[0])
+    for compiled, plain in ((COMPILED_KERNELS.dropout, dropout), (COMPILED_KERNELS.relu_dropout, relu_dropout)):
+        outs = []
+        for fn in (compiled, plain):
+            xs = x.clone().requires_grad_()
+            y = fn(xs, 0.3, key)
+            (grad,) = torch.autograd.grad((y * x).sum(), xs)
+            outs.append((y, grad))
+        assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1]), f"{fn.__name__}, seed {seed}"
+    assert COMPILED_KERNELS.dropout(x, 0.3, None) is x  # no key: no dropout (evaluation)
+
+
+def test_without_a_context_masks_are_fresh_per_call_and_repeat_by_torchs_seed():
+    """Outside the training loop (no dropout context) each call takes a fresh seed from torch's
+    generator: a forward in training mode still drops, and a seeded one repeats."""
+    layer = with_compiled_kernels(Transformer(12, 3, 1, 0.3, 0.3, 0.3, 0.3)).train()
+    x, mask = torch.randn(3, 50, 12), torch.ones(3, 50, dtype=torch.bool)
+    torch.manual_seed(5)
+    a, _ = layer(x, mask)
+    b, _ = layer(x, mask)
+    torch.manual_seed(5)
+    assert torch.equal(layer(x, mask)[0], a)
+    assert not torch.equal(a, b)
 
 
 def compiled_layer_norm(norm, x):
@@ -308,19 +349,26 @@ def stacks_with_gradients(stacks, calls, weights, last_only):
 @pytest.mark.parametrize("d,heads", [(30, 5), (12, 3), (14, 2)])
 @pytest.mark.parametrize("last_only", [False, True])
 @pytest.mark.parametrize("threads", [1, 2])
-def test_compiled_stacks_equal_the_stacks_on_torch_ops(d, heads, last_only, threads):
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_compiled_stacks_equal_the_stacks_on_torch_ops(d, heads, last_only, threads, p):
     """Several independent stacks as the compiled node (side by side on two threads when they
     balance, one at a time otherwise) against each stack's layers on torch's operations, in
-    training mode without dropout (with it the masks differ, not their law): the same outputs and
-    the same gradients of every x, every source and every weight."""
+    training mode, without dropout and with it (each stack under one dropout context: the same
+    masks on both paths): the same outputs and the same gradients of every x, every source and
+    every weight."""
     g, seed = fresh_generator()
     count = int(torch.randint(1, 7, (1,), generator=g))
-    fused, calls = random_stacks(g, True, d, heads, count)
-    plain = [Transformer(d, heads, len(s.layers), 0.0, 0.0, 0.0, 0.0, cross=s.layers[0].norm_source is not None)
+    fused, calls = random_stacks(g, True, d, heads, count, dropout=p)
+    plain = [Transformer(d, heads, len(s.layers), p, p, p, p, cross=s.layers[0].norm_source is not None)
              for s in fused]
-    for a, b, call in zip(plain, fused, calls):
+    context = DropoutContext(seed, 1, random_key(g, calls[0][0].shape[0]).samples)
+    for i, (a, b, call) in enumerate(zip(plain, fused, calls)):
         a.load_state_dict(b.state_dict())
         a.train()
+        for stack in (a, b):  # sites named as in a model, one stack apart from the next
+            set_dropout_context(stack, context)
+            for name, m in stack.named_modules():
+                m.dropout_site = f"stack{i}.{name}"
         assert a.accelerator is None and a.kernels is TORCH_KERNELS  # the plain stack: its Python code
         assert b.accelerator.takes(b, call[0])  # the accelerated one: the compiled node takes this call
     weights = [torch.randn(c[0].shape[0], 1 if last_only else c[0].shape[1], d, generator=g) for c in calls]

@@ -172,8 +172,8 @@ def test_an_edited_source_file_trains_its_own_code(tmp_path, tiny_mosi):
     source = layers.read_text()
     edits = [
         ("        self.relu_dropout = relu_dropout\n", "        self.relu_dropout = relu_dropout\n        self.ff_gate = nn.Parameter(torch.tensor(0.5))\n"),
-        ("        x = x + self.kernels.dropout(self.ff2(h), self.res_dropout, self.training)\n",
-         "        x = x + self.ff_gate * self.kernels.dropout(self.ff2(h), self.res_dropout, self.training)\n"),
+        ('        x = x + self.kernels.dropout(f, self.res_dropout, dropout_key(self, "feed_forward_residual", self.res_dropout, f))\n',
+         '        x = x + self.ff_gate * self.kernels.dropout(f, self.res_dropout, dropout_key(self, "feed_forward_residual", self.res_dropout, f))\n'),
     ]
     for old, new in edits:
         assert source.count(old) == 1, old

@@ -13,7 +13,7 @@ import tokenize
 from mskt.model.layers import Attention, Kernels, Transformer, TransformerLayer
 
 # The digest of the Python code the compiled node mirrors (see the module docstring, point 2).
-MIRRORED_SOURCE = "14fdca4bb3ff9c5446fc566a4ccf41ae77d59a69"
+MIRRORED_SOURCE = "8281d603aef3551123e3a84bf3ce792ae9bb72c6"
 
 
 def mirrored_roots() -> tuple:

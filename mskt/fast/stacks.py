@@ -35,10 +35,11 @@ import torch.nn as nn
 from mskt.fast.build import compiled_kernels
 from mskt.fast.kernels import fused_kernels_available
 from mskt.fast.source import source_verified
-from mskt.model.layers import Attention, Transformer, TransformerLayer, padding_bias
+from mskt.model.layers import Attention, Transformer, TransformerLayer, dropout_key, padding_bias
 
 log = logging.getLogger("mskt.fast")
 
+_NO_SAMPLES = torch.zeros(0, dtype=torch.int64)  # a stack without dropout: the node never reads them
 LAYER_PARAMETERS = ("norm_x.weight", "norm_x.bias", "attn.q.weight", "attn.q.bias", "attn.kv.weight", "attn.kv.bias",
                     "attn.out.weight", "attn.out.bias", "norm_ff.weight", "norm_ff.bias", "ff1.weight", "ff1.bias",
                     "ff2.weight", "ff2.bias")
@@ -120,14 +121,24 @@ def structure_problem(stack: nn.Module) -> str:
 # The compiled node
 
 
-def compiled_inputs(stack: Transformer, x, mask, source, source_mask, last_only) -> tuple[list, list, list]:
-    """The node's tensors, ints and doubles for one stack: the embedded inputs (``stack.embed``, in
-    Python), the keys' padding bias, every layer's parameters, the final norm's, and the settings
-    (dropout rates 0 in evaluation)."""
+def compiled_inputs(stack: Transformer, x, mask, source, source_mask, last_only) -> tuple[list, list, list, list]:
+    """The node's tensors, ints, doubles and dropout keys for one stack: the embedded inputs
+    (``stack.embed``, in Python), the keys' padding bias, the batch rows' sample indices, every
+    layer's parameters, the final norm's, the settings (dropout rates 0 in evaluation), and each
+    layer's four dropout call keys, made in the order the Python forward makes them."""
     x = stack.embed(x, mask)
-    source = stack.embed(source, source_mask) if source is not None else x.new_empty(0)
+    source = stack.embed(source, source_mask, "embed_source") if source is not None else x.new_empty(0)
     key_bias = padding_bias(mask if source_mask is None else source_mask, x.dtype)  # (B, S)
-    tensors = [x, source, key_bias]
+    first = stack.layers[0]
+    rates = (first.attn.dropout, first.relu_dropout, first.res_dropout) if stack.training else (0.0, 0.0, 0.0)
+    keys, samples = [], _NO_SAMPLES
+    for layer in stack.layers:
+        for module, tag, p in ((layer.attn, "weights", rates[0]), (layer, "attention_residual", rates[2]),
+                               (layer, "relu", rates[1]), (layer, "feed_forward_residual", rates[2])):
+            key = dropout_key(module, tag, p, x)
+            keys.append(key.call if key is not None else 0)
+            samples = key.samples if key is not None else samples
+    tensors = [x, source, key_bias, samples]
     for layer in stack.layers:
         norm_s = layer.norm_source
         no_source = (x.new_empty(0), x.new_empty(0))
@@ -136,22 +147,21 @@ def compiled_inputs(stack: Transformer, x, mask, source, source_mask, last_only)
                     layer.attn.out.bias, layer.norm_ff.weight, layer.norm_ff.bias, layer.ff1.weight, layer.ff1.bias,
                     layer.ff2.weight, layer.ff2.bias]
     tensors += [stack.norm.weight, stack.norm.bias]
-    first = stack.layers[0]
-    rates = (first.attn.dropout, first.relu_dropout, first.res_dropout) if stack.training else (0.0, 0.0, 0.0)
-    return tensors, [len(stack.layers), first.attn.heads, int(last_only)], [stack.norm.eps, *rates]
+    return tensors, [len(stack.layers), first.attn.heads, int(last_only)], [stack.norm.eps, *rates], keys
 
 
 def compiled_stacks(calls, last_only: bool) -> list:
     """Run ``calls`` (stack, x, mask, source, source_mask) as one node: one Python-to-C++ crossing per
     group. When the stacks' estimated costs balance across torch's threads they run side by side,
     each on one thread; otherwise one at a time on all of them."""
-    tensors, ints, doubles = [], [], []
+    tensors, ints, doubles, keys = [], [], [], []
     for stack, x, mask, source, source_mask in calls:
-        stack_tensors, stack_ints, stack_doubles = compiled_inputs(stack, x, mask, source, source_mask, last_only)
+        stack_tensors, stack_ints, stack_doubles, stack_keys = compiled_inputs(stack, x, mask, source, source_mask, last_only)
         tensors += stack_tensors
         ints += stack_ints
         doubles += stack_doubles
-    return [(y, None) for y in compiled_kernels().stacks(tensors, ints, doubles)]
+        keys += stack_keys
+    return [(y, None) for y in compiled_kernels().stacks(tensors, ints, doubles, keys)]
 
 
 class StackAccelerator:

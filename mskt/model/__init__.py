@@ -13,16 +13,20 @@ from mskt.model.layers import (
     TORCH_KERNELS,
     Attention,
     DropoutAttention,
+    DropoutContext,
+    DropoutKey,
     Kernels,
     Transformer,
     TransformerLayer,
     dropout,
+    dropout_key,
     dropout_mask,
     key_mask,
     padding_bias,
     relu_dropout,
     resample,
     run_stacks,
+    set_dropout_context,
     sinusoidal_table,
 )
 from mskt.model.losses import consistency_loss, task_loss
@@ -40,8 +44,9 @@ def build_model(cfg: ModelConfig, text_steps: int | None = None) -> MulT:
 
 
 __all__ = [
-    "MISSING_PATTERNS", "MODALITIES", "TORCH_KERNELS", "VARIANTS", "Attention", "CTCAligner", "DropoutAttention", "KTMulT",
+    "MISSING_PATTERNS", "MODALITIES", "TORCH_KERNELS", "VARIANTS", "Attention", "CTCAligner", "DropoutAttention", "DropoutContext",
+    "DropoutKey", "KTMulT",
     "Kernels", "ModalityEncoder", "ModelConfig", "MulT", "Output", "Transformer", "TransformerLayer", "build_model",
-    "consistency_loss", "dropout", "dropout_mask", "key_mask", "padding_bias", "register", "relu_dropout", "resample",
-    "run_stacks", "sinusoidal_table", "task_loss", "variant_class",
+    "consistency_loss", "dropout", "dropout_key", "dropout_mask", "key_mask", "padding_bias", "register", "relu_dropout", "resample",
+    "run_stacks", "set_dropout_context", "sinusoidal_table", "task_loss", "variant_class",
 ]

@@ -27,10 +27,10 @@ import torch.nn as nn
 from mskt.modalities import MODALITIES
 from mskt.model.config import ModelConfig
 from mskt.model.encoders import CTCAligner, ModalityEncoder
-from mskt.model.layers import TORCH_KERNELS, Transformer, key_mask, run_stacks
+from mskt.model.layers import TORCH_KERNELS, Transformer, dropout_key, key_mask, run_stacks, set_dropout_context
 from mskt.model.losses import task_loss
 
-# The order the encoders run in, and so the order their dropout draws from torch's generator.
+# The order the encoders run in.
 ENCODING_ORDER = ("text", "vision", "audio")
 
 
@@ -239,7 +239,7 @@ class MulT(nn.Module):
             if m in feats and batch.get(m) is not None:
                 feats[m] = torch.where(drop.to(feats[m].device)[..., None], 0.0, feats[m])
         if "text" in feats:  # MulT's input dropout on the word vectors
-            feats["text"] = self.kernels.dropout(feats["text"], cfg.embed_dropout, self.training)
+            feats["text"] = self.kernels.dropout(feats["text"], cfg.embed_dropout, dropout_key(self, "text_input", cfg.embed_dropout, feats["text"]))
         aux = {}
         if self.ctc is not None:
             for m, aligner in self.ctc.items():
@@ -274,7 +274,8 @@ class MulT(nn.Module):
                 attention.update({f"{s}->{t}": maps for (s, target), (_, maps) in zip(pairs, crossed) if target == t})
                 attention[f"{t}->{t}"] = decoder_maps
         z = torch.cat([h[:, -1] for h, _ in decoded], dim=1)  # (B, head_in): left padding makes the last step real
-        z = z + self.proj2(self.kernels.relu_dropout(self.proj1(z), cfg.out_dropout, self.training))
+        h = self.proj1(z)  # (B, head_in)
+        z = z + self.proj2(self.kernels.relu_dropout(h, cfg.out_dropout, dropout_key(self, "head", cfg.out_dropout, h)))
         pred = self.out(z)  # (B, n_outputs)
         pred = pred.squeeze(1) if cfg.task == "regression" else pred.view(-1, 4, 2)  # (B,) or (B, 4, 2)
         grids = {m: mask.sum(dim=1) for m, mask in masks.items() if m in self.fuses} if return_attention or return_internals else None
@@ -282,13 +283,27 @@ class MulT(nn.Module):
 
     # -- loss ---------------------------------------------------------------------------------
 
+    def train(self, mode: bool = True):
+        """Also ends the training loop's dropout context (``set_dropout_context``): it keys one
+        step's masks, and the loop sets it anew for each step. A forward in training mode outside
+        the loop then draws fresh masks per call, as without one."""
+        set_dropout_context(self, None)
+        return super().train(mode)
+
+    def loss_denominator(self):
+        """How this step's loss means divide (``mskt.model.losses``): None (by their own count), or,
+        in a distributed training step, the function its :class:`~mskt.model.layers.DropoutContext`
+        carries from the training loop (``shared_count``)."""
+        context = getattr(self, "dropout_context", None)
+        return None if context is None or not self.training else context.shared_count
+
     def loss(self, out: Output, labels: torch.Tensor) -> dict:
         """Every loss term (each a scalar tensor) and their weighted sum under "total".
 
         Task: L1 for sentiment regression (MulT), cross-entropy over 2 classes per emotion (IEMOCAP).
         Then the variant's terms (:meth:`transfer_loss`), then CTC's.
         """
-        terms = {"task": task_loss(out.pred, labels, self.cfg.task)}
+        terms = {"task": task_loss(out.pred, labels, self.cfg.task, self.loss_denominator())}
         total = terms["task"]
         for weighted in self.transfer_loss(out, labels, terms):
             total = total + weighted

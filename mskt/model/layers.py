@@ -12,7 +12,10 @@ Shapes: B batch, T query steps, S key steps, d width, h heads, dh = d / h.
 from __future__ import annotations
 
 import functools
+import hashlib
 import math
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -36,45 +39,172 @@ def padding_bias(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, -1e30)
 
 
-def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
-    """``F.dropout`` with a mask that is several times cheaper to draw on CPU.
+# ----------------------------------------------------------------------------------------------
+# Dropout masks: one definition, a counter-based hash, on every path
+#
+# An element's mask bit is a function of (seed, step, site, sample, position) only, never of a
+# random generator's state: the compiled CPU kernels (mskt/fast/csrc/cpu_kernels.cpp) compute the
+# same bits, CUDA computes them with these torch operations, and a run's masks do not depend on
+# which path ran, on the batch a sample shares, or on how many processes share the batch.
+#
+# A dropout call's tensor is read as (B, R, C): sample b (its key: ``samples[b]``, the training
+# loop's dataset index), row r of that sample (all middle dims flattened; for attention weights
+# (B, h, T, S) row head * T + t), column c (the last dim). Then, all in uint32 arithmetic:
+#   sample_key = mix32(c_lo ^ mix32(s_lo + mix32(c_hi ^ mix32(s_hi + G))))   per sample
+#   row_key    = mix32(sample_key + r * G2)                                  per row
+#   bits       = mix32(row_key + c * G)                                      per element
+# with (c_hi, c_lo) the 64-bit call key (the seed, step and site, mixed in Python) and (s_hi, s_lo)
+# the sample's index. An element is kept when bits >= round(p * 2**32): a drop rate within 2**-33
+# of p. Kept values are scaled by the exact inverse keep rate, 2**32 / (2**32 - round(p * 2**32)),
+# in float32.
 
-    torch's CPU Bernoulli sampler costs ~6 ns per element, a fifth of this model's training time.
-    Here one 64-bit draw gives four 16-bit uniforms, and an element is kept when its uniform is at
-    least round(p * 2**16): a drop rate within 2**-17 of ``p``, with kept values scaled by the exact
-    inverse keep rate, so the expectation is unchanged. CUDA keeps torch's own fused kernel.
-    """
-    if not training or p == 0.0:
+_M32 = 0xFFFFFFFF
+_M64 = 0xFFFFFFFFFFFFFFFF
+_GOLDEN = 0x9E3779B9  # the columns' stride (and the sample key's offset)
+_GOLDEN2 = 0x85EBCA6B  # the rows' stride
+
+
+def _i32(v: int) -> int:
+    """A uint32 value's bit pattern as a signed int32 (how int32 tensors hold it)."""
+    return v - (1 << 32) if v >= 1 << 31 else v
+
+
+def mix32(x: torch.Tensor) -> torch.Tensor:
+    """Wellons' "lowbias32" integer mixer (full avalanche; the compiled kernels' ``mix32``), in place
+    on an int32 tensor holding uint32 bit patterns. Its products wrap mod 2**32, as uint32's do;
+    its right shifts are arithmetic, so each is masked to the logical shift."""
+    x ^= (x >> 16) & 0xFFFF
+    x.mul_(_i32(0x7FEB352D))
+    x ^= (x >> 15) & 0x1FFFF
+    x.mul_(_i32(0x846CA68B))
+    x ^= (x >> 16) & 0xFFFF
+    return x
+
+
+def _mix64(x: int) -> int:
+    """splitmix64's finaliser on a Python int: mixes a call's seed, step and site into its key."""
+    x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9 & _M64
+    x = (x ^ (x >> 27)) * 0x94D049BB133111EB & _M64
+    return x ^ (x >> 31)
+
+
+@functools.lru_cache(maxsize=4096)
+def site_id(site: str) -> int:
+    """A dropout site's name (module path in the model and which of its dropouts) as 64 bits."""
+    return int.from_bytes(hashlib.blake2b(site.encode(), digest_size=8).digest(), "little")
+
+
+def call_key(seed: int, step: int, site: int) -> int:
+    """The 64-bit key of one dropout call, as a signed int64 (how the compiled kernels take it)."""
+    key = _mix64((_mix64((_mix64(seed & _M64) ^ (step & _M64)) + 0x9E3779B97F4A7C15 & _M64) ^ site) + 0xD1B54A32D192ED03 & _M64)
+    return key - (1 << 64) if key >= 1 << 63 else key
+
+
+@dataclass
+class DropoutContext:
+    """What one training step's dropout masks are a function of, besides the site: the run's seed,
+    the step, and each batch row's sample index (B,) int64. ``step`` and ``samples`` together must
+    name each draw of a sample once: the training loop passes the epoch and the dataset index of
+    each row, so masks depend neither on the batch a sample is in nor on the world size."""
+
+    seed: int
+    step: int
+    samples: torch.Tensor  # (B,) int64, on the model's device
+    # Not a dropout key: in a distributed step, a rank's loss means divide by the global batch's
+    # count scaled to its share (``mskt.model.losses``); None in a single process.
+    shared_count: Callable | None = None
+
+
+@dataclass
+class DropoutKey:
+    """The key of one dropout call: its 64-bit call key and the sample index of each batch row."""
+
+    call: int  # signed int64
+    samples: torch.Tensor  # (B,) int64
+
+
+def set_dropout_context(model: nn.Module, context: DropoutContext | None) -> None:
+    """Give every module of ``model`` that calls a kernel function (``kernels``) this step's
+    ``context`` and its site (its path in ``model``); None: back to fresh seeds per call."""
+    for name, m in model.named_modules():
+        if hasattr(m, "kernels"):
+            m.dropout_context, m.dropout_site = context, name
+
+
+@functools.lru_cache(maxsize=16)
+def _positions(batch: int, device: torch.device) -> torch.Tensor:
+    return torch.arange(batch, device=device)
+
+
+def dropout_key(module: nn.Module, tag: str, p: float, x: torch.Tensor) -> DropoutKey | None:
+    """The key of ``module``'s dropout ``tag`` (which of its dropouts) on ``x`` (B, ...); None when
+    it drops nothing (evaluation, or p = 0).
+
+    Under a :class:`DropoutContext` (``set_dropout_context``: the training loop sets one per step)
+    the key is a function of (seed, step, site) and rows are keyed by the context's sample indices.
+    Without one (a forward in training mode outside the loop), each call takes a fresh seed from
+    torch's generator and rows are keyed by their position in the batch."""
+    if p == 0 or not module.training:
+        return None
+    context = getattr(module, "dropout_context", None)
+    if context is None:
+        seed = int(torch.empty((), dtype=torch.int64).random_())
+        return DropoutKey(call_key(seed, 0, 0), _positions(x.shape[0], x.device))
+    site = site_id(f"{getattr(module, 'dropout_site', '')}:{tag}")
+    return DropoutKey(call_key(context.seed, context.step, site), context.samples)
+
+
+def dropout_threshold(p: float) -> tuple[int, float]:
+    """Drop when the 32-bit hash is below the first; the second scales kept values (float32's
+    rounding of the exact inverse keep rate, as the compiled kernels hold it)."""
+    threshold = round(p * 2**32)
+    return threshold, float(torch.tensor(2**32 / (2**32 - threshold), dtype=torch.float32))
+
+
+def dropout_mask(shape, p: float, key: DropoutKey, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, float]:
+    """The keep mask of dropout rate ``p`` under ``key`` for a tensor of ``shape`` (B, ..., C):
+    ``dtype`` 1.0 where kept, 0.0 where dropped, on the samples' device; and the scale of kept
+    values (the exact inverse of the keep rate)."""
+    samples = key.samples
+    B, C = shape[0], shape[-1]
+    R = math.prod(shape[1:-1])
+    assert samples.shape == (B,), f"dropout: {B} batch rows but {tuple(samples.shape)} sample indices"
+    call = key.call & _M64
+    c_lo, c_hi = _i32(call & _M32), _i32(call >> 32)
+    as_i32 = lambda v: ((v & _M32) ^ (1 << 31)).sub_(1 << 31).to(torch.int32)  # noqa: E731 -- low 32 bits of int64 values
+    s_lo, s_hi = as_i32(samples), as_i32(samples >> 32)  # (B,) each
+    sample_key = mix32(c_lo ^ mix32(s_lo + mix32(c_hi ^ mix32(s_hi + _i32(_GOLDEN)))))  # (B,)
+    rows = torch.arange(R, dtype=torch.int32, device=samples.device).mul_(_i32(_GOLDEN2))  # (R,)
+    row_key = mix32(sample_key[:, None] + rows)  # (B, R)
+    cols = torch.arange(C, dtype=torch.int32, device=samples.device).mul_(_i32(_GOLDEN))  # (C,)
+    bits = mix32(row_key[:, :, None] + cols)  # (B, R, C)
+    threshold, scale = dropout_threshold(p)
+    # bits >= threshold as uint32: flip the sign bit of both sides and compare as int32.
+    return bits.bitwise_xor_(-(1 << 31)).ge_(threshold - (1 << 31)).to(dtype).view(shape), scale
+
+
+def dropout(x: torch.Tensor, p: float, key: DropoutKey | None) -> torch.Tensor:
+    """Dropout of rate ``p`` with the mask of ``key`` (:func:`dropout_mask`); the identity for
+    ``key`` None (evaluation, p = 0). The same function on every device."""
+    if key is None or p == 0.0:
         return x
-    if x.device.type != "cpu":
-        return F.dropout(x, p, training=True)
-    keep, scale = dropout_mask(x.shape, p, x.dtype)
-    # A float multiply, not ``where``: torch's CPU ``where`` with a scalar costs ~4x a same-dtype
-    # multiply, and the backward pass is one more multiply by the same mask.
-    return x * keep.mul_(scale)
+    keep, scale = dropout_mask(x.shape, p, key, x.dtype)
+    # Float multiplies, not ``where``. The scale goes on last, as a Python float: a bfloat16 x is
+    # scaled in float32 and rounded once (a bfloat16 mask holding it would round the scale itself);
+    # a float32 x gets x * float32(scale), the compiled kernels' product, bit for bit.
+    return (x * keep).mul_(scale)
 
 
-def dropout_mask(shape, p: float, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, float]:
-    """A CPU keep mask for dropout rate ``p``: ``dtype`` 1.0 where kept, 0.0 where dropped, of
-    ``shape``; and the scale of kept values (the exact inverse of the keep rate)."""
-    threshold = round(p * 65536)  # drop when the 16-bit uniform (0..65535) is below it
-    n = math.prod(shape)
-    bits = torch.empty((n + 3) // 4, dtype=torch.int64).random_(-(2**63), None)  # all 64 bits uniform
-    uniform = bits.view(torch.int16)[:n].view(shape)  # uniform on -32768..32767
-    # Convert, then compare in place (writing 1.0 / 0.0): 2.3x faster than ``ge`` into a float
-    # ``out``, which goes through a bool tensor and a converting copy.
-    return uniform.to(dtype).ge_(threshold - 32768), 65536 / (65536 - threshold)
-
-
-def relu_dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
-    """``dropout(F.relu(x), p, training)``."""
-    return dropout(F.relu(x), p, training)
+def relu_dropout(x: torch.Tensor, p: float, key: DropoutKey | None) -> torch.Tensor:
+    """``dropout(F.relu(x), p, key)``."""
+    return dropout(F.relu(x), p, key)
 
 
 class DropoutAttention(torch.autograd.Function):
-    """softmax(q k^T * scale + bias) with dropout on the weights, times v, for training on CPU.
+    """softmax(q k^T * scale + bias) with dropout on the weights (the mask of ``key``), times v, in
+    training on any device.
 
-    torch's fused CPU kernel has no dropout, and autograd's version of these steps materialises
+    torch's fused kernels draw their own dropout masks (CPU's has no dropout at all), and autograd's version of these steps materialises
     more (T, S) tensors than it needs and computes two gradients in slow layouts. This one makes
     each pass over the (B*h, T, S) weights count: the key mask is added inside the score GEMM,
     dropout's 1/(1-p) goes onto the small (T, dh) output, only the weights and the 0/1 mask are kept
@@ -84,7 +214,7 @@ class DropoutAttention(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, q, k, v, key_bias, p: float, scale: float):
+    def forward(ctx, q, k, v, key_bias, p: float, scale: float, key: DropoutKey):
         # The key mask rides inside the score GEMM as one more channel: [q * scale, 1] . [k, bias]
         # = q . k * scale + bias. A broadcast bias (``baddbmm``) would first be copied into the
         # whole (T, S) output; this costs one column more of a (T, dh) and an (S, dh) matrix.
@@ -93,7 +223,9 @@ class DropoutAttention(torch.autograd.Function):
         k_aug = torch.cat([k, key_bias[..., None]], dim=2)  # (BH, S, dh + 1)
         scores = torch.bmm(q_aug, k_aug.transpose(1, 2))  # (BH, T, S)
         weights = scores.softmax(dim=-1)  # (BH, T, S)
-        keep, keep_scale = dropout_mask(weights.shape, p, weights.dtype)  # (BH, T, S), 0/1
+        B = key.samples.shape[0]
+        keep, keep_scale = dropout_mask((B, BH // B * T, weights.shape[2]), p, key, weights.dtype)  # (B, h * T, S), 0/1
+        keep = keep.view(weights.shape)  # (BH, T, S): row head * T + t of sample b is row t of bh = b * h + head
         dropped = torch.mul(weights, keep, out=scores)  # the scores are spent: reuse their memory
         ctx.save_for_backward(q, k, v, weights, keep)
         ctx.scale, ctx.keep_scale = scale, keep_scale
@@ -110,7 +242,7 @@ class DropoutAttention(torch.autograd.Function):
         grad_scores = torch._softmax_backward_data(grad_weights, weights, -1, weights.dtype)  # (BH, T, S)
         grad_q = torch.bmm(grad_scores, k).mul_(ctx.scale)  # (BH, T, dh)
         grad_k = torch.bmm(q.transpose(1, 2), grad_scores).transpose(1, 2).mul_(ctx.scale)  # (BH, S, dh)
-        return grad_q, grad_k, grad_v, None, None, None
+        return grad_q, grad_k, grad_v, None, None, None, None
 
 
 class Kernels:
@@ -124,28 +256,29 @@ class Kernels:
 
     name = "torch"
 
-    def dropout(self, x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
-        return dropout(x, p, training)
+    def dropout(self, x: torch.Tensor, p: float, key: DropoutKey | None) -> torch.Tensor:
+        return dropout(x, p, key)
 
-    def relu_dropout(self, x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
-        return relu_dropout(x, p, training)
+    def relu_dropout(self, x: torch.Tensor, p: float, key: DropoutKey | None) -> torch.Tensor:
+        return relu_dropout(x, p, key)
 
-    def attention(self, q: torch.Tensor, kv: torch.Tensor, source_mask: torch.Tensor, heads: int, p: float) -> torch.Tensor:
-        """softmax(q k^T / sqrt(dh), real keys only), dropout ``p`` on the weights, times v.
-        q (B, T, d) and kv (B, S, 2d) as the projections lay them out, heads side by side; (B, T, d)."""
+    def attention(self, q: torch.Tensor, kv: torch.Tensor, source_mask: torch.Tensor, heads: int, p: float, key: DropoutKey | None) -> torch.Tensor:
+        """softmax(q k^T / sqrt(dh), real keys only), dropout ``p`` with the mask of ``key`` on the
+        weights (none for ``key`` None), times v. q (B, T, d) and kv (B, S, 2d) as the projections
+        lay them out, heads side by side; (B, T, d)."""
         B, T, d = q.shape
         S = kv.shape[1]
         h, dh = heads, d // heads
         q = q.view(B, T, h, dh).transpose(1, 2)  # (B, h, T, dh)
         k, v = kv.view(B, S, 2, h, dh).permute(2, 0, 3, 1, 4)  # each (B, h, S, dh)
-        if p > 0 and q.device.type == "cpu":  # torch's fused CPU kernel has no dropout
+        if key is not None and p > 0:  # the hashed mask on every device: SDPA's dropout draws its own
             key_bias = padding_bias(source_mask, q.dtype)  # (B, S)
             y = DropoutAttention.apply(
                 q.reshape(B * h, T, dh), k.reshape(B * h, S, dh), v.reshape(B * h, S, dh),
-                key_bias.repeat_interleave(h, dim=0), p, dh**-0.5,  # key_bias (B * h, S)
+                key_bias.repeat_interleave(h, dim=0), p, dh**-0.5, key,  # key_bias (B * h, S)
             ).view(B, h, T, dh)
         else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=source_mask[:, None, None, :], dropout_p=p)  # (B, h, T, dh)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=source_mask[:, None, None, :])  # (B, h, T, dh)
         return y.transpose(1, 2).reshape(B, T, d)  # (B, T, d)
 
 
@@ -172,7 +305,7 @@ class Attention(nn.Module):
 
     ``return_attention=True`` takes the explicit steps, which also return the weights; otherwise
     the ``kernels.attention`` function computes the same (torch's fused kernel, DropoutAttention
-    when training on CPU, or a compiled kernel that ``mskt.fast`` verified).
+    with dropout, or a compiled kernel that ``mskt.fast`` verified).
     """
 
     def __init__(self, d: int, heads: int, dropout: float):
@@ -189,16 +322,17 @@ class Attention(nn.Module):
         S = source.shape[1]
         h, dh = self.heads, d // self.heads
         p = self.dropout if self.training else 0.0
+        key = dropout_key(self, "weights", p, x)
         if not return_attention:
-            y = self.kernels.attention(self.q(x), self.kv(source), source_mask, h, p)  # (B, T, d)
+            y = self.kernels.attention(self.q(x), self.kv(source), source_mask, h, p, key)  # (B, T, d)
             return self.out(y), None
         q = self.q(x).view(B, T, h, dh).transpose(1, 2)  # (B, h, T, dh)
         k, v = self.kv(source).view(B, S, 2, h, dh).permute(2, 0, 3, 1, 4)  # each (B, h, S, dh)
         bias = torch.zeros(B, 1, 1, S, dtype=q.dtype, device=q.device).masked_fill_(~source_mask[:, None, None, :], float("-inf"))
         weights = ((q * dh**-0.5) @ k.transpose(-2, -1) + bias).softmax(dim=-1)  # (B, h, T, S)
         dropped = weights
-        if p > 0:
-            keep, scale = dropout_mask(weights.shape, p, weights.dtype) if x.device.type == "cpu" else ((torch.rand_like(weights) >= p).to(weights.dtype), 1 / (1 - p))
+        if key is not None:
+            keep, scale = dropout_mask(weights.shape, p, key, weights.dtype)  # (B, h, T, S)
             dropped = weights * keep * scale
         y = (dropped @ v).transpose(1, 2).reshape(B, T, d)  # (B, h, T, dh) -> (B, T, d)
         return self.out(y), weights
@@ -229,9 +363,11 @@ class TransformerLayer(nn.Module):
         if last_only:  # only the last step's output will be read: query from it alone
             x, h = x[:, -1:], h[:, -1:]  # (B, 1, d)
         a, weights = self.attn(h, kv, kv_mask, return_attention)
-        x = x + self.kernels.dropout(a, self.res_dropout, self.training)
-        h = self.kernels.relu_dropout(self.ff1(self.norm_ff(x)), self.relu_dropout, self.training)
-        x = x + self.kernels.dropout(self.ff2(h), self.res_dropout, self.training)
+        x = x + self.kernels.dropout(a, self.res_dropout, dropout_key(self, "attention_residual", self.res_dropout, a))
+        f = self.ff1(self.norm_ff(x))
+        h = self.kernels.relu_dropout(f, self.relu_dropout, dropout_key(self, "relu", self.relu_dropout, f))
+        f = self.ff2(h)
+        x = x + self.kernels.dropout(f, self.res_dropout, dropout_key(self, "feed_forward_residual", self.res_dropout, f))
         return x, weights
 
 
@@ -251,14 +387,15 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(TransformerLayer(d, heads, attn_dropout, relu_dropout, res_dropout, cross) for _ in range(layers))
         self.norm = nn.LayerNorm(d)
 
-    def embed(self, x, mask):
+    def embed(self, x, mask, tag="embed"):
+        """``tag`` names the dropout site: the stack embeds its input and, cross-modal, its source."""
         B, T, d = x.shape
         # Cached in eager mode; a compiled graph computes it once and folds it in as a constant.
         table = sinusoidal_table(T, d).to(x) if torch.compiler.is_compiling() else _sinusoidal_table(T, d, x.device, x.dtype)  # (T, d)
         first_real = T - mask.sum(dim=1, keepdim=True)  # (B, 1)
         pos = (torch.arange(T, device=x.device)[None, :] - first_real).clamp(min=0)  # (B, T)
         x = math.sqrt(d) * x + table[pos] * mask[..., None]  # (B, T, d); padding gets no position
-        return self.kernels.dropout(x, self.embed_dropout, self.training)
+        return self.kernels.dropout(x, self.embed_dropout, dropout_key(self, tag, self.embed_dropout, x))
 
     def forward(self, x, mask, source=None, source_mask=None, return_attention=False, last_only=False):
         """``last_only``: compute the last step's output only, (B, 1, d); the same values as
@@ -267,7 +404,7 @@ class Transformer(nn.Module):
             return self.accelerator.run_stacks([(self, x, mask, source, source_mask)], last_only)[0]
         x = self.embed(x, mask)
         if source is not None:
-            source = self.embed(source, source_mask)
+            source = self.embed(source, source_mask, "embed_source")
         maps = []
         for i, layer in enumerate(self.layers):
             last = last_only and i == len(self.layers) - 1

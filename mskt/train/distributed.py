@@ -11,7 +11,13 @@ How a global batch is shared: every rank draws the same permutation (same seed),
 global batch of ``batch_size`` samples and takes its own contiguous part. DDP averages gradients
 over ranks, so each rank's loss is weighted by its share (``weighted_share``); the update is then
 that of the whole global batch, as in single-process training, even when the last batch does not
-divide evenly.
+divide evenly. Loss means over something other than samples (kt's consistency terms: real steps;
+labelled samples under ``label_fraction``) divide by the global batch's count, scaled to the rank's
+share (``shared_count``), so they too give the global batch's gradient.
+
+Dropout masks are keyed by each row's dataset index (``set_step_keys``), not by its place in a
+rank's part of the batch, so a sample gets the same masks at any world size: torchrun at any world
+size trains what one process trains, to float rounding.
 """
 
 from __future__ import annotations
@@ -20,6 +26,8 @@ import os
 from dataclasses import dataclass
 
 import torch
+
+from mskt.model.layers import DropoutContext, set_dropout_context
 
 
 @dataclass
@@ -102,3 +110,29 @@ def weighted_share(index: torch.Tensor, dist: Dist) -> tuple[torch.Tensor, float
     if len(part) == 0:
         return index[:1], 0.0
     return part, dist.world * len(part) / len(index)
+
+
+def shared_count(dist: Dist, weight: float):
+    """``count -> denominator`` for a rank's loss means in one step (``mskt.model.losses``): the
+    count summed over ranks (the global batch's), times this rank's share of its samples
+    (``weight / world``). DDP then averages ``weight * sum_r / denominator`` over ranks into
+    ``sum over ranks / global count``: the global mean. One all-reduce per loss term; a rank at
+    weight 0 takes part with a count of 0 and divides by its own count (its loss counts for nothing)."""
+
+    def denominator(count: torch.Tensor) -> torch.Tensor:
+        total = count.detach().to(torch.float64) * float(weight > 0)
+        torch.distributed.all_reduce(total)
+        if weight == 0:
+            return count.clamp(min=1)
+        return (total.clamp(min=1) * (weight / dist.world)).to(torch.float32)
+
+    return denominator
+
+
+def set_step_keys(model: torch.nn.Module, seed: int, epoch: int, index: torch.Tensor, dist: Dist, weight: float) -> None:
+    """Before each training step: what its dropout masks are keyed by (the run's seed, the epoch and
+    each row's dataset index ``index``: each sample is drawn once per epoch, so (epoch, index) names
+    each draw once, the same at any world size and batch composition), and, with several ranks, how
+    its loss means share their denominators (:func:`shared_count`)."""
+    device = next(model.parameters()).device
+    set_dropout_context(model, DropoutContext(seed, epoch, index.to(device), shared_count(dist, weight) if dist.world > 1 else None))

@@ -164,7 +164,7 @@ def train(
     import pandas as pd
     from tqdm.auto import tqdm
 
-    from mskt.train.distributed import Dist, weighted_share
+    from mskt.train.distributed import Dist, set_step_keys, weighted_share
     from mskt.paths import runs_dir
     from mskt.data.readers import load_dataset
 
@@ -249,6 +249,7 @@ def train(
             drops = protocol.draw(len(index), train_steps, drop_generator)  # {} when it removes nothing
             rows, weight = weighted_share(torch.arange(len(index)), dist)  # this rank's part of the global batch
             index = index[rows.to(index.device)]  # (b,)
+            set_step_keys(model, cfg.seed, epoch, index, dist, weight)  # dropout keys (seed, epoch, dataset index), loss shares
             batch = {**data["train"].batch(index), **select_drops(drops, rows, device)}
             try:
                 terms = step(batch, weight)

@@ -16,8 +16,11 @@
 // task copies its head's keys and values transposed, (D, Sp) with S padded to a multiple of 16, so
 // that every inner loop runs over contiguous keys in whole vectors. key_bias (B, S): 0 at real keys and a large negative number at
 // padded ones. Row bh * T + t is query t of head bh = b * heads + head.
-// The dropout mask: key (seed, row = bh * T + t, key j) is kept when its 32-bit hash is at least
-// round(p * 2^32); kept weights are scaled by the exact inverse keep rate.
+// The dropout masks are the model's (mskt/model/layers.py, "Dropout masks"), bit for bit: a tensor
+// read as (B, R, C), element (b, r, c) kept when mix32(row_key(sample_key(call, samples[b]), r) +
+// c * kGolden) >= round(p * 2^32), kept values scaled by the exact inverse keep rate. For the
+// attention weights row r of sample b is head * T + t. The call key (seed, step, site) comes from
+// Python; nothing here draws from a random generator.
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -46,10 +49,29 @@ inline uint32_t mix32(uint32_t x) {
   return x;
 }
 
-inline uint32_t row_key(int64_t seed, int64_t row) {
-  uint32_t lo = static_cast<uint32_t>(seed), hi = static_cast<uint32_t>(static_cast<uint64_t>(seed) >> 32);
-  uint32_t r_lo = static_cast<uint32_t>(row), r_hi = static_cast<uint32_t>(static_cast<uint64_t>(row) >> 32);
-  return mix32(lo ^ mix32(r_lo + mix32(hi ^ mix32(r_hi + kGolden))));
+constexpr uint32_t kGolden2 = 0x85EBCA6Bu;
+
+// A sample's key under a dropout call's 64-bit key: once per batch row, outside any loop over elements.
+inline uint32_t sample_key(int64_t call, int64_t sample) {
+  uint32_t lo = static_cast<uint32_t>(call), hi = static_cast<uint32_t>(static_cast<uint64_t>(call) >> 32);
+  uint32_t s_lo = static_cast<uint32_t>(sample), s_hi = static_cast<uint32_t>(static_cast<uint64_t>(sample) >> 32);
+  return mix32(lo ^ mix32(s_lo + mix32(hi ^ mix32(s_hi + kGolden))));
+}
+
+// Row r of a sample: one mix per row; the row's elements then cost one mix each (key_hash).
+inline uint32_t row_key(uint32_t sample, int64_t r) {
+  return mix32(sample + static_cast<uint32_t>(r) * kGolden2);
+}
+
+// The sample keys of a call: samples (B,) int64 on the CPU, the batch rows' sample indices.
+std::vector<uint32_t> sample_keys(int64_t call, const at::Tensor& samples) {
+  TORCH_CHECK(samples.dim() == 1 && samples.scalar_type() == at::kLong && samples.device().is_cpu(),
+              "dropout: the samples must be a 1-D int64 CPU tensor, got ", samples.sizes());
+  const auto s = samples.contiguous();
+  const int64_t* sp = s.data_ptr<int64_t>();
+  std::vector<uint32_t> keys(s.numel());
+  for (int64_t b = 0; b < s.numel(); ++b) keys[b] = sample_key(call, sp[b]);
+  return keys;
 }
 
 inline uint32_t key_hash(uint32_t key, int64_t j) {
@@ -153,7 +175,7 @@ inline float forward_row(const float* __restrict q, const float* __restrict kT, 
 template <int kD, int kRows>
 inline void forward_rows(const float* __restrict q, int64_t stride, const float* __restrict kT, const float* __restrict vT,
                          const float* __restrict bias, float scale, int64_t D_runtime, int64_t S, const Dropout& drop,
-                         int64_t seed, int64_t row0, float* __restrict w, float* __restrict out, float* __restrict lse) {
+                         uint32_t skey, int64_t row0, float* __restrict w, float* __restrict out, float* __restrict lse) {
   const int64_t D = Width<kD>::get(D_runtime);
   constexpr int64_t kMaxD = kD > 0 ? kD : 64;
   float qs[kRows][kMaxD];
@@ -177,7 +199,7 @@ inline void forward_rows(const float* __restrict q, int64_t stride, const float*
     float* __restrict w_r = w + r * S;
     float t = 0.0f;
     if (drop.active) {
-      const uint32_t key = row_key(seed, row0 + r), threshold = drop.threshold;
+      const uint32_t key = row_key(skey, row0 + r), threshold = drop.threshold;
       const float keep_scale = drop.keep_scale;
       for (int64_t j = 0; j < S; ++j) {
         const float e = exp_nonpositive(w_r[j] - m[r]);
@@ -224,7 +246,7 @@ template <int kD, bool kDropout, int kN>
 inline void backward_scores(int r0, int64_t row0, int64_t stride, const float (*qs)[kD > 0 ? kD : 64],
                             const float (*gd)[kD > 0 ? kD : 64], const float* __restrict out, const float* __restrict kT,
                             const float* __restrict vT, const float* __restrict bias, const float* __restrict lse, float scale,
-                            int64_t D_runtime, int64_t S, uint32_t threshold, float keep_scale, int64_t seed,
+                            int64_t D_runtime, int64_t S, uint32_t threshold, float keep_scale, uint32_t skey,
                             float* __restrict grad_s, float* __restrict kept, float* __restrict grad_q) {
   const int64_t D = Width<kD>::get(D_runtime);
   constexpr int64_t kMaxD = kD > 0 ? kD : 64;
@@ -253,7 +275,7 @@ inline void backward_scores(int r0, int64_t row0, int64_t stride, const float (*
     float g_dot_out = 0.0f;
     for (int64_t d = 0; d < D; ++d) g_dot_out += gd[r][d] * out[r * stride + d];
     const float row_lse = lse[r];
-    const uint32_t key = kDropout ? row_key(seed, row0 + r) : 0u;
+    const uint32_t key = kDropout ? row_key(skey, row0 + r) : 0u;
     float* __restrict gs_r = grad_s + r * S;
     float* __restrict kept_r = kept + r * S;
     for (int64_t j = 0; j < S; ++j) {
@@ -285,7 +307,7 @@ template <int kD, bool kDropout>
 inline void backward_rows(int64_t rows, int64_t row0, int64_t stride, const float* __restrict g, const float* __restrict q,
                           const float* __restrict kT, const float* __restrict vT, const float* __restrict bias,
                           const float* __restrict out, const float* __restrict lse, float scale, int64_t D_runtime,
-                          int64_t S, const Dropout& drop, int64_t seed, float* __restrict grad_s, float* __restrict kept,
+                          int64_t S, const Dropout& drop, uint32_t skey, float* __restrict grad_s, float* __restrict kept,
                           float* __restrict grad_q, float* __restrict grad_kT, float* __restrict grad_vT) {
   const int64_t D = Width<kD>::get(D_runtime);
   constexpr int64_t kMaxD = kD > 0 ? kD : 64;
@@ -300,10 +322,10 @@ inline void backward_rows(int64_t rows, int64_t row0, int64_t stride, const floa
     }
   int first = 0;
   for (; first + kRowsSharingLoads <= rows; first += kRowsSharingLoads)
-    backward_scores<kD, kDropout, kRowsSharingLoads>(first, row0, stride, qs, gd, out, kT, vT, bias, lse, scale, D, S, threshold, keep_scale, seed,
+    backward_scores<kD, kDropout, kRowsSharingLoads>(first, row0, stride, qs, gd, out, kT, vT, bias, lse, scale, D, S, threshold, keep_scale, skey,
                                      grad_s, kept, grad_q);
   if (first < rows)
-    backward_scores<kD, kDropout, 1>(first, row0, stride, qs, gd, out, kT, vT, bias, lse, scale, D, S, threshold, keep_scale, seed,
+    backward_scores<kD, kDropout, 1>(first, row0, stride, qs, gd, out, kT, vT, bias, lse, scale, D, S, threshold, keep_scale, skey,
                                      grad_s, kept, grad_q);
   for (int64_t r = rows; r < kRowBlock; ++r) {
     std::memset(grad_s + r * S, 0, S * sizeof(float));
@@ -398,8 +420,10 @@ struct AlignedBuffer {
 // last), heads of width d / heads, each head's channels side by side, as the projections give
 // them: no transposes before or after. Returns (out (B, T, d), lse (B * heads, T)).
 std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& kv, const at::Tensor& key_bias, int64_t heads,
-                                double scale, double p, int64_t seed) {
+                                double scale, double p, int64_t call, const at::Tensor& samples) {
   check_inputs(q, kv, key_bias, heads);
+  const auto skeys = p > 0.0 ? sample_keys(call, samples) : std::vector<uint32_t>(q.size(0), 0u);
+  TORCH_CHECK(static_cast<int64_t>(skeys.size()) == q.size(0), "fused attention: ", q.size(0), " batch rows but ", skeys.size(), " samples");
   const int64_t B = q.size(0), T = q.size(1), d_model = q.size(2), S = kv.size(1), D = d_model / heads, Sp = padded_keys(S);
   auto out = at::empty_like(q);
   auto lse = at::empty({B * heads, T}, q.options());
@@ -422,12 +446,12 @@ std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& kv, const
         int64_t t = 0;
         for (; t + kRowsSharingLoads <= T; t += kRowsSharingLoads) {
           const int64_t at = (b * T + t) * d_model + head * D;
-          forward_rows<kD, kRowsSharingLoads>(qp + at, d_model, kT.data(), vT.data(), bias.data(), fscale, D, Sp, drop, seed, bh * T + t,
+          forward_rows<kD, kRowsSharingLoads>(qp + at, d_model, kT.data(), vT.data(), bias.data(), fscale, D, Sp, drop, skeys[b], head * T + t,
                                          w.data(), op + at, lp + bh * T + t);
         }
         for (; t < T; ++t) {
           const int64_t at = (b * T + t) * d_model + head * D;
-          lp[bh * T + t] = forward_row<kD>(qp + at, kT.data(), vT.data(), bias.data(), fscale, D, Sp, drop, drop.active ? row_key(seed, bh * T + t) : 0u,
+          lp[bh * T + t] = forward_row<kD>(qp + at, kT.data(), vT.data(), bias.data(), fscale, D, Sp, drop, drop.active ? row_key(skeys[b], head * T + t) : 0u,
                                            w.data(), op + at);
         }
       }
@@ -438,8 +462,11 @@ std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& kv, const
 
 // Returns (grad_q (B, T, d), grad_kv (B, S, 2d)).
 std::vector<at::Tensor> backward(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& kv, const at::Tensor& key_bias,
-                                 const at::Tensor& out, const at::Tensor& lse, int64_t heads, double scale, double p, int64_t seed) {
+                                 const at::Tensor& out, const at::Tensor& lse, int64_t heads, double scale, double p, int64_t call,
+                                 const at::Tensor& samples) {
   check_inputs(q, kv, key_bias, heads);
+  const auto skeys = p > 0.0 ? sample_keys(call, samples) : std::vector<uint32_t>(q.size(0), 0u);
+  TORCH_CHECK(static_cast<int64_t>(skeys.size()) == q.size(0), "fused attention: ", q.size(0), " batch rows but ", skeys.size(), " samples");
   TORCH_CHECK(grad_out.sizes() == q.sizes() && out.sizes() == q.sizes() && grad_out.is_contiguous() && out.is_contiguous() &&
                   lse.is_contiguous(), "fused attention backward: grad_out and out must be contiguous (B, T, d)");
   const int64_t B = q.size(0), T = q.size(1), d_model = q.size(2), S = kv.size(1), D = d_model / heads, Sp = padded_keys(S);
@@ -470,8 +497,8 @@ std::vector<at::Tensor> backward(const at::Tensor& grad_out, const at::Tensor& q
         for (int64_t t = 0; t < T; t += kRowBlock) {
           const int64_t at = (b * T + t) * d_model + head * D, rows = std::min<int64_t>(kRowBlock, T - t);
           const auto rows_backward = drop.active ? backward_rows<kD, true> : backward_rows<kD, false>;
-          rows_backward(rows, bh * T + t, d_model, gp + at, qp + at, kT.data(), vT.data(), bias.data(), op + at, lp + bh * T + t,
-                        fscale, D, Sp, drop, seed, grad_s.data(), kept.data(), gqp + at, grad_kT.data(), grad_vT.data());
+          rows_backward(rows, head * T + t, d_model, gp + at, qp + at, kT.data(), vT.data(), bias.data(), op + at, lp + bh * T + t,
+                        fscale, D, Sp, drop, skeys[b], grad_s.data(), kept.data(), gqp + at, grad_kT.data(), grad_vT.data());
         }
         scatter_head(grad_kT.data(), 0, head, d_model, D, S, Sp, gkvp + b * S * 2 * d_model);
         scatter_head(grad_vT.data(), 1, head, d_model, D, S, Sp, gkvp + b * S * 2 * d_model);
@@ -483,35 +510,39 @@ std::vector<at::Tensor> backward(const at::Tensor& grad_out, const at::Tensor& q
 
 namespace {
 
-// activation(x) times the dropout factors of `seed`, plus `residual` when given (a tensor of x's
-// shape), for any contiguous float32 tensor: element i takes the factor of (row i / 1024, key
-// i % 1024), as `dropout_factors` lays them out. Without dropout no hash is computed.
+// activation(x) times the dropout factors of (call, samples), plus `residual` when given (a tensor of
+// x's shape), for a contiguous float32 tensor read as (B, R, C): B = samples.numel() batch rows,
+// C its last dim, R the rows of each sample; element (b, r, c) takes the factor of sample
+// samples[b], row r, column c, as `dropout_factors` lays them out. Without dropout no hash is computed.
 template <typename Activation>
-at::Tensor hashed_dropout(const at::Tensor& x, const at::Tensor* residual, double p, int64_t seed, Activation activation) {
-  TORCH_CHECK(x.scalar_type() == at::kFloat && x.is_contiguous(), "fused dropout: a contiguous float32 tensor expected");
+at::Tensor hashed_dropout(const at::Tensor& x, const at::Tensor* residual, double p, int64_t call, const at::Tensor& samples,
+                          Activation activation) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat && x.is_contiguous() && x.dim() >= 2, "fused dropout: a contiguous float32 tensor (B, ..., C) expected");
   TORCH_CHECK(residual == nullptr || (residual->sizes() == x.sizes() && residual->is_contiguous() && residual->scalar_type() == at::kFloat),
               "fused dropout: the residual must be a contiguous float32 tensor of the input's shape");
   auto out = at::empty_like(x);
   const float* xp = x.data_ptr<float>();
   const float* rp = residual != nullptr ? residual->data_ptr<float>() : nullptr;
   float* op = out.data_ptr<float>();
-  const int64_t n = x.numel(), chunk = 1024;
   const Dropout drop(p);
-  at::parallel_for(0, (n + chunk - 1) / chunk, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t c = begin; c < end; ++c) {
-      const int64_t start = c * chunk, len = std::min(chunk, n - start);
-      const float* __restrict xc = xp + start;
-      float* __restrict oc = op + start;
+  const int64_t C = x.size(-1), N = C > 0 ? x.numel() / C : 0;
+  const auto skeys = drop.active ? sample_keys(call, samples) : std::vector<uint32_t>(1, 0u);
+  const int64_t R = N / static_cast<int64_t>(skeys.size());
+  TORCH_CHECK(!drop.active || R * static_cast<int64_t>(skeys.size()) == N, "fused dropout: ", N, " rows of ", C, " do not split into ", skeys.size(), " samples");
+  at::parallel_for(0, N, std::max<int64_t>(1, 16384 / std::max<int64_t>(C, 1)), [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n) {
+      const float* __restrict xc = xp + n * C;
+      float* __restrict oc = op + n * C;
       if (drop.active) {
-        const uint32_t key = row_key(seed, c), threshold = drop.threshold;
+        const uint32_t key = row_key(skeys[n / R], n % R), threshold = drop.threshold;
         const float keep_scale = drop.keep_scale;
-        for (int64_t j = 0; j < len; ++j) oc[j] = activation(xc[j]) * dropout_factor(key, j, threshold, keep_scale);
+        for (int64_t j = 0; j < C; ++j) oc[j] = activation(xc[j]) * dropout_factor(key, j, threshold, keep_scale);
       } else {
-        for (int64_t j = 0; j < len; ++j) oc[j] = activation(xc[j]);
+        for (int64_t j = 0; j < C; ++j) oc[j] = activation(xc[j]);
       }
       if (rp != nullptr) {
-        const float* __restrict rc = rp + start;
-        for (int64_t j = 0; j < len; ++j) oc[j] += rc[j];
+        const float* __restrict rc = rp + n * C;
+        for (int64_t j = 0; j < C; ++j) oc[j] += rc[j];
       }
     }
   });
@@ -520,22 +551,22 @@ at::Tensor hashed_dropout(const at::Tensor& x, const at::Tensor* residual, doubl
 
 }  // namespace
 
-// Dropout: x times the factors of `seed`. Its backward is the same call on the gradient, so no
-// mask is ever stored.
-at::Tensor dropout(const at::Tensor& x, double p, int64_t seed) {
-  return hashed_dropout(x, nullptr, p, seed, [](float v) { return v; });
+// Dropout: x times the factors of (call, samples). Its backward is the same call on the gradient,
+// so no mask is ever stored.
+at::Tensor dropout(const at::Tensor& x, double p, int64_t call, const at::Tensor& samples) {
+  return hashed_dropout(x, nullptr, p, call, samples, [](float v) { return v; });
 }
 
 // residual + dropout(x): a residual connection in one pass. Its gradient is the output's for the
 // residual and dropout(grad) for x.
-at::Tensor dropout_residual(const at::Tensor& x, const at::Tensor& residual, double p, int64_t seed) {
-  return hashed_dropout(x, &residual, p, seed, [](float v) { return v; });
+at::Tensor dropout_residual(const at::Tensor& x, const at::Tensor& residual, double p, int64_t call, const at::Tensor& samples) {
+  return hashed_dropout(x, &residual, p, call, samples, [](float v) { return v; });
 }
 
-// relu, then dropout: max(x, 0) times the factors of `seed`. Its backward needs no factors: where
-// the output is not 0 the factor was 1 / keep rate and x was positive.
-at::Tensor relu_dropout(const at::Tensor& x, double p, int64_t seed) {
-  return hashed_dropout(x, nullptr, p, seed, [](float v) { return v > 0.0f ? v : 0.0f; });
+// relu, then dropout: max(x, 0) times the factors of (call, samples). Its backward needs no
+// factors: where the output is not 0 the factor was 1 / keep rate and x was positive.
+at::Tensor relu_dropout(const at::Tensor& x, double p, int64_t call, const at::Tensor& samples) {
+  return hashed_dropout(x, nullptr, p, call, samples, [](float v) { return v > 0.0f ? v : 0.0f; });
 }
 
 at::Tensor relu_dropout_backward(const at::Tensor& grad, const at::Tensor& out, double p) {
@@ -592,23 +623,26 @@ at::Tensor column_sums(const at::Tensor& g) {
   return sum_blocks(partial);
 }
 
-// In place on a (N, C): a = max(a + bias, 0) times the dropout factor of (row n, column c), the
-// factors `dropout_factors(N, 1, C, p, seed)` gives. The feed-forward sublayer's first linear
+// In place on a (N, C), N = B * R rows of B samples: a = max(a + bias, 0) times the dropout factor
+// of (sample n / R, row n % R, column c), as `hashed_dropout` reads a (N, C) tensor. The feed-forward sublayer's first linear
 // writes a without its bias (a plain mm), and this one pass over the (N, 4d) hidden tensor adds it:
 // at this model's sizes each pass over a fresh (N, 4d) tensor costs as much as the matrix product.
-void bias_relu_dropout_(at::Tensor& a, const at::Tensor& bias, double p, int64_t seed) {
+void bias_relu_dropout_(at::Tensor& a, const at::Tensor& bias, double p, int64_t call, const at::Tensor& samples) {
   TORCH_CHECK(a.dim() == 2 && a.is_contiguous() && a.scalar_type() == at::kFloat && bias.is_contiguous() && bias.numel() == a.size(1),
               "fused bias-relu-dropout: a contiguous float32 (N, C) tensor and a bias of C values expected");
   const int64_t N = a.size(0), C = a.size(1);
   float* ap = a.data_ptr<float>();
   const float* bp = bias.data_ptr<float>();
   const Dropout drop(p);
+  const auto skeys = drop.active ? sample_keys(call, samples) : std::vector<uint32_t>(1, 0u);
+  const int64_t R = N / static_cast<int64_t>(skeys.size());
+  TORCH_CHECK(!drop.active || R * static_cast<int64_t>(skeys.size()) == N, "fused bias-relu-dropout: ", N, " rows do not split into ", skeys.size(), " samples");
   at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
     for (int64_t n = begin; n < end; ++n) {
       float* __restrict row = ap + n * C;
       const float* __restrict b = bp;
       if (drop.active) {
-        const uint32_t key = row_key(seed, n), threshold = drop.threshold;
+        const uint32_t key = row_key(skeys[n / R], n % R), threshold = drop.threshold;
         const float keep_scale = drop.keep_scale;
         for (int64_t c = 0; c < C; ++c) {
           const float v = row[c] + b[c];
@@ -725,75 +759,79 @@ std::vector<at::Tensor> layer_norm_backward(const at::Tensor& grad, const at::Te
   return {grad_x, sums[0], sums[1]};
 }
 
-// The dropout factors (0 or 1 / keep rate) the kernels apply, (BH, T, S): for tests.
-at::Tensor dropout_factors(int64_t BH, int64_t T, int64_t S, double p, int64_t seed) {
-  auto factors = at::empty({BH, T, S}, at::kFloat);
+// The dropout factors (0 or 1 / keep rate) the kernels apply to a (B, R, C) tensor under (call,
+// samples (B,)): for tests, against the model's dropout_mask.
+at::Tensor dropout_factors(int64_t R, int64_t C, double p, int64_t call, const at::Tensor& samples) {
+  const auto skeys = sample_keys(call, samples);
+  const int64_t B = static_cast<int64_t>(skeys.size());
+  auto factors = at::empty({B, R, C}, at::kFloat);
   float* fp = factors.data_ptr<float>();
   const Dropout drop(p);
-  for (int64_t row = 0; row < BH * T; ++row) {
-    const uint32_t key = row_key(seed, row);
-    for (int64_t j = 0; j < S; ++j) fp[row * S + j] = drop.active ? dropout_factor(key, j, drop.threshold, drop.keep_scale) : 1.0f;
-  }
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t r = 0; r < R; ++r) {
+      const uint32_t key = row_key(skeys[b], r);
+      float* row = fp + (b * R + r) * C;
+      for (int64_t j = 0; j < C; ++j) row[j] = drop.active ? dropout_factor(key, j, drop.threshold, drop.keep_scale) : 1.0f;
+    }
   return factors;
 }
 
 // ---------------------------------------------------------------------------------------------
 // Autograd functions over the kernels above, in C++: a Python autograd.Function costs ~20 us of
 // interpreter work per call forward and backward, as much as the kernel itself at this model's
-// sizes, and a training step makes ~350 such calls. Each draws its dropout seed the way
-// `int(torch.empty((), dtype=torch.int64).random_())` does, from torch's default generator, so
-// a seeded run repeats.
+// sizes, and a training step makes ~350 such calls. Each takes its dropout key from Python: the
+// call key and the batch rows' sample indices (mskt.model.layers.dropout_key).
 
 namespace {
 
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
-int64_t draw_seed() { return at::empty({}, at::kLong).random_().item<int64_t>(); }
-
 struct AttentionFunction : public torch::autograd::Function<AttentionFunction> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& q, const at::Tensor& kv, const at::Tensor& key_bias, int64_t heads,
-                            double scale, double p) {
-    const int64_t seed = p > 0.0 ? draw_seed() : 0;
+                            double scale, double p, int64_t call, const at::Tensor& samples) {
     auto q_c = q.contiguous(), kv_c = kv.contiguous();
-    auto result = ::forward(q_c, kv_c, key_bias, heads, scale, p, seed);
+    auto result = ::forward(q_c, kv_c, key_bias, heads, scale, p, call, samples);
     ctx->save_for_backward({q_c, kv_c, key_bias, result[0], result[1]});
     ctx->saved_data["heads"] = heads;
     ctx->saved_data["scale"] = scale;
     ctx->saved_data["p"] = p;
-    ctx->saved_data["seed"] = seed;
+    ctx->saved_data["call"] = call;
+    ctx->saved_data["samples"] = samples;
     return result[0];
   }
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     auto saved = ctx->get_saved_variables();
     auto g = ::backward(grads[0].contiguous(), saved[0], saved[1], saved[2], saved[3], saved[4], ctx->saved_data["heads"].toInt(),
-                        ctx->saved_data["scale"].toDouble(), ctx->saved_data["p"].toDouble(), ctx->saved_data["seed"].toInt());
-    return {g[0], g[1], at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+                        ctx->saved_data["scale"].toDouble(), ctx->saved_data["p"].toDouble(), ctx->saved_data["call"].toInt(),
+                        ctx->saved_data["samples"].toTensor());
+    return {g[0], g[1], at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
 
 struct DropoutFunction : public torch::autograd::Function<DropoutFunction> {
-  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, double p) {
-    const int64_t seed = draw_seed();
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, double p, int64_t call, const at::Tensor& samples) {
     ctx->saved_data["p"] = p;
-    ctx->saved_data["seed"] = seed;
-    return ::dropout(x.contiguous(), p, seed);
+    ctx->saved_data["call"] = call;
+    ctx->saved_data["samples"] = samples;
+    return ::dropout(x.contiguous(), p, call, samples);
   }
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    return {::dropout(grads[0].contiguous(), ctx->saved_data["p"].toDouble(), ctx->saved_data["seed"].toInt()), at::Tensor()};
+    return {::dropout(grads[0].contiguous(), ctx->saved_data["p"].toDouble(), ctx->saved_data["call"].toInt(), ctx->saved_data["samples"].toTensor()),
+            at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
 
 struct ReluDropoutFunction : public torch::autograd::Function<ReluDropoutFunction> {
-  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, double p) {
-    auto out = ::relu_dropout(x.contiguous(), p, draw_seed());
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, double p, int64_t call, const at::Tensor& samples) {
+    auto out = ::relu_dropout(x.contiguous(), p, call, samples);
     ctx->save_for_backward({out});
     ctx->saved_data["p"] = p;
     return out;
   }
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     auto saved = ctx->get_saved_variables();
-    return {::relu_dropout_backward(grads[0].contiguous(), saved[0], ctx->saved_data["p"].toDouble()), at::Tensor()};
+    return {::relu_dropout_backward(grads[0].contiguous(), saved[0], ctx->saved_data["p"].toDouble()), at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
 
@@ -828,36 +866,37 @@ struct LayerNormFunction : public torch::autograd::Function<LayerNormFunction> {
 // A layer's parameters, in the order the stack node takes them; a self-attention layer's source
 // norm is two empty tensors.
 enum LayerParam { kNormXW, kNormXB, kNormSW, kNormSB, kWq, kBq, kWkv, kBkv, kWo, kBo, kNormFW, kNormFB, kW1, kB1, kW2, kB2, kLayerParams };
-// A stack's inputs: x, source (empty for self-attention), key_bias, each layer's parameters, then
-// the final norm's weight and bias.
-constexpr int64_t kStackHead = 3;
+// A stack's inputs: x, source (empty for self-attention), key_bias, samples (B,) int64 (the batch
+// rows' sample indices, for the dropout masks), each layer's parameters, then the final norm's
+// weight and bias.
+constexpr int64_t kStackHead = 4;
 inline int64_t stack_inputs(int64_t layers) { return kStackHead + layers * kLayerParams + 2; }
 // Intermediates each part saves for its backward, appended in this order.
 enum AttentionSaved { kAx, kAhx, kAxMean, kAxRstd, kAhs, kAsMean, kAsRstd, kAhq, kAq, kAkv, kAout, kAlse, kAttentionSaved };
 enum FeedForwardSaved { kFx, kFh, kFmean, kFrstd, kFhidden, kFeedForwardSaved };
 enum NormSaved { kNx, kNmean, kNrstd, kNormSaved };
 inline int64_t stack_saved(int64_t layers) { return layers * (kAttentionSaved + kFeedForwardSaved) + kNormSaved; }
-// Dropout seeds per layer, drawn in this order (the attention weights', the attention residual's,
-// the relu's, the feed-forward residual's); 0 where that dropout is off.
-constexpr int64_t kLayerSeeds = 4;
+// Dropout call keys per layer, from Python in this order (the attention weights', the attention
+// residual's, the relu's, the feed-forward residual's); 0 where that dropout is off.
+constexpr int64_t kLayerKeys = 4;
 
 // One stack's settings: ints (layers, heads, last_only), doubles (eps, p_attn, p_relu, p_res).
 struct Stack {
   int64_t layers, heads;
   bool last_only;
   double eps, p_attn, p_relu, p_res;
-  int64_t first_input, first_saved, first_seed;
+  int64_t first_input, first_saved, first_key;
 };
 
 std::vector<Stack> parse_stacks(at::TensorList inputs, const std::vector<int64_t>& ints, const std::vector<double>& doubles) {
   TORCH_CHECK(ints.size() % 3 == 0 && doubles.size() == ints.size() / 3 * 4, "stacks: 3 ints and 4 doubles per stack");
   std::vector<Stack> stacks;
-  int64_t input = 0, saved = 0, seed = 0;
+  int64_t input = 0, saved = 0, key = 0;
   for (size_t i = 0; i < ints.size() / 3; ++i) {
     Stack s{ints[3 * i], ints[3 * i + 1], ints[3 * i + 2] != 0, doubles[4 * i], doubles[4 * i + 1], doubles[4 * i + 2], doubles[4 * i + 3],
-            input, saved, seed};
+            input, saved, key};
     TORCH_CHECK(s.layers > 0 && s.heads > 0, "stacks: stack ", i, " needs layers > 0 and heads > 0");
-    input += stack_inputs(s.layers), saved += stack_saved(s.layers), seed += s.layers * kLayerSeeds;
+    input += stack_inputs(s.layers), saved += stack_saved(s.layers), key += s.layers * kLayerKeys;
     stacks.push_back(s);
   }
   TORCH_CHECK(input == static_cast<int64_t>(inputs.size()), "stacks: ", inputs.size(), " tensors given, the settings describe ", input);
@@ -868,8 +907,8 @@ std::vector<Stack> parse_stacks(at::TensorList inputs, const std::vector<int64_t
 // y = x + dropout(Wo attention(Wq LN_x(x) + bq, Wkv LN_s(source) + bkv) + bo), the keys and values
 // from the source (cross-modal) or, with an empty source, from LN_x(x) itself. last_only: queries
 // and residual of the last step only, y (B, 1, d) (keys and values still from every step).
-at::Tensor attention_sublayer(const at::Tensor& x, const at::Tensor& source, const at::Tensor& key_bias, const at::Tensor* w,
-                              const Stack& s, bool last_only, int64_t seed_attn, int64_t seed_res, std::vector<at::Tensor>& saved) {
+at::Tensor attention_sublayer(const at::Tensor& x, const at::Tensor& source, const at::Tensor& key_bias, const at::Tensor& samples, const at::Tensor* w,
+                              const Stack& s, bool last_only, int64_t key_attn, int64_t key_res, std::vector<at::Tensor>& saved) {
   const bool cross = source.numel() > 0;
   const int64_t B = x.size(0), T = x.size(1), d = x.size(2), Tq = last_only ? 1 : T;
   auto ln_x = ::layer_norm(x.view({B * T, d}), w[kNormXW], w[kNormXB], s.eps);  // (B*T, d), mean, rstd
@@ -883,26 +922,27 @@ at::Tensor attention_sublayer(const at::Tensor& x, const at::Tensor& source, con
   auto q = at::addmm(w[kBq], h_q, w[kWq].t()).view({B, Tq, d});
   auto kv = at::addmm(w[kBkv], h_s, w[kWkv].t()).view({B, S, 2 * d});
   const double scale = 1.0 / std::sqrt(static_cast<double>(d / s.heads));
-  auto attended = ::forward(q, kv, key_bias, s.heads, scale, s.p_attn, seed_attn);  // out (B, Tq, d), lse
+  auto attended = ::forward(q, kv, key_bias, s.heads, scale, s.p_attn, key_attn, samples);  // out (B, Tq, d), lse
   auto a = at::addmm(w[kBo], attended[0].view({B * Tq, d}), w[kWo].t());         // (B*Tq, d)
   auto residual = last_only ? x.select(1, T - 1).contiguous() : x.view({B * T, d});
   saved.insert(saved.end(), {x, ln_x[0], ln_x[1], ln_x[2], h_s, s_mean, s_rstd, h_q, q, kv, attended[0], attended[1]});
-  return ::dropout_residual(a, residual, s.p_res, seed_res).view({B, Tq, d});
+  return ::dropout_residual(a, residual, s.p_res, key_res, samples).view({B, Tq, d});
 }
 
 // Returns the gradient of x; adds the source's into grad_source (defining it on first use) and
 // writes the sublayer's parameters' gradients into grads.
 at::Tensor attention_sublayer_backward(const at::Tensor& grad, const at::Tensor* saved, const at::Tensor& source, const at::Tensor& key_bias,
-                                       const at::Tensor* w, const Stack& s, bool last_only, int64_t seed_attn, int64_t seed_res,
+                                       const at::Tensor& samples,
+                                       const at::Tensor* w, const Stack& s, bool last_only, int64_t key_attn, int64_t key_res,
                                        at::Tensor& grad_source, at::Tensor* grads) {
   const at::Tensor &x = saved[kAx], &q = saved[kAq], &out = saved[kAout], &h_s = saved[kAhs];
   const bool cross = source.numel() > 0;
   const int64_t B = x.size(0), T = x.size(1), d = x.size(2), Tq = last_only ? 1 : T;
   auto grad_y = grad.contiguous().view({B * Tq, d});
-  auto grad_a = ::dropout(grad_y, s.p_res, seed_res);  // (B*Tq, d)
+  auto grad_a = ::dropout(grad_y, s.p_res, key_res, samples);  // (B*Tq, d)
   auto grad_out = grad_a.mm(w[kWo]).view({B, Tq, d});
   const double scale = 1.0 / std::sqrt(static_cast<double>(d / s.heads));
-  auto grad_qkv = ::backward(grad_out, q, saved[kAkv], key_bias, out, saved[kAlse], s.heads, scale, s.p_attn, seed_attn);
+  auto grad_qkv = ::backward(grad_out, q, saved[kAkv], key_bias, out, saved[kAlse], s.heads, scale, s.p_attn, key_attn, samples);
   auto grad_q = grad_qkv[0].view({B * Tq, d}), grad_kv = grad_qkv[1].view({-1, 2 * d});
   auto grad_h_q = grad_q.mm(w[kWq]);    // (B*Tq, d)
   auto grad_h_s = grad_kv.mm(w[kWkv]);  // (B*S, d)
@@ -937,23 +977,23 @@ at::Tensor attention_sublayer_backward(const at::Tensor& grad, const at::Tensor*
 
 // The feed-forward sublayer, pre-LayerNorm with its residual: y = x + dropout(W2 relu_dropout(W1 LN(x) + b1) + b2).
 // The first bias, relu and dropout are one in-place pass over the (N, 4d) hidden tensor.
-at::Tensor feed_forward_sublayer(const at::Tensor& x, const at::Tensor* w, const Stack& s, int64_t seed_relu, int64_t seed_res,
+at::Tensor feed_forward_sublayer(const at::Tensor& x, const at::Tensor& samples, const at::Tensor* w, const Stack& s, int64_t key_relu, int64_t key_res,
                                  std::vector<at::Tensor>& saved) {
   const int64_t d = x.size(-1);
   auto x2 = x.view({-1, d});                                          // (N, d)
   auto ln = ::layer_norm(x2, w[kNormFW], w[kNormFB], s.eps);          // h (N, d), mean (N), rstd (N)
   auto hidden = ln[0].mm(w[kW1].t());                                 // (N, 4d), its bias added by the next pass
-  bias_relu_dropout_(hidden, w[kB1], s.p_relu, seed_relu);
-  auto y = ::dropout_residual(at::addmm(w[kB2], hidden, w[kW2].t()), x2, s.p_res, seed_res);  // (N, d)
+  bias_relu_dropout_(hidden, w[kB1], s.p_relu, key_relu, samples);
+  auto y = ::dropout_residual(at::addmm(w[kB2], hidden, w[kW2].t()), x2, s.p_res, key_res, samples);  // (N, d)
   saved.insert(saved.end(), {x2, ln[0], ln[1], ln[2], hidden});
   return y.view(x.sizes());
 }
 
-at::Tensor feed_forward_sublayer_backward(const at::Tensor& grad, const at::Tensor* saved, const at::Tensor* w, const Stack& s,
-                                          int64_t seed_res, at::Tensor* grads) {
+at::Tensor feed_forward_sublayer_backward(const at::Tensor& grad, const at::Tensor& samples, const at::Tensor* saved, const at::Tensor* w, const Stack& s,
+                                          int64_t key_res, at::Tensor* grads) {
   const at::Tensor &x2 = saved[kFx], &h = saved[kFh], &hidden = saved[kFhidden];
   auto grad_y = grad.contiguous().view({-1, x2.size(1)});  // (N, d)
-  auto grad_f = ::dropout(grad_y, s.p_res, seed_res);      // (N, d)
+  auto grad_f = ::dropout(grad_y, s.p_res, key_res, samples);      // (N, d)
   auto grad_hidden = grad_f.mm(w[kW2]);                    // (N, 4d)
   grads[kB1] = relu_dropout_backward_(grad_hidden, hidden, s.p_relu);  // in place; (4d)
   auto g = ::layer_norm_backward(grad_hidden.mm(w[kW1]), x2, w[kNormFW], saved[kFmean], saved[kFrstd]);
@@ -964,14 +1004,14 @@ at::Tensor feed_forward_sublayer_backward(const at::Tensor& grad, const at::Tens
 }
 
 // One stack forward: its layers, then the final LayerNorm. `in` is the stack's inputs.
-at::Tensor stack_forward(const Stack& s, const at::Tensor* in, const int64_t* seeds, std::vector<at::Tensor>& saved) {
+at::Tensor stack_forward(const Stack& s, const at::Tensor* in, const int64_t* keys, std::vector<at::Tensor>& saved) {
   at::Tensor x = in[0];
-  const at::Tensor &source = in[1], &key_bias = in[2];
+  const at::Tensor &source = in[1], &key_bias = in[2], &samples = in[3];
   for (int64_t l = 0; l < s.layers; ++l) {
     const at::Tensor* w = in + kStackHead + l * kLayerParams;
-    const int64_t* seed = seeds + l * kLayerSeeds;
-    x = attention_sublayer(x, source, key_bias, w, s, s.last_only && l == s.layers - 1, seed[0], seed[1], saved);
-    x = feed_forward_sublayer(x, w, s, seed[2], seed[3], saved);
+    const int64_t* key = keys + l * kLayerKeys;
+    x = attention_sublayer(x, source, key_bias, samples, w, s, s.last_only && l == s.layers - 1, key[0], key[1], saved);
+    x = feed_forward_sublayer(x, samples, w, s, key[2], key[3], saved);
   }
   const at::Tensor* norm = in + kStackHead + s.layers * kLayerParams;
   auto ln = ::layer_norm(x.view({-1, x.size(-1)}), norm[0], norm[1], s.eps);
@@ -980,9 +1020,9 @@ at::Tensor stack_forward(const Stack& s, const at::Tensor* in, const int64_t* se
 }
 
 // One stack backward: writes the gradients of its inputs into grads (the stack's slots).
-void stack_backward(const Stack& s, const at::Tensor& grad, const at::Tensor* in, const at::Tensor* saved, const int64_t* seeds,
+void stack_backward(const Stack& s, const at::Tensor& grad, const at::Tensor* in, const at::Tensor* saved, const int64_t* keys,
                     at::Tensor* grads) {
-  const at::Tensor &source = in[1], &key_bias = in[2];
+  const at::Tensor &source = in[1], &key_bias = in[2], &samples = in[3];
   const at::Tensor* norm = in + kStackHead + s.layers * kLayerParams;
   const at::Tensor* norm_saved = saved + s.layers * (kAttentionSaved + kFeedForwardSaved);
   const at::Tensor& x_last = norm_saved[kNx];
@@ -994,9 +1034,9 @@ void stack_backward(const Stack& s, const at::Tensor& grad, const at::Tensor* in
     const at::Tensor* w = in + kStackHead + l * kLayerParams;
     const at::Tensor* layer_saved = saved + l * (kAttentionSaved + kFeedForwardSaved);
     at::Tensor* layer_grads = grads + kStackHead + l * kLayerParams;
-    const int64_t* seed = seeds + l * kLayerSeeds;
-    grad_x = feed_forward_sublayer_backward(grad_x, layer_saved + kAttentionSaved, w, s, seed[3], layer_grads);
-    grad_x = attention_sublayer_backward(grad_x, layer_saved, source, key_bias, w, s, s.last_only && l == s.layers - 1, seed[0], seed[1],
+    const int64_t* key = keys + l * kLayerKeys;
+    grad_x = feed_forward_sublayer_backward(grad_x, samples, layer_saved + kAttentionSaved, w, s, key[3], layer_grads);
+    grad_x = attention_sublayer_backward(grad_x, layer_saved, source, key_bias, samples, w, s, s.last_only && l == s.layers - 1, key[0], key[1],
                                          grad_source, layer_grads);
   }
   grads[0] = grad_x, grads[1] = grad_source;
@@ -1041,79 +1081,85 @@ double stack_cost(const Stack& s, const at::Tensor* in) {
 
 struct StacksFunction : public torch::autograd::Function<StacksFunction> {
   static variable_list forward(AutogradContext* ctx, at::TensorList inputs, const std::vector<int64_t>& ints,
-                               const std::vector<double>& doubles) {
+                               const std::vector<double>& doubles, const std::vector<int64_t>& keys) {
     const auto stacks = parse_stacks(inputs, ints, doubles);
     variable_list in;
     in.reserve(inputs.size());
     for (const auto& t : inputs) in.push_back(t.contiguous());
-    // Seeds are drawn here, in stack and layer order, never on the team's threads: a seeded run repeats.
-    std::vector<int64_t> seeds;
+    int64_t n_keys = 0;
     std::vector<double> cost;
     for (const auto& s : stacks) {
-      for (int64_t l = 0; l < s.layers; ++l) {
-        for (double p : {s.p_attn, s.p_res, s.p_relu, s.p_res}) seeds.push_back(p > 0.0 ? draw_seed() : 0);
-      }
+      n_keys += s.layers * kLayerKeys;
       cost.push_back(stack_cost(s, in.data() + s.first_input));
     }
+    TORCH_CHECK(n_keys == static_cast<int64_t>(keys.size()), "stacks: ", keys.size(), " dropout keys given, the settings describe ", n_keys);
     variable_list outputs(stacks.size());
     std::vector<variable_list> saved(stacks.size());
     run_stacks(cost, [&](int64_t i) {
       const auto& s = stacks[i];
       saved[i].reserve(stack_saved(s.layers));
-      outputs[i] = stack_forward(s, in.data() + s.first_input, seeds.data() + s.first_seed, saved[i]);
+      outputs[i] = stack_forward(s, in.data() + s.first_input, keys.data() + s.first_key, saved[i]);
     });
     variable_list to_save = in;
     for (auto& part : saved) to_save.insert(to_save.end(), part.begin(), part.end());
     ctx->save_for_backward(to_save);
     ctx->saved_data["ints"] = ints;
     ctx->saved_data["doubles"] = doubles;
-    ctx->saved_data["seeds"] = seeds;
+    ctx->saved_data["keys"] = keys;
     ctx->saved_data["cost"] = cost;
     return outputs;
   }
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const auto all = ctx->get_saved_variables();
     const auto ints = ctx->saved_data["ints"].toIntVector();
-    const auto seeds = ctx->saved_data["seeds"].toIntVector();
+    const auto keys = ctx->saved_data["keys"].toIntVector();
     const auto cost = ctx->saved_data["cost"].toDoubleVector();
     int64_t n_inputs = 0;
     for (size_t i = 0; i < ints.size(); i += 3) n_inputs += stack_inputs(ints[i]);
     const variable_list in(all.begin(), all.begin() + n_inputs);
     const auto stacks = parse_stacks(in, ints, ctx->saved_data["doubles"].toDoubleVector());
-    variable_list result(n_inputs + 2);  // and none for the two settings lists
+    variable_list result(n_inputs + 3);  // and none for the two settings lists and the keys
     run_stacks(cost, [&](int64_t i) {
       const auto& s = stacks[i];
       // An output nothing read has no gradient: zeros, so its stack's inputs get theirs (zero).
       const auto grad = grads[i].defined() ? grads[i] : at::zeros_like(all[n_inputs + s.first_saved + stack_saved(s.layers) - kNormSaved]);
-      stack_backward(s, grad, in.data() + s.first_input, all.data() + n_inputs + s.first_saved, seeds.data() + s.first_seed,
+      stack_backward(s, grad, in.data() + s.first_input, all.data() + n_inputs + s.first_saved, keys.data() + s.first_key,
                      result.data() + s.first_input);
     });
-    for (const auto& s : stacks) result[s.first_input + 2] = at::Tensor();  // key_bias: no gradient
+    for (const auto& s : stacks) result[s.first_input + 2] = result[s.first_input + 3] = at::Tensor();  // key_bias, samples: no gradient
     return result;
   }
 };
 
 }  // namespace
 
-// softmax(q k^T * scale + key_bias) with dropout p on the weights, times v, differentiable in q and kv.
-at::Tensor attention(const at::Tensor& q, const at::Tensor& kv, const at::Tensor& key_bias, int64_t heads, double scale, double p) {
-  return AttentionFunction::apply(q, kv, key_bias, heads, scale, p);
+// softmax(q k^T * scale + key_bias) with dropout p on the weights (the mask of call key `call` and
+// the batch rows' sample indices `samples` (B,) int64), times v, differentiable in q and kv.
+at::Tensor attention(const at::Tensor& q, const at::Tensor& kv, const at::Tensor& key_bias, int64_t heads, double scale, double p,
+                     int64_t call, const at::Tensor& samples) {
+  return AttentionFunction::apply(q, kv, key_bias, heads, scale, p, call, samples);
 }
 
 // Independent transformer stacks as one autograd node, run side by side on torch's threads. Per
 // stack, `inputs` holds x (B, T, d) already embedded, the source (B, S, d) already embedded or an
-// empty tensor (self-attention), the keys' padding bias (B, S), each layer's 16 parameters in
-// LayerParam order (a self-attention layer's source norm: two empty tensors), and the final norm's
-// weight and bias; `ints` holds (layers, heads, last_only) and `doubles` (eps, p_attn, p_relu,
-// p_res). Returns each stack's final-norm output, (B, T, d), or (B, 1, d) with last_only.
-variable_list stacks(const variable_list& inputs, const std::vector<int64_t>& ints, const std::vector<double>& doubles) {
+// empty tensor (self-attention), the keys' padding bias (B, S), the batch rows' sample indices (B,)
+// int64, each layer's 16 parameters in LayerParam order (a self-attention layer's source norm: two
+// empty tensors), and the final norm's weight and bias; `ints` holds (layers, heads, last_only),
+// `doubles` (eps, p_attn, p_relu, p_res), and `keys` each layer's four dropout call keys
+// (kLayerKeys). Returns each stack's final-norm output, (B, T, d), or (B, 1, d) with last_only.
+variable_list stacks(const variable_list& inputs, const std::vector<int64_t>& ints, const std::vector<double>& doubles,
+                     const std::vector<int64_t>& keys) {
   // As a TensorList, autograd takes each tensor as an input of the node (a vector would be one opaque argument).
-  return StacksFunction::apply(at::TensorList(inputs), ints, doubles);
+  return StacksFunction::apply(at::TensorList(inputs), ints, doubles, keys);
 }
 
-at::Tensor dropout_autograd(const at::Tensor& x, double p) { return DropoutFunction::apply(x, p); }
+at::Tensor dropout_autograd(const at::Tensor& x, double p, int64_t call, const at::Tensor& samples) {
+  return DropoutFunction::apply(x, p, call, samples);
+}
 
-at::Tensor relu_dropout_autograd(const at::Tensor& x, double p) { return ReluDropoutFunction::apply(x, p); }
+at::Tensor relu_dropout_autograd(const at::Tensor& x, double p, int64_t call, const at::Tensor& samples) {
+  return ReluDropoutFunction::apply(x, p, call, samples);
+}
 
 at::Tensor layer_norm_autograd(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias, double eps) {
   return LayerNormFunction::apply(x, weight, bias, eps);
@@ -1125,16 +1171,16 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   const auto release_gil = py::call_guard<py::gil_scoped_release>();
   m.def("forward", &forward, "fused attention forward (out, lse)", release_gil);
   m.def("backward", &backward, "fused attention backward (grad_q, grad_kv)", release_gil);
-  m.def("dropout", &dropout, "x times the dropout factors of a seed (forward and backward)", release_gil);
+  m.def("dropout", &dropout, "x times the dropout factors of (call, samples) (forward and backward)", release_gil);
   m.def("stacks", &stacks, "independent transformer stacks (layers and final norm), differentiable, run side by side", release_gil);
   m.def("column_sums", &column_sums, "column sums of an (N, C) tensor, in a fixed order", release_gil);
-  m.def("relu_dropout", &relu_dropout, "max(x, 0) times the dropout factors of a seed", release_gil);
+  m.def("relu_dropout", &relu_dropout, "max(x, 0) times the dropout factors of (call, samples)", release_gil);
   m.def("relu_dropout_backward", &relu_dropout_backward, "the gradient of relu_dropout from its output", release_gil);
   m.def("layer_norm", &layer_norm, "layer norm over the last dim (y, mean, rstd)", release_gil);
   m.def("layer_norm_backward", &layer_norm_backward, "layer norm backward (grad_x, grad_weight, grad_bias)", release_gil);
-  m.def("dropout_factors", &dropout_factors, "the dropout factors of a seed, (BH, T, S)", release_gil);
-  m.def("attention", &attention, "differentiable fused attention (seed drawn from torch's generator when p > 0)", release_gil);
-  m.def("dropout_autograd", &dropout_autograd, "differentiable dropout (seed drawn from torch's generator)", release_gil);
-  m.def("relu_dropout_autograd", &relu_dropout_autograd, "differentiable relu then dropout (seed drawn from torch's generator)", release_gil);
+  m.def("dropout_factors", &dropout_factors, "the dropout factors of (call, samples) for a (B, R, C) tensor", release_gil);
+  m.def("attention", &attention, "differentiable fused attention, dropout keyed by (call, samples)", release_gil);
+  m.def("dropout_autograd", &dropout_autograd, "differentiable dropout keyed by (call, samples)", release_gil);
+  m.def("relu_dropout_autograd", &relu_dropout_autograd, "differentiable relu then dropout keyed by (call, samples)", release_gil);
   m.def("layer_norm_autograd", &layer_norm_autograd, "differentiable layer norm over the last dim", release_gil);
 }

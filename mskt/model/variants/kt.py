@@ -156,9 +156,9 @@ class KT(MulT):
             if cfg.kt_target == "raw":
                 pred = self.audio_readout(pred)  # (B, T, d) -> (B, T, D_a)
             mask = out.aux[f"mask_on_{on}"]  # the grid's real steps, as the forward pass used them
-            terms[name] = consistency_loss(pred, out.aux[f"target_on_{on}"], mask, cfg.consistency)
+            terms[name] = consistency_loss(pred, out.aux[f"target_on_{on}"], mask, cfg.consistency, self.loss_denominator())
             weighted.append(weight * terms[name])
         if "aux_pred" in out.aux:
-            terms["aux_audio"] = task_loss(out.aux["aux_pred"], labels, cfg.task)
+            terms["aux_audio"] = task_loss(out.aux["aux_pred"], labels, cfg.task, self.loss_denominator())
             weighted.append(cfg.lambda_aux * terms["aux_audio"])
         return weighted

@@ -154,6 +154,7 @@ class KTAny(MulT):
             for name in names:
                 key = f"{m}_reconstruction" if name == "fused" else f"{m}_{name}"
                 pred = self.readout[m](out.internals[key])  # (B, T, d) -> (B, T, D_m)
-                terms[f"consistency_{m}_{name}"] = consistency_loss(pred, out.aux[f"target_{m}_{name}"], out.aux[f"mask_{m}_{name}"], cfg.consistency)
+                terms[f"consistency_{m}_{name}"] = consistency_loss(pred, out.aux[f"target_{m}_{name}"], out.aux[f"mask_{m}_{name}"], cfg.consistency,
+                                                                          self.loss_denominator())
             weighted.append(cfg.lambda_any * sum(terms[f"consistency_{m}_{name}"] for name in names) / len(names))
         return weighted
