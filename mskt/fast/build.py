@@ -87,7 +87,7 @@ def compiled_kernels():
     ``relu_dropout_autograd``, ``layer_norm_autograd``, and ``stacks`` (independent transformer
     stacks, run side by side on torch's threads). The plain kernels under them: attention ``forward``
     and ``backward``, ``dropout``, ``relu_dropout`` and its backward, ``layer_norm`` and its
-    backward, ``column_sums``, and ``dropout_factors`` (the factors a seed gives, for tests)."""
+    backward, ``column_sums``, and ``dropout_factors`` (the factors a dropout key gives, for tests)."""
     from mskt.paths import project_root
 
     name = f"mskt_kernels_{build_tag()}"
