@@ -246,3 +246,16 @@ def test_grid_tables_carry_converged(tiny_mosi, tmp_path):
 def test_bad_step_budgets_are_one_line_errors(bad, match):
     with pytest.raises(ConfigError, match=match):
         tiny_run_config(**bad)
+
+
+def test_a_label_efficiency_sweep_refuses_a_leaking_teacher_before_training(tiny_mosi, tmp_path):
+    from mskt.experiments import label_efficiency as le
+
+    teacher = tmp_path / "teacher"
+    train(tiny_run_config(variant="full", epochs=1), out_dir=teacher, dataset=tiny_mosi)
+    base = tiny_run_config(variant="kt", kt_target="teacher", teacher_run=str(teacher), epochs=1)
+    with pytest.raises(ConfigError, match=r"label_fraction=1.0 \(run kt-lf0.5 seed 7: 0.5\)") as e:
+        le.sweep(base, fractions=(1.0, 0.5), knob=None, variants=("kt",), seeds=1, out_dir=tmp_path / "sweep")
+    assert "\n" not in str(e.value) and not (tmp_path / "sweep").exists()  # nothing trained
+    le.check_teachers(base, {"kt-lf1": {"variant": "kt", "label_fraction": 1.0}}, seeds=2)  # every label: any seed
+    le.check_teachers(base, {"lv-lf0.5": {"variant": "language_vision", "label_fraction": 0.5}}, seeds=1)  # no teacher
