@@ -259,3 +259,19 @@ def test_a_label_efficiency_sweep_refuses_a_leaking_teacher_before_training(tiny
     assert "\n" not in str(e.value) and not (tmp_path / "sweep").exists()  # nothing trained
     le.check_teachers(base, {"kt-lf1": {"variant": "kt", "label_fraction": 1.0}}, seeds=2)  # every label: any seed
     le.check_teachers(base, {"lv-lf0.5": {"variant": "language_vision", "label_fraction": 0.5}}, seeds=1)  # no teacher
+
+
+def test_a_resumed_run_keeps_its_step_counts_and_its_early_stop(tiny_mosi, tmp_path):
+    from mskt.train import resume
+
+    cfg = tiny_run_config(variant="language_vision", epochs=2, label_fraction=0.1, steps_like_full_labels=True)
+    whole = train(cfg, out_dir=tmp_path / "whole", dataset=tiny_mosi)
+    train(cfg, out_dir=tmp_path / "cut", dataset=tiny_mosi, on_epoch=lambda epoch, row: epoch == 1)  # stopped after epoch 1
+    again = resume(tmp_path / "cut", dataset=tiny_mosi)
+    for key in ("optimizer_steps", "skipped_steps", "epochs_run", "best_epoch", "test"):
+        assert again.metrics[key] == whole.metrics[key], key
+    early = train(tiny_run_config(variant="language_vision", epochs=12, lr=3e-2, patience=2), out_dir=tmp_path / "early", dataset=tiny_mosi)
+    assert early.metrics["stopped_by"] == "patience"
+    after = resume(tmp_path / "early", dataset=tiny_mosi)  # nothing more to train
+    assert after.metrics["stopped_by"] == "patience" and len(after.history) == len(early.history)
+    assert after.metrics["test"] == early.metrics["test"]

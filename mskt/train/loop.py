@@ -257,10 +257,15 @@ def train(
         step.counts.update(state.get("step_counts", {}))
     min_steps = _min_steps(cfg, len(data["train"]))
     stopped_by = "epochs"
+    if state is not None:  # a run that had already stopped early stays stopped when resumed
+        if cfg.max_steps and step.counts["taken"] >= cfg.max_steps:
+            stopped_by, first_epoch = "max_steps", math.inf
+        elif cfg.patience and state["epoch"] - best["epoch"] >= cfg.patience:
+            stopped_by, first_epoch = "patience", math.inf
 
     started = time.perf_counter()
     show = _progress_enabled(cfg.progress) and dist.is_main
-    epochs = tqdm(_epochs(first_epoch, cfg, step.counts, min_steps), desc=f"{cfg.variant}", disable=not show, total=cfg.epochs - first_epoch + 1)
+    epochs = tqdm(_epochs(first_epoch, cfg, step.counts, min_steps), desc=f"{cfg.variant}", disable=not show, total=max(cfg.epochs - first_epoch + 1, 0))
     for epoch in epochs:
         model.train()
         sums, t0 = {}, time.perf_counter()
@@ -367,6 +372,8 @@ def _min_steps(cfg: Config, n_train: int) -> int:
 def _epochs(first: int, cfg: Config, counts: dict, min_steps: int):
     """Epoch numbers from ``first``: up to ``cfg.epochs``, then on while fewer than ``min_steps``
     optimizer steps were taken (not past an epoch that took none: nothing more would come)."""
+    if first == math.inf:  # stopped early before a resume: nothing more
+        return
     epoch = first
     while epoch <= cfg.epochs:
         yield epoch
