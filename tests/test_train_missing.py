@@ -88,7 +88,7 @@ def test_uniform_draws_a_rate_per_sample():
     assert (drawn.float().mean(0) - expected).abs().max() < 0.012
     # A rate per sample, not one for all: the count per sample is over-dispersed against a fixed rate
     # with the same mean share.
-    fixed = TrainingProtocol("sample", 0.37).draw(n, STEPS, gen(2))["dropped"]  # about the same share
+    fixed = TrainingProtocol("sample", expected).draw(n, STEPS, gen(2))["dropped"]  # the same share, exactly
     share = float(fixed.float().mean())
     assert abs(share - expected) < 0.01
     assert float(drawn.sum(1).float().var()) > 1.2 * float(fixed.sum(1).float().var())

@@ -231,6 +231,9 @@ def test_the_command_line_tunes_finalizes_and_each_trial_is_a_run(tmp_path, caps
     out = capsys.readouterr().out
     assert "| kt default | 1 |" in out and "| kt tuned | 1 |" in out and "Validation loss" in out
     assert (tmp_path / "c" / "finalize" / "results.md").read_text() in out
+    # finalize trains fresh seeds: every trial of the search trained with seed 11
+    assert sorted(p.name for p in (tmp_path / "c" / "finalize").iterdir() if p.is_dir()) == ["kt default-seed12", "kt tuned-seed12"]
+    assert "finalize seeds 12 (disjoint from the search's)" in out
     # Another worker on this study must bring the same config: a different one is refused, in one line.
     assert main(["tune", *flags, "--space", str(space), "--trials", "2", "--prune", "--seed", "11", "--epochs", "3"]) == 2
     err = capsys.readouterr().err

@@ -84,21 +84,26 @@ def missing_mask(n: int, rate: float = 0.0, seed: int = 0, fixed=()) -> torch.Te
     fixed = parse_missing(fixed)
     rate = check_rate(rate)
     base = torch.tensor([m in fixed for m in MODALITIES])  # (3,)
-    mask = base.expand(n, len(MODALITIES)).clone()
     if rate == 0.0 or n == 0:
-        return mask
-    g = torch.Generator().manual_seed(int(seed))
+        return base.expand(n, len(MODALITIES)).clone()
+    return _exact_mask(n, base, rate, torch.Generator().manual_seed(int(seed)), warn=True)
+
+
+def _exact_mask(n: int, base: torch.Tensor, rate: float, g: torch.Generator, warn: bool = False) -> torch.Tensor:
+    """(n, 3) bool: ``base`` (3,) for every sample and exactly round(rate x free slots) of the other
+    slots, never all of a sample's (:func:`missing_mask`), drawn from ``g``."""
+    mask = base.expand(n, len(MODALITIES)).clone()
     free = torch.nonzero(~base).flatten()  # (F,)
     k_free = len(free)
     slots = n * (k_free - 1)  # droppable once each sample keeps one free modality
     want = int(round(rate * n * k_free))
-    if want > slots:
+    if want > slots and warn:
         import logging
 
         logging.getLogger("mskt").warning(
             "missing rate %g leaves some sample with nothing: at most %.3f of its %d free modality slots can be missing; "
             "using that (missing_rate_realised records it)", rate, slots / (n * k_free) if k_free else 0.0, n * k_free)
-        want = slots
+    want = min(want, slots)
     kept = torch.randint(k_free, (n,), generator=g)  # (n,) which free modality each sample keeps
     droppable = torch.ones(n, k_free, dtype=torch.bool)
     droppable[torch.arange(n), kept] = False
@@ -197,7 +202,8 @@ class TrainingProtocol:
       probability ``rate`` a sample gets one of the six ``MISSING_PATTERNS``, chosen uniformly;
     * ``"fixed"``: the ``fixed`` modalities are missing for every sample;
     * ``"sample"`` (IMDer / DiCMoR: the test rate in training): each modality of each sample is
-      missing with probability ``rate`` (a sample left with nothing is drawn again);
+      missing with probability ``rate``, exactly that share of the batch's slots and never all of a
+      sample's (the masks :func:`missing_mask` draws; above 2/3 each sample keeps one modality);
     * ``"uniform"`` (LNLN: one model for every rate): each sample draws its own rate r ~ U(0, ``rate``)
       and each of its modalities is missing with probability r (nothing left: drawn again);
     * ``"step"`` (TFR-Net): each time step of each modality is dropped with probability ``rate``.
@@ -247,10 +253,10 @@ class TrainingProtocol:
             chosen = patterns[torch.randint(len(MISSING_PATTERNS), (n,), generator=generator)]  # (n, 3)
             hit = torch.rand(n, generator=generator) < self.rate  # (n,)
             return {"dropped": chosen & hit[:, None]}
-        if self.kind == "sample":
-            rates = torch.full((n, 1), self.rate)
-        else:  # uniform: each sample its own rate in [0, rate), so never 1
-            rates = torch.rand(n, 1, generator=generator) * self.rate
+        if self.kind == "sample":  # as the evaluation draws it: the rate realised, not only expected
+            return {"dropped": _exact_mask(n, torch.zeros(k, dtype=torch.bool), self.rate, generator)}
+        # uniform: each sample its own rate in [0, rate), so never 1
+        rates = torch.rand(n, 1, generator=generator) * self.rate
         mask = torch.rand(n, k, generator=generator) < rates  # (n, 3)
         bad = mask.all(dim=1)
         while bad.any():  # P(all three) = r^3 < 1: this ends
