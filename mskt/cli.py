@@ -196,6 +196,18 @@ def _missing_options(args) -> dict:
     return options
 
 
+def _realised_rate(split, options: dict) -> float:
+    """The share of the free modality slots (or time steps) the evaluation's masks remove; 0.0 for
+    the default protocol (mskt.data.missing.realised_rate)."""
+    from mskt.data.missing import evaluation_masks, realised_rate
+
+    if not options:
+        return 0.0
+    steps = {m: int(x.shape[1]) for m, x in split.features.items()}  # lazy arrays too: only the shape
+    masks = evaluation_masks(len(split), steps, options["missing"], options["missing_rate"], options["missing_mode"], options["missing_seed"])
+    return realised_rate(masks, options["missing"])
+
+
 def cmd_evaluate(args) -> int:
     from mskt.data import missing
     from mskt.data.readers import load_dataset
@@ -220,6 +232,7 @@ def cmd_evaluate(args) -> int:
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
         record = {"run": str(args.run), "data": data_source, "protocol": protocol, **({"missing": {**options, "missing": list(options["missing"])}} if options else {})}
+        record["missing_rate_realised"] = _realised_rate(ds["test"], options)
         atomic_write_text(out, json.dumps({**record, "test": metrics}, indent=2) + "\n")
     return 0
 

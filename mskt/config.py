@@ -39,6 +39,21 @@ class Config(ModelConfig):
     grad_clip: float = 0.8
     seed: int = 1111
     select_on: str = "valid_loss"  # "valid_loss" (task loss on validation, as MulT) or "valid_metric"
+    # Which validation protocol selects the checkpoint (and feeds patience): "default" (each variant's
+    # own test protocol: audio missing, nothing missing for `full`; the paper's), "none" (nothing
+    # missing), "conditions" (the mean score over the six fixed missing conditions), or one condition
+    # ("audio", "audio,vision", ...). Variants compared with each other must share one: robustness
+    # comparisons (mskt.experiments.robustness.fair_configs) use "conditions" for every variant.
+    select_missing: str = "default"
+    # Convergence. patience: stop after this many epochs without a better validation score (0: off,
+    # train all `epochs`). max_steps: stop after this many optimizer steps (0: no limit). min_steps:
+    # go on past `epochs` until this many optimizer steps were taken (0: none). steps_like_full_labels:
+    # with label_fraction < 1, min_steps becomes what the same run with every label takes
+    # (epochs x batches per epoch), so fewer labels never mean fewer optimizer steps.
+    patience: int = 0
+    max_steps: int = 0
+    min_steps: int = 0
+    steps_like_full_labels: bool = False
     label_fraction: float = 1.0  # keep a seeded, stratified share of the training labels; the rest train unlabelled (mskt.data.labels)
     teacher_run: str = ""  # kt_target="teacher": a finished `full` run folder whose audio encoder is frozen in
     # Missing modalities in training, for any variant (mskt.data.missing.TrainingProtocol): "auto" (the
@@ -80,6 +95,9 @@ class Config(ModelConfig):
             except RuntimeError:
                 raise ConfigError(f"device={self.device!r} is not a device; use auto, cpu, cuda or cuda:N") from None
         self._check_train_missing()
+        self._check_select_missing()
+        if self.max_steps and self.min_steps > self.max_steps:
+            raise ConfigError(f"min_steps={self.min_steps} exceeds max_steps={self.max_steps}; min_steps must be at most max_steps (0: no limit)")
         if variant_class(self.variant).uses_teacher(self) and not self.teacher_run:
             raise ConfigError(f"variant {self.variant!r} with kt_target={self.kt_target!r} needs teacher_run: the folder of a finished `full` run")
 
@@ -101,6 +119,19 @@ class Config(ModelConfig):
         inputs = variant_class(self.variant).inputs
         if set(inputs) <= set(names):
             raise ConfigError(f"{key}={value!r} leaves variant {self.variant!r} nothing it reads ({', '.join(inputs)})")
+
+    def _check_select_missing(self) -> None:
+        """select_missing: one of SELECT_MISSING or one fixed condition (MISSING_PATTERNS, as
+        mskt.data.missing.CONDITIONS names them: "audio", "text,vision"; "language" is "text")."""
+        from mskt.model import MISSING_PATTERNS, MODALITIES
+
+        if self.select_missing in SELECT_MISSING:
+            return
+        names = [{"language": "text"}.get(n.strip(), n.strip()) for n in self.select_missing.split(",") if n.strip()]
+        if tuple(m for m in MODALITIES if m in names) not in MISSING_PATTERNS or len(set(names)) != len(names):
+            conditions = ", ".join(",".join(p) for p in MISSING_PATTERNS)
+            raise ConfigError(f"select_missing={self.select_missing!r} is not allowed; choose one of {', '.join(SELECT_MISSING)} "
+                              f"or one condition: {conditions}")
 
     def _check_types(self) -> None:
         """A Config built directly (not through from_dict) gets the same type errors as from_dict."""
@@ -170,6 +201,8 @@ class Config(ModelConfig):
 _TYPES = {"int": int, "float": float, "str": str, "bool": bool}
 # train_missing's choices: "auto" (the variant's own protocol) and mskt.data.missing.TrainingProtocol's kinds.
 TRAIN_PROTOCOLS = ("auto", "none", "patterns", "fixed", "sample", "uniform", "step")
+# select_missing's named choices (besides one fixed condition such as "audio,vision").
+SELECT_MISSING = ("default", "none", "conditions")
 
 # The allowed range of every numeric field (the model's, MODEL_RANGES, and the run's), in the form
 # ``mskt.model.config.check_ranges`` reads. Kernels (odd, >= 1) are checked by ModelConfig.check;
@@ -189,6 +222,9 @@ RANGES = {
     "eval_batch_size": ((1, "["), None, ""),
     "threads": ((0, "["), (1024, "]"), " (0: torch's default)"),
     "train_missing_rate": ((0.0, "["), (1.0, "]"), " (below 1 for train_missing sample and step)"),
+    "patience": ((0, "["), None, " (epochs without improvement; 0: off)"),
+    "max_steps": ((0, "["), None, " (0: no limit)"),
+    "min_steps": ((0, "["), None, " (0: none)"),
 }
 
 

@@ -130,27 +130,53 @@ def test_unlabelled_samples_give_no_task_gradient_but_move_the_consistency_terms
     assert moved["consistency_vision"].item() != pytest.approx(terms["consistency_vision"].item(), abs=1e-6)
 
 
-def test_a_batch_without_labels_trains_only_the_consistency_terms():
-    cfg = tiny_model_config(variant="language_vision", **NO_DROPOUT)
+@pytest.mark.parametrize("variant", ["kt", "language_vision"])
+def test_a_batch_without_labels_trains_only_the_consistency_terms(variant):
+    """kt has consistency terms: with no label in the batch its whole gradient is theirs (the task
+    term is 0 and adds none) and it is not zero; the prediction head, which only the task term
+    reaches, gets none. language_vision has no consistency terms: no gradient at all."""
+    cfg = tiny_model_config(variant=variant, **NO_DROPOUT)
     model = build_model(cfg)
+    for m in model.standardises():
+        model.set_statistics(m, torch.zeros(cfg.dim(m)), torch.ones(cfg.dim(m)))
     batch = make_batch_fn(cfg)
     terms = model.loss(model(batch), hide_labels(batch["labels"], np.zeros(4, bool)))
     assert terms["task"].item() == 0.0
-    terms["total"].backward()  # no NaN, no error: a gradient of zeros
-    assert all(p.grad is None or not p.grad.any() for p in model.parameters())
+    names, params = zip(*[(n, p) for n, p in model.named_parameters() if p.requires_grad])
+    grad = lambda loss: [torch.zeros_like(p) if g is None else g for p, g in
+                         zip(params, torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True))]
+    g_task, g_total = grad(terms["task"]), grad(terms["total"])
+    assert all(not g.any() for g in g_task)  # no path from a hidden label to any weight
+    consistency = [k for k in terms if k.startswith("consistency")]
+    assert bool(consistency) == (variant == "kt")
+    if not consistency:
+        assert all(not g.any() for g in g_total)
+        return
+    g_rest = grad(terms["total"] - terms["task"])
+    assert all(torch.equal(a, b) for a, b in zip(g_total, g_rest))  # the total's gradient is the consistency terms'
+    moved = {n for n, g in zip(names, g_total) if g.any()}
+    assert any(n.startswith(("theta", "phi")) for n in moved)  # the reconstruction of audio trains
+    assert not any(n.startswith("out.") for n in moved)  # the prediction head does not
 
 
 def test_hidden_labels_never_reach_training(tiny_mosi):
-    """Two datasets that differ only in the labels of samples outside the subset train identically."""
+    """Two datasets that differ only in the labels of samples outside the subset train identically:
+    the same loss terms every epoch, the same weights, the same test metrics."""
     cfg = tiny_run_config(variant="kt", label_fraction=0.5, **NO_DROPOUT)
     keep = labelled_subset(tiny_mosi["train"].labels, 0.5, cfg.seed)
     changed = make_synthetic("mosi", aligned=True, scale=0.01, seed=0)
     y = changed["train"].labels
-    # move each hidden label within its stratum (Acc7 class), so the subset is the same
-    y[~keep] = np.clip(np.round(y[~keep]), -3, 3) + np.where(np.round(y[~keep]) >= 0, -0.2, 0.2) * (np.abs(np.round(y[~keep])) > 0)
-    assert np.array_equal(labelled_subset(y, 0.5, cfg.seed), keep) and not np.array_equal(y, tiny_mosi["train"].labels)
+    # move each hidden label to the far end of its stratum (Acc7 class), so the subset is the same
+    k = np.clip(np.round(y[~keep]), -3, 3)
+    far = np.where(y[~keep] >= k, k - 0.45, k + 0.45)
+    y[~keep] = np.where(np.abs(far) > 3, k - 0.45 * np.sign(k), far)  # labels stay in [-3, 3]
+    assert np.array_equal(labelled_subset(y, 0.5, cfg.seed), keep) and np.abs(y - tiny_mosi["train"].labels)[~keep].min() > 0.04
     a = train(cfg, dataset=tiny_mosi, save=False)
     b = train(cfg, dataset=changed, save=False)
+    losses = [c for c in a.history.columns if c.startswith(("train_", "valid_")) and c != "train_samples_per_s"]
+    assert "train_task" in losses and a.history[losses].equals(b.history[losses])  # a leak moves train_task first
+    sa, sb = a.model.state_dict(), b.model.state_dict()
+    assert all(torch.equal(sa[n], sb[n]) for n in sa)
     assert a.metrics["test"] == b.metrics["test"]
     c = train(cfg.replace(label_fraction=1.0), dataset=changed, save=False)
     assert c.metrics["test"] != b.metrics["test"]  # and the labels do matter once kept

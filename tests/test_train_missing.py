@@ -28,13 +28,13 @@ from mskt.config import Config
 from mskt.data.missing import MissingError, TrainingProtocol, missing_mask, select_drops, step_mask, training_generator
 from mskt.errors import ConfigError
 from mskt.experiments import robustness
-from mskt.model import MISSING_PATTERNS, MODALITIES
+from mskt.model import MISSING_PATTERNS, MODALITIES, build_model
 from mskt.train import train
 
 try:
-    from conftest import tiny_run_config
+    from conftest import tiny_model_config, tiny_run_config
 except ImportError:  # tests/ imported as a package
-    from tests.conftest import tiny_run_config
+    from tests.conftest import tiny_model_config, tiny_run_config
 
 STEPS = {"text": 8, "audio": 12, "vision": 10}
 PATTERN_ROWS = torch.tensor([[m in p for m in MODALITIES] for p in MISSING_PATTERNS])  # (6, 3)
@@ -88,7 +88,7 @@ def test_uniform_draws_a_rate_per_sample():
     assert (drawn.float().mean(0) - expected).abs().max() < 0.012
     # A rate per sample, not one for all: the count per sample is over-dispersed against a fixed rate
     # with the same mean share.
-    fixed = TrainingProtocol("sample", 0.37).draw(n, STEPS, gen(2))["dropped"]  # about the same share
+    fixed = TrainingProtocol("sample", expected).draw(n, STEPS, gen(2))["dropped"]  # the same share, exactly
     share = float(fixed.float().mean())
     assert abs(share - expected) < 0.01
     assert float(drawn.sum(1).float().var()) > 1.2 * float(fixed.sum(1).float().var())
@@ -305,16 +305,37 @@ def test_rate_summary_normalised_auc():
     assert "| seeds |" in robustness.summary_markdown(table)
 
 
-def test_fair_and_matched_configs():
-    fair = robustness.fair_configs()
-    assert fair["kt_any"] == {"variant": "kt_any", "train_missing": "patterns", "train_missing_rate": 0.5}
-    assert fair["full+drop"] == {**fair["kt_any"], "variant": "full"} and fair["full"]["train_missing"] == "none"
-    assert set(fair) == {"kt_any", "kt_any-nodrop", "kt", "kt+drop", "language_vision", "language_vision+drop", "full", "full+drop"}
-    for overrides in fair.values():
-        Config.from_dict(overrides)
-    matched = robustness.matched_configs(("full",), (0.0, 0.3))
-    assert matched == {"full@0": {"variant": "full", "train_missing": "sample", "train_missing_rate": 0.0},
-                       "full@0.3": {"variant": "full", "train_missing": "sample", "train_missing_rate": 0.3}}
+@pytest.mark.parametrize("rate", [0.3, 0.5])
+def test_fair_and_matched_configs(rate):
+    """Like for like, checked on what the configs do rather than on their text: every "+drop" run and
+    kt_any get the same training protocol (the one kt_any draws for itself at this rate), the
+    published ones none, and every run of a comparison one and the same selection protocol."""
+    from mskt.data.missing import TrainingProtocol, training_protocol
+
+    variants = ("kt_any", "kt", "language_vision", "full")
+    fair = robustness.fair_configs(variants, rate=rate)
+    assert set(fair) == {"kt_any", "kt_any-nodrop"} | {f"{v}{s}" for v in variants[1:] for s in ("", "+drop")}
+    protocols, selections = {}, set()
+    for label, overrides in fair.items():
+        cfg = tiny_run_config(**overrides)
+        assert cfg.variant == label.split("+")[0].removesuffix("-nodrop")
+        protocols[label] = training_protocol(cfg, build_model(cfg))
+        selections.add(cfg.select_missing)
+    own = training_protocol(tiny_run_config(variant="kt_any", modality_dropout=rate), build_model(tiny_model_config(variant="kt_any", modality_dropout=rate)))
+    assert own == TrainingProtocol("patterns", rate)  # kt_any's own recipe at this rate
+    for label, protocol in protocols.items():
+        dropped = label == "kt_any" or label.endswith("+drop")
+        assert protocol == (own if dropped else TrainingProtocol("none")), label
+    assert selections == {robustness.FAIR_SELECTION} != {"default"}  # one protocol for all, not each variant's own
+    assert {c["select_missing"] for c in robustness.fair_configs(variants, rate, select_missing="none").values()} == {"none"}
+
+    matched = robustness.matched_configs(("kt_any", "full"), (0.0, rate))
+    assert set(matched) == {f"{v}@{r:g}" for v in ("kt_any", "full") for r in (0.0, rate)}
+    for label, overrides in matched.items():
+        cfg = tiny_run_config(**overrides)
+        r = float(label.split("@")[1])
+        assert cfg.variant == label.split("@")[0] and cfg.select_missing == robustness.FAIR_SELECTION
+        assert training_protocol(cfg, build_model(cfg)) == TrainingProtocol("sample", r)  # the test rate, in training
 
 
 def test_matched_sweep_tests_each_run_at_its_training_rate(tiny_mosi):

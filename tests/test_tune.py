@@ -105,21 +105,58 @@ def test_a_worker_killed_mid_trial_leaves_it_retried_and_the_study_finishes(tmp_
     assert cfg.epochs == 8
 
 
+def _queued_study(root: Path, base: Config, space: dict, queue: list, dataset, pruner="median", name="p"):
+    """A study whose trials are exactly ``queue`` (parameter dicts), in order: each is enqueued, so
+    no sampler draw decides which trial is good or bad."""
+    st, _ = tuning.open_study(base, name, tuning.study_folder(name, root), space=space, pruner=pruner)
+    for params in queue:
+        st.enqueue_trial(params)
+    return tuning.tune(base, len(st.trials), study=name, space=space, pruner=pruner, root=root, dataset=dataset)
+
+
+GOOD, BAD = {"lr": 3e-3}, {"lr": 1e-7}  # 1e-7 barely moves the weights: a bad trial
+
+
 def test_the_pruner_stops_a_bad_trial_early(tmp_path, tiny_mosi):
     from mskt.train import load_run
 
-    base = Config.from_dict({**TINY, "epochs": 3, "seed": 9})  # seed 9: the sampler's fourth trial is a bad one
-    space = {"lr": Knob(choices=(3e-3, 1e-7))}  # 1e-7 barely moves the weights: a bad trial
-    st = tuning.tune(base, 4, study="p", space=space, pruner="median", root=tmp_path, dataset=tiny_mosi)
-    pruned = [t for t in st.trials if t.state.name == "PRUNED"]
-    assert pruned, [(t.params, t.state.name) for t in st.trials]
-    for t in pruned:
+    base = Config.from_dict({**TINY, "epochs": 3, "seed": 9, "lr": 3e-3})  # trial 0, the default, is a good one
+    space = {"lr": Knob(choices=(3e-3, 1e-7))}
+    st = _queued_study(tmp_path, base, space, [GOOD, GOOD, BAD, BAD], tiny_mosi)
+    assert [t.params["lr"] for t in st.trials] == [3e-3] * 3 + [1e-7] * 2  # the queue, not the sampler
+    states = [t.state.name for t in st.trials]
+    assert states == ["COMPLETE"] * 3 + ["PRUNED"] * 2, states  # median pruner: 3 trials to compare with, then prunes
+    for t in st.trials[3:]:
         folder = tmp_path / "p" / t.user_attrs["run_dir"]
         note = json.loads((folder / "pruned.json").read_text())
         assert note["pruned"] and note["epoch"] < 3 and t.params["lr"] == 1e-7
         assert len((folder / "history.csv").read_text().splitlines()) - 1 == note["epoch"] == max(t.intermediate_values)
         cfg, _ = load_run(folder)  # an ordinary run folder, cut short
         assert cfg.lr == 1e-7 and not (folder / "metrics.json").exists()
+    # without a pruner the same queue runs every trial to the end
+    st = _queued_study(tmp_path / "none", base, space, [GOOD, GOOD, BAD, BAD], tiny_mosi, pruner=None)
+    assert [t.state.name for t in st.trials] == ["COMPLETE"] * 5
+
+
+def test_pruning_never_reads_test_labels(tmp_path, tiny_mosi):
+    """The pruner sees each epoch's validation loss, nothing of test: with poisoned test labels every
+    trial reports the same values and is pruned (or not) at the same epoch."""
+    import pandas as pd
+
+    base = Config.from_dict({**TINY, "epochs": 3, "seed": 9, "lr": 3e-3})
+    space = {"lr": Knob(choices=(3e-3, 1e-7))}
+    test = tiny_mosi.splits["test"]
+    poisoned_labels = np.random.default_rng(1).uniform(-3, 3, size=test.labels.shape).astype(test.labels.dtype)
+    poisoned = dataclasses.replace(tiny_mosi, splits={**tiny_mosi.splits, "test": dataclasses.replace(test, labels=poisoned_labels)})
+    seen = []
+    for name, ds in (("clean", tiny_mosi), ("poisoned", poisoned)):
+        st = _queued_study(tmp_path / name, base, space, [GOOD, GOOD, BAD, BAD], ds)
+        seen.append([(t.number, t.state.name, t.intermediate_values) for t in st.trials])
+        for t in st.trials:  # what the pruner saw is the run's validation loss, epoch by epoch
+            history = pd.read_csv(tmp_path / name / "p" / t.user_attrs["run_dir"] / "history.csv")
+            assert dict(zip(history["epoch"], history["valid_loss"])) == pytest.approx(t.intermediate_values, rel=1e-12)
+    assert seen[0] == seen[1]
+    assert "PRUNED" in {s for _, s, _ in seen[0]}
 
 
 def test_poisoned_test_labels_leave_the_chosen_trial_unchanged(tmp_path, tiny_mosi):
@@ -194,6 +231,9 @@ def test_the_command_line_tunes_finalizes_and_each_trial_is_a_run(tmp_path, caps
     out = capsys.readouterr().out
     assert "| kt default | 1 |" in out and "| kt tuned | 1 |" in out and "Validation loss" in out
     assert (tmp_path / "c" / "finalize" / "results.md").read_text() in out
+    # finalize trains fresh seeds: every trial of the search trained with seed 11
+    assert sorted(p.name for p in (tmp_path / "c" / "finalize").iterdir() if p.is_dir()) == ["kt default-seed12", "kt tuned-seed12"]
+    assert "finalize seeds 12 (disjoint from the search's)" in out
     # Another worker on this study must bring the same config: a different one is refused, in one line.
     assert main(["tune", *flags, "--space", str(space), "--trials", "2", "--prune", "--seed", "11", "--epochs", "3"]) == 2
     err = capsys.readouterr().err

@@ -178,7 +178,8 @@ def bootstrap_markdown(boot: pd.DataFrame) -> str:
 
 
 def _row(label: str, cfg: Config, metrics: dict, on_run) -> dict:
-    row = {"label": label, "variant": cfg.variant, "seed": cfg.seed, "best_epoch": metrics["best_epoch"], "seconds": metrics["seconds"], **metrics["test"]}
+    row = {"label": label, "variant": cfg.variant, "seed": cfg.seed, "best_epoch": metrics["best_epoch"], "seconds": metrics["seconds"],
+           "converged": metrics.get("converged"), **metrics["test"]}  # converged: None for a run finished before it was recorded
     if on_run is not None:
         on_run(row)
     return row

@@ -57,6 +57,7 @@ def sweep(base: Config, fractions=FRACTIONS, knob: str | None = "audio_shared", 
     for value in (values if knob else (None,)):
         data = with_knobs(base.data, **{knob: value}) if knob else base.data
         configs = {f"{v}-lf{f:g}": {"variant": v, "label_fraction": f} for f in fractions for v in variants}
+        check_teachers(base.replace(data=data), configs, seeds)
         folder = out_dir / (f"{knob}={value:g}" if knob else "data")
         runs = run_configs(base.replace(data=data), configs, seeds, folder, on_run=on_run, jobs=jobs)
         runs.insert(3, "label_fraction", runs["label"].map({k: c["label_fraction"] for k, c in configs.items()}))
@@ -65,6 +66,29 @@ def sweep(base: Config, fractions=FRACTIONS, knob: str | None = "audio_shared", 
         runs.insert(5 if knob else 4, "data", data)
         frames.append(runs)
     return pd.concat(frames, ignore_index=True)
+
+
+def check_teachers(base: Config, configs: dict, seeds: int) -> None:
+    """Refuse a sweep before it trains anything when a run's teacher (``kt_target="teacher"``) did
+    not train on that run's data and labelled subset: the same data fields, the same label_fraction
+    and, below 1, the same seed (the subset is drawn from it). A teacher trained on every label
+    would leak the labels a run with fewer hides. ``mskt.train`` checks each run again, subset by
+    subset (``mskt.train.checkpoints.check_teacher``)."""
+    from mskt.model import variant_class
+    from mskt.train.checkpoints import DATA_FIELDS
+
+    for label, overrides in configs.items():
+        for i in range(seeds):
+            cfg = base.replace(**overrides, seed=base.seed + i)
+            if not variant_class(cfg.variant).uses_teacher(cfg):
+                continue
+            teacher = Config.load(Path(cfg.teacher_run) / "config.json")
+            wanted = {k: getattr(cfg, k) for k in DATA_FIELDS if k != "dataset"} | {"label_fraction": cfg.label_fraction}
+            if cfg.label_fraction < 1:
+                wanted["seed"] = cfg.seed
+            diff = [f"{k}={getattr(teacher, k)!r} (run {label} seed {cfg.seed}: {v!r})" for k, v in wanted.items() if getattr(teacher, k) != v]
+            if diff:
+                raise ConfigError(f"teacher_run {cfg.teacher_run}: trained on {diff[0]}; a teacher must train on its student's data and labelled subset")
 
 
 def _keys(knob):

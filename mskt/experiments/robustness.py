@@ -29,7 +29,7 @@ from mskt.errors import MsktError
 from mskt.data.missing import CONDITIONS, RATES, check_mode, check_rate, parse_missing
 from mskt.model import KTMulT
 
-ID_COLUMNS = ("label", "variant", "run_seed", "protocol", "condition", "rate", "mask_seed", "mode", "train_rate")
+ID_COLUMNS = ("label", "variant", "run_seed", "protocol", "condition", "rate", "missing_rate_realised", "mask_seed", "mode", "train_rate")
 
 
 def _entries(runs) -> list[tuple[str, object]]:
@@ -69,6 +69,7 @@ def sweep(runs, dataset=None, rates=RATES, conditions=CONDITIONS, seeds=(0, 1, 2
     "condition"), condition ("rate 0.3" or "audio,vision"), rate (NaN for conditions), mask_seed
     (-1 for conditions and rate 0) and every metric of ``mskt.metrics`` plus the task loss.
     """
+    from mskt.data.missing import evaluation_masks, realised_rate
     from mskt.train import Tensors, evaluate
 
     check_mode(mode)
@@ -98,7 +99,9 @@ def sweep(runs, dataset=None, rates=RATES, conditions=CONDITIONS, seeds=(0, 1, 2
                 plan.append(("rate", f"rate {rate:g}", rate, seed, kw))
         for protocol, condition, rate, seed, kw in plan:
             metrics = evaluate(model, data, batch_size, **kw)
-            row = {**base, "protocol": protocol, "condition": condition, "rate": rate, "mask_seed": seed, "mode": mode, **metrics}
+            masks = evaluation_masks(len(data), {m: x.shape[1] for m, x in data.features.items()}, kw["missing"], kw.get("missing_rate", 0.0), mode, kw.get("missing_seed", 0))
+            realised = realised_rate(masks, kw["missing"]) if protocol == "rate" else math.nan  # the share of free slots removed
+            row = {**base, "protocol": protocol, "condition": condition, "rate": rate, "missing_rate_realised": realised, "mask_seed": seed, "mode": mode, **metrics}
             rows.append(row)
             if on_eval is not None:
                 on_eval(row)
@@ -176,7 +179,14 @@ def reading(frame: pd.DataFrame, reference: str = "kt_any", others=("kt", "langu
 # Fair protocols: like-for-like training, and the literature's summaries of a sweep.
 
 
-def fair_configs(variants=("kt_any", "kt", "language_vision", "full"), rate: float = 0.5, as_published: bool = True) -> dict:
+# The validation protocol that selects every run of a robustness comparison (Config.select_missing):
+# the mean over the six fixed conditions, the same for every variant, rather than each variant's own
+# test protocol (audio missing for kt_any, nothing missing for full).
+FAIR_SELECTION = "conditions"
+
+
+def fair_configs(variants=("kt_any", "kt", "language_vision", "full"), rate: float = 0.5, as_published: bool = True,
+                 select_missing: str = FAIR_SELECTION) -> dict:
     """{label: config overrides} of a like-for-like robustness comparison, for ``run_configs``.
 
     Every variant is trained under the same missing protocol as kt_any: one of the six missing
@@ -185,19 +195,20 @@ def fair_configs(variants=("kt_any", "kt", "language_vision", "full"), rate: flo
     dropped modalities, kt_any reconstructs them (and kt always reconstructs audio, which it never
     reads). Labels: ``"<variant>+drop"``, except kt_any, whose own recipe this is (``"kt_any"``).
     ``as_published``: also each baseline as the paper trains it (nothing missing in training), under
-    its plain name, and kt_any without modality dropout (``"kt_any-nodrop"``).
+    its plain name, and kt_any without modality dropout (``"kt_any-nodrop"``). Every config selects
+    its checkpoint under the same validation protocol, ``select_missing``.
     """
     check_rate(rate)
     out = {}
     for v in variants:
-        drop = {"variant": v, "train_missing": "patterns", "train_missing_rate": float(rate)}
+        drop = {"variant": v, "train_missing": "patterns", "train_missing_rate": float(rate), "select_missing": select_missing}
         if v == "kt_any":
             out["kt_any"] = drop
             if as_published:
-                out["kt_any-nodrop"] = {"variant": v, "train_missing": "none"}
+                out["kt_any-nodrop"] = {"variant": v, "train_missing": "none", "select_missing": select_missing}
         else:
             if as_published:
-                out[v] = {"variant": v, "train_missing": "none"}
+                out[v] = {"variant": v, "train_missing": "none", "select_missing": select_missing}
             out[f"{v}+drop"] = drop
     return out
 
@@ -266,15 +277,15 @@ def rate_summary(frame: pd.DataFrame, metric: str = "mae", protocol: str = "rate
     return _over_seeds(wide, dict.fromkeys(frame["label"]))
 
 
-def matched_configs(variants=("kt_any", "full"), rates=(0.1, 0.4, 0.7)) -> dict:
+def matched_configs(variants=("kt_any", "full"), rates=(0.1, 0.4, 0.7), select_missing: str = FAIR_SELECTION) -> dict:
     """{label: config overrides} of the IMDer / DiCMoR grid (their rates: 0.1–0.7): each variant
     trained at each missing rate r per sample and modality (``train_missing="sample"``, which for
     kt_any replaces its own modality dropout), to be tested at the same r (:func:`matched_sweep`).
-    Labels ``"<variant>@<r>"``."""
+    Labels ``"<variant>@<r>"``; every config selects under ``select_missing``."""
     out = {}
     for v in variants:
         for r in rates:
-            out[f"{v}@{check_rate(r):g}"] = {"variant": v, "train_missing": "sample", "train_missing_rate": float(r)}
+            out[f"{v}@{check_rate(r):g}"] = {"variant": v, "train_missing": "sample", "train_missing_rate": float(r), "select_missing": select_missing}
     return out
 
 

@@ -665,10 +665,18 @@ def best_configuration(st) -> tuple[Config, object]:
     return base.replace(**{**st.user_attrs["mskt"].get("fixed", {}), **best.params}), best
 
 
+def finalize_seeds(search_seed: int, seeds: int) -> list[int]:
+    """The training seeds of finalize: ``seeds`` of them after the search's. Every trial of a search
+    trains with the study's seed, so the winner was chosen on that seed's validation noise; a
+    finalize run at that seed would be the winner itself, not a fresh draw."""
+    return [search_seed + 1 + i for i in range(seeds)]
+
+
 def finalize(study: str, seeds: int = 3, storage: str | None = None, root=None, jobs: int = 1, dataset=None) -> dict:
     """Retrain the study's best configuration and its untuned default (its base config) over
-    ``seeds`` seeds each; writes ``finalize/`` (runs.csv, results.csv, results.md) in the study
-    folder. Returns {"runs", "table", "markdown", "best", "trial", "changed", "dir"}."""
+    ``seeds`` seeds each, disjoint from the search's seed (:func:`finalize_seeds`); writes
+    ``finalize/`` (runs.csv, results.csv, results.md) in the study folder. Returns {"runs", "table",
+    "markdown", "best", "trial", "changed", "dir", "seeds"}."""
     from mskt.data.readers import load_dataset
     from mskt.experiments.grid import run_configs, summarize, to_markdown
     from mskt.paths import atomic_write_text
@@ -685,7 +693,9 @@ def finalize(study: str, seeds: int = 3, storage: str | None = None, root=None, 
     changed = {k: v for k, v in best.to_dict().items() if getattr(default, k) != v}
     labels = {f"{variant} default": {}, f"{variant} tuned": changed}
     out = folder / "finalize"
-    runs = run_configs(default, labels, seeds, out, jobs=jobs, dataset=dataset if jobs == 1 else None)
+    seed_list = finalize_seeds(default.seed, seeds)  # run_configs trains seeds base.seed, base.seed + 1, ...
+    runs = run_configs(default.replace(seed=seed_list[0]), labels, seeds, out, jobs=jobs, dataset=dataset if jobs == 1 else None)
+    assert sorted(set(runs["seed"])) == seed_list and default.seed not in seed_list
     valid = []
     for _, row in runs.iterrows():
         metrics = json.loads((out / f"{row['label']}-seed{row['seed']}" / "metrics.json").read_text())
@@ -703,11 +713,12 @@ def finalize(study: str, seeds: int = 3, storage: str | None = None, root=None, 
         md = _with_paper_row(md, table, dataset.meta.name, dataset.meta.aligned, variant)
     lines = [md, "", "Validation loss (the search's criterion) at the selected epoch, mean ± std over seeds: "
              + "; ".join(f"{label} {vl.loc[label, 'mean']:.4f} ± {vl.loc[label, 'std']:.4f}" for label in vl.index) + ".",
+             "", f"Search seed {default.seed}; finalize seeds {', '.join(map(str, seed_list))} (disjoint from the search's).",
              "", f"Best trial {trial.number} (validation {trial.value:.4f}) changes: "
              + (", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v!r}" for k, v in sorted(changed.items())) or "nothing (the default won)") + "."]
     markdown = "\n".join(lines) + "\n"
     atomic_write_text(out / "results.md", markdown)
-    return {"runs": runs, "table": table, "markdown": markdown, "best": best, "trial": trial, "changed": changed, "dir": out}
+    return {"runs": runs, "table": table, "markdown": markdown, "best": best, "trial": trial, "changed": changed, "dir": out, "seeds": seed_list}
 
 
 def _with_paper_row(md: str, table, dataset: str, aligned: bool, variant: str) -> str:

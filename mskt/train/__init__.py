@@ -3,7 +3,9 @@
 A run writes ``runs/<name>/``: ``config.json``, ``history.csv`` (one row per epoch: every loss term
 on train and valid, valid metrics), ``checkpoint.pt`` (the best epoch on validation),
 ``last.pt`` (the last completed epoch with optimizer and RNG states, for ``--resume``) and
-``metrics.json`` (test metrics of that checkpoint, which epoch it was). Every file is written to a
+``metrics.json`` (test metrics of that checkpoint, which epoch it was, the validation protocol
+that selected it (``select_missing``), whether the run converged (``converged``, ``stopped_by``:
+epochs, patience, max_steps or on_epoch) and its optimizer steps taken and skipped). Every file is written to a
 temporary name and renamed, so a run killed at any moment leaves a loadable folder, and a resumed
 run ends with exactly the metrics of one that was never interrupted.
 

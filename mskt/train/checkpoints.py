@@ -47,10 +47,12 @@ def _restore_rng(state: dict, generator: torch.Generator) -> None:
 
 
 
-def _training_state(model, optimizer, scheduler, generator, epoch, history, best, missing_generator=None) -> dict:
+def _training_state(model, optimizer, scheduler, generator, epoch, history, best, missing_generator=None, step_counts=None) -> dict:
     """Everything an interrupted run needs to continue exactly as if it had never stopped
-    (``missing_generator``: the training protocol's masks, ``mskt.data.missing.training_generator``)."""
+    (``missing_generator``: the training protocol's masks, ``mskt.data.missing.training_generator``;
+    ``step_counts``: the optimizer steps taken and skipped, for max_steps / min_steps)."""
     return {
+        **({"step_counts": {k: int(v) for k, v in step_counts.items()}} if step_counts is not None else {}),
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict() if scheduler is not None else None,
@@ -88,6 +90,36 @@ def load_run(run_dir) -> tuple[Config, KTMulT]:
     model.eval()
     return cfg, model
 
+
+
+# The config fields that say which data a run trained on (the splits come with the data).
+DATA_FIELDS = ("data", "data_scale", "data_seed", "dataset")
+
+
+def check_teacher(cfg: Config, teacher_dir, dataset) -> None:
+    """ConfigError, one line naming the difference, unless the teacher run in ``teacher_dir`` was
+    trained on the data this run ``cfg`` trains on (``dataset``: the same source, scale, seed and
+    identity, so the same splits) and on exactly the same labelled training samples. A teacher that
+    saw labels this run hides (a ``full`` run on every label, under a student with
+    ``label_fraction`` < 1) would leak them into the student through its frozen audio encoder."""
+    import numpy as np
+
+    from mskt.data.labels import labelled_subset
+
+    teacher = Config.load(Path(teacher_dir) / "config.json")
+    for key in DATA_FIELDS:
+        if getattr(teacher, key) != getattr(cfg, key):
+            raise ConfigError(f"teacher_run {teacher_dir}: trained on {key}={getattr(teacher, key)!r}, this run on {key}={getattr(cfg, key)!r}; "
+                              "the teacher must be trained on the same data and splits")
+    labels = dataset.splits["train"].labels
+    theirs = labelled_subset(labels, teacher.label_fraction, teacher.seed)
+    mine = labelled_subset(labels, cfg.label_fraction, cfg.seed)
+    if not np.array_equal(theirs, mine):
+        extra = int((theirs & ~mine).sum())
+        raise ConfigError(
+            f"teacher_run {teacher_dir}: trained on label_fraction={teacher.label_fraction:g} (seed {teacher.seed}: {int(theirs.sum())} labelled samples), "
+            f"this run on label_fraction={cfg.label_fraction:g} (seed {cfg.seed}: {int(mine.sum())}); the teacher saw {extra} label(s) this run hides "
+            "and must be trained on the same labelled subset (same label_fraction and seed)")
 
 
 def load_teacher_audio_encoder(model: KTMulT, teacher_dir: str) -> None:

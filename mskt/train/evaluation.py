@@ -73,8 +73,8 @@ def evaluate(model: KTMulT, data: Tensors, batch_size: int = 256, dist=None, mis
 
     Missing modalities (``mskt.data.missing``): ``missing`` names modalities missing for every sample
     ("audio,vision" or a tuple; ``()`` = nothing missing); ``missing_rate`` r makes each other
-    modality of each sample missing with probability r (``missing_mode="sample"``; a sample left with
-    nothing is drawn again) or zeroes each of its time steps with probability r
+    modality of each sample missing with probability r (``missing_mode="sample"``; exactly that
+    share of the slots, never all of a sample's) or zeroes each of its time steps with probability r
     (``missing_mode="step"``), from a generator seeded by ``missing_seed``. Given either, every
     variant gets every modality that is not missing; missing ones are zero-filled (kt_any
     reconstructs them instead; kt never reads audio, language_vision ignores it).
@@ -103,3 +103,20 @@ def selection_score(metrics: dict, task: str, select_on: str) -> float:
     if select_on == "valid_loss":
         return metrics["loss"]
     return metrics["mae"] if task == "regression" else -metrics["mean_f1"]
+
+
+def validation_metrics(model: KTMulT, data: Tensors, cfg, dist=None) -> dict:
+    """Validation metrics under the run's selection protocol ``cfg.select_missing``: the model's own
+    test protocol ("default"), nothing missing ("none"), one fixed condition ("audio,vision"), or
+    the mean of each metric over the six fixed conditions ("conditions"). Checkpoint selection,
+    patience, the scheduler and a search's pruner all read these, so variants compared with each
+    other are selected alike when they share ``select_missing``."""
+    from mskt.data.missing import CONDITIONS
+
+    protocol = cfg.select_missing
+    if protocol == "default":
+        return evaluate(model, data, cfg.eval_batch_size, dist)
+    if protocol != "conditions":
+        return evaluate(model, data, cfg.eval_batch_size, dist, missing=() if protocol == "none" else protocol)
+    each = [evaluate(model, data, cfg.eval_batch_size, dist, missing=c) for c in CONDITIONS]
+    return {k: sum(float(m[k]) for m in each) / len(each) for k in each[0]}

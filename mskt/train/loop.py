@@ -27,8 +27,8 @@ from mskt.fast.runtime import CompiledOrEager, autocast, keep_freed_memory
 from mskt.metrics import format_metrics
 from mskt.model import KTMulT, build_model, key_mask
 from mskt.paths import atomic_torch_save, atomic_write_text
-from mskt.train.checkpoints import _restore_rng, _training_state, load_checkpoint, load_teacher_audio_encoder
-from mskt.train.evaluation import evaluate, selection_score
+from mskt.train.checkpoints import _restore_rng, _training_state, check_teacher, load_checkpoint, load_teacher_audio_encoder
+from mskt.train.evaluation import evaluate, selection_score, validation_metrics
 from mskt.train.setup import resolve_device, set_seed
 
 log = logging.getLogger(__name__)
@@ -111,6 +111,10 @@ def training_step(model: KTMulT, optimizer: torch.optim.Optimizer, cfg: Config, 
     The gradient norm is checked before the step: a NaN or inf loss raises :class:`NonFiniteLoss`
     and the weights stay as they were. Under DDP the norm is taken of the all-reduced gradient, the
     same on every rank, so every rank stops at the same step.
+
+    A batch whose gradient is exactly zero (with ``label_fraction`` < 1, a batch with no labelled
+    sample, for a variant without consistency terms) takes no optimizer step: ``step.counts``
+    ({"taken", "skipped"}) counts both.
     """
     forward = forward if forward is not None else model
     if cfg.compile:
@@ -132,9 +136,19 @@ def training_step(model: KTMulT, optimizer: torch.optim.Optimizer, cfg: Config, 
         if not (torch.isfinite(terms["total"]) and torch.isfinite(norm)):
             detail = ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in terms.items())
             raise NonFiniteLoss(f"the training loss became {float(terms['total'].detach())} (gradient norm {float(norm)}; {detail})")
+        if float(norm) == 0.0:
+            # No gradient, no step. Adam would still move every weight on its momentum alone (and
+            # advance its bias correction), so a baseline would train on batches it has nothing to
+            # learn from, and more so the fewer labels it has. This rule is the same for every
+            # variant: one with consistency terms has a gradient on an unlabelled batch and steps.
+            counts["skipped"] += 1
+            return terms
         optimizer.step()
+        counts["taken"] += 1
         return terms
 
+    counts = {"taken": 0, "skipped": 0}
+    step.counts = counts
     return step
 
 
@@ -203,6 +217,7 @@ def train(
         data["train"].labels = hide_labels(data["train"].labels, keep)
     model = build_model(cfg).to(device)
     if model.uses_teacher(cfg):
+        check_teacher(cfg, cfg.teacher_run, dataset)  # the teacher saw exactly the data and labels this run sees
         load_teacher_audio_encoder(model, cfg.teacher_run)
     for m in model.standardises():  # its consistency targets, standardised per feature
         model.set_statistics(m, *feature_statistics(data["train"], m))
@@ -238,10 +253,19 @@ def train(
         first_epoch = state["epoch"] + 1
         log.info("resuming %s after epoch %d of %d", run_dir, state["epoch"], cfg.epochs)
     step = training_step(model, optimizer, cfg, forward=dist.wrap(model))
+    if state is not None:
+        step.counts.update(state.get("step_counts", {}))
+    min_steps = _min_steps(cfg, len(data["train"]))
+    stopped_by = "epochs"
+    if state is not None:  # a run that had already stopped early stays stopped when resumed
+        if cfg.max_steps and step.counts["taken"] >= cfg.max_steps:
+            stopped_by, first_epoch = "max_steps", math.inf
+        elif cfg.patience and state["epoch"] - best["epoch"] >= cfg.patience:
+            stopped_by, first_epoch = "patience", math.inf
 
     started = time.perf_counter()
     show = _progress_enabled(cfg.progress) and dist.is_main
-    epochs = tqdm(range(first_epoch, cfg.epochs + 1), desc=f"{cfg.variant}", disable=not show)
+    epochs = tqdm(_epochs(first_epoch, cfg, step.counts, min_steps), desc=f"{cfg.variant}", disable=not show, total=max(cfg.epochs - first_epoch + 1, 0))
     for epoch in epochs:
         model.train()
         sums, t0 = {}, time.perf_counter()
@@ -261,14 +285,17 @@ def train(
             sums["n"] = sums.get("n", 0.0) + n
             for k, v in terms.items():
                 sums[k] = sums.get(k, 0.0) + float(v.detach()) * n
+            if cfg.max_steps and step.counts["taken"] >= cfg.max_steps:  # this epoch ends here, validated as any other
+                stopped_by = "max_steps"
+                break
         sums = dist.sum(sums)
         train_seconds = time.perf_counter() - t0
-        valid = evaluate(model, data["valid"], cfg.eval_batch_size, dist)
+        valid = validation_metrics(model, data["valid"], cfg, dist)  # under cfg.select_missing
         if scheduler is not None:
             scheduler.step(valid["loss"])
         row = {"epoch": epoch, **{f"train_{k}": v / sums["n"] for k, v in sums.items() if k != "n"}}
         row.update({f"valid_{k}": float(v) for k, v in valid.items()})
-        row.update(lr=optimizer.param_groups[0]["lr"], train_samples_per_s=sums["n"] / train_seconds)
+        row.update(lr=optimizer.param_groups[0]["lr"], train_samples_per_s=sums["n"] / train_seconds, optimizer_steps=step.counts["taken"])
         score = selection_score(valid, cfg.task, cfg.select_on)
         row["selected"] = bool(score < best["score"])
         history.append(row)
@@ -278,10 +305,18 @@ def train(
                 atomic_torch_save({"model": best["state"], "config": cfg.to_dict(), "epoch": epoch}, run_dir / "checkpoint.pt")
         if save:
             atomic_write_text(run_dir / "history.csv", pd.DataFrame(history).to_csv(index=False))
-            atomic_torch_save(_training_state(model, optimizer, scheduler, generator, epoch, history, best, drop_generator), run_dir / "last.pt")
+            atomic_torch_save(_training_state(model, optimizer, scheduler, generator, epoch, history, best, drop_generator, step.counts), run_dir / "last.pt")
         epochs.set_postfix(valid_loss=f"{valid['loss']:.4f}", best=best["epoch"])
         if on_epoch is not None and on_epoch(epoch, dict(row)):
             log.info("stopped after epoch %d of %d (on_epoch)", epoch, cfg.epochs)
+            stopped_by = "on_epoch"
+            break
+        if stopped_by == "max_steps":
+            log.info("stopped in epoch %d: max_steps=%d optimizer steps taken", epoch, cfg.max_steps)
+            break
+        if cfg.patience and epoch - best["epoch"] >= cfg.patience:
+            log.info("stopped after epoch %d: no better validation score for %d epochs (patience)", epoch, cfg.patience)
+            stopped_by = "patience"
             break
 
     model.load_state_dict(best["state"])
@@ -291,6 +326,11 @@ def train(
         "valid": {k.removeprefix("valid_"): v for k, v in history[best["epoch"] - 1].items() if k.startswith("valid_")},
         "best_epoch": best["epoch"],
         "epochs": cfg.epochs,
+        **convergence(history, best["epoch"], stopped_by, cfg.patience),
+        "optimizer_steps": step.counts["taken"],
+        "skipped_steps": step.counts["skipped"],  # batches with no gradient (no labelled sample): no step
+        "select_missing": cfg.select_missing,  # the validation protocol that selected best_epoch
+        "select_on": cfg.select_on,
         "variant": cfg.variant,
         "data": dataset.meta.source,
         "dataset": dataset.meta.name,
@@ -304,6 +344,48 @@ def train(
         atomic_write_text(run_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
     return RunResult(dir=run_dir, config=cfg, history=pd.DataFrame(history), metrics=metrics, model=model)
 
+
+
+# A run that did not stop by patience has converged when its best validation epoch lies at least
+# this many epochs before its last one (or `patience` epochs, when set).
+CONVERGED_WINDOW = 5
+
+
+def convergence(history: list, best_epoch: int, stopped_by: str, patience: int = 0) -> dict:
+    """{"converged", "stopped_by", "epochs_run"}: converged when patience stopped the run, or when the
+    best epoch is not among the last ``patience or CONVERGED_WINDOW`` epochs (the validation score
+    had stopped improving before training ended); otherwise it may still have been improving."""
+    last = history[-1]["epoch"] if history else 0
+    window = patience or CONVERGED_WINDOW
+    return {"converged": bool(stopped_by == "patience" or last - best_epoch >= window), "stopped_by": stopped_by, "epochs_run": last}
+
+
+def _min_steps(cfg: Config, n_train: int) -> int:
+    """The optimizer steps a run must take before it may end: ``min_steps``, and with
+    ``steps_like_full_labels`` and label_fraction < 1, what the same run with every label takes
+    (epochs x batches per epoch: there every batch has a gradient, so none is skipped)."""
+    steps = cfg.min_steps
+    if cfg.steps_like_full_labels and cfg.label_fraction < 1:
+        steps = max(steps, cfg.epochs * math.ceil(n_train / cfg.batch_size))
+    return min(steps, cfg.max_steps) if cfg.max_steps else steps
+
+
+def _epochs(first: int, cfg: Config, counts: dict, min_steps: int):
+    """Epoch numbers from ``first``: up to ``cfg.epochs``, then on while fewer than ``min_steps``
+    optimizer steps were taken (not past an epoch that took none: nothing more would come)."""
+    if first == math.inf:  # stopped early before a resume: nothing more
+        return
+    epoch = first
+    while epoch <= cfg.epochs:
+        yield epoch
+        epoch += 1
+    while counts["taken"] < min_steps:
+        before = counts["taken"]
+        yield epoch
+        epoch += 1
+        if counts["taken"] == before:
+            log.warning("epoch %d took no optimizer step; stopping at %d of min_steps=%d", epoch - 1, before, min_steps)
+            return
 
 
 def resume(run_dir, dataset: MultimodalDataset | None = None) -> RunResult:
