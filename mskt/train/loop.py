@@ -223,8 +223,6 @@ def train(
         model.set_statistics(m, *feature_statistics(data["train"], m))
     if cfg.cpu_kernels == "fused":
         accelerate(model)
-    if dist.world > 1:
-        torch.manual_seed(cfg.seed + dist.rank)  # each rank its own dropout masks; the weights come from rank 0
     optimizer = make_optimizer(model, cfg)
     scheduler = None
     if cfg.scheduler == "plateau":
