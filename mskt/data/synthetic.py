@@ -141,6 +141,50 @@ predictable per step as s grows (its affect cue becomes a function of L + V). ``
 the label information alone and changes how linear the map from L + V to audio is (gap 0.03-0.05
 at 0.5, ~0.09 at 1.5). Measured with ``probe(make_synthetic("mosi", seed=s, **knobs))``.
 
+Controls (``control``) and test sets of any size
+------------------------------------------------
+In the worlds above, what reconstructing audio could teach is already linear in L + V, so a method
+that reconstructs audio ("kt") failing to beat "language_vision" could mean the method cannot help or
+that the testbed could never show it. Two control worlds tell the two apart
+(``synthetic:<preset>?control=positive`` / ``control=negative``; ``mskt.experiments.controls``
+trains them):
+
+- ``control=negative`` is exactly the default world (bit-identical arrays to ``control=none``; it
+  refuses ``audio_shared`` > 0): audio's extra label information is its own affect view, independent
+  of L's and V's, so no reconstruction from L + V can carry it. Knowledge transfer should not help.
+- ``control=positive`` (learning using privileged information where it must help). The affect a_i
+  (step 1, same labels as the other worlds) sets a within-sample correlation
+      rho_i = tanh(a_i . u)            (u = 1 for regression; (1, 1, 1, 1) / 2 for iemocap)
+  between latent coordinates 0 and 1 (seen by text only) and between K-2 and K-1 (seen by vision
+  only): z_i1 = rho_i z_i0 + sqrt(1 - rho_i^2) z_i1 per step, the same for (K-2, K-1), so every
+  coordinate stays a unit-variance AR(1) and z gets no affect shift (step 3's latent_shift is not
+  used). Text and vision see z through block maps (each feature one coordinate of its view, so no
+  feature's mean or variance moves with rho) plus their white noise, and have no affect cue. Audio
+  shows the products linearly: content h_it = (z_i0 z_i1 + z_i,K-2 z_i,K-1) / (2 * 0.9) times one
+  fixed direction C_A, then audio_it = sqrt(p) h_it C_A + sqrt(1 - p) priv_it + noise as in step 6.
+  So the label reaches L and V only through a second-order, entangled map (a correlation between
+  coordinates, invisible to each feature's own statistics) that is slow to learn from few labels,
+  while audio exposes it linearly, and a per-step reconstruction of audio from L and V (learnable
+  from every sample, labelled or not) exposes it too. Needs latent_dim - ceil(view_frac * latent_dim) >= 2.
+
+``control_probes`` (``probe`` plus a quadratic L + V probe and A^, a closed-form non-linear
+reconstruction of audio from L and V fit without labels; see its docstring), mosi aligned, scale 1,
+seeds 0..2. Label R^2 from L+V linear, from A linear, from L+V quadratic, from pooled A^ alone and
+beside L+V; per-step audio R^2 from L+V linear / non-linear:
+
+    control    L+V lin       A lin         L+V+A         L+V quad      A^            L+V+A^        audio lin     audio nonlin
+    negative   0.499-0.565   0.319-0.379   0.549-0.608   0.501-0.570   0.279-0.368   0.500-0.567   0.517-0.540   0.614-0.623
+    positive   -0.002-0.000  0.652-0.679   0.568-0.625   0.629-0.652   0.660-0.681   0.592-0.636   -0.003-0.000  0.625-0.726
+
+Negative: A^ adds 0.001-0.002 to L + V (all that reconstruction can reach is already linear in
+L + V), though real audio adds ~0.05 (private). Positive: L + V read linearly give nothing, audio
+read linearly 0.65-0.68, and A^ from L + V alone as much, with no label used to build it.
+
+``test_size`` and ``valid_size`` set those splits' sizes independently of ``scale`` (0: the
+preset's size times ``scale``). Every split draws from its own streams (keyed by seed and split), so
+the same seed gives the same train (and valid) split whatever the test size: a larger test set
+narrows test-metric noise without changing training (``synthetic:mosi?test_size=2000``).
+
 Emotions (iemocap) labels are four independent 0/1 columns: an utterance may have none or several
 emotions (about a quarter have none with the default rates).
 """
