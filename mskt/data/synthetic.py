@@ -160,8 +160,8 @@ trains them):
   coordinate stays a unit-variance AR(1) and z gets no affect shift (step 3's latent_shift is not
   used). Text and vision see z through block maps (each feature one coordinate of its view, so no
   feature's mean or variance moves with rho) plus their white noise, and have no affect cue. Audio
-  shows the products linearly: content h_it = (z_i0 z_i1 + z_i,K-2 z_i,K-1) / (2 * 0.9) times one
-  fixed direction C_A, then audio_it = sqrt(p) h_it C_A + sqrt(1 - p) priv_it + noise as in step 6.
+  shows the products linearly: content h_it = (z_i0 z_i1 + z_i,K-2 z_i,K-1) / (2 * 0.9) (variance ~1.4)
+  times one fixed direction C_A (unit mean square), then audio_it = sqrt(p) h_it C_A + sqrt(1 - p) priv_it + noise as in step 6.
   So the label reaches L and V only through a second-order, entangled map (a correlation between
   coordinates, invisible to each feature's own statistics) that is slow to learn from few labels,
   while audio exposes it linearly, and a per-step reconstruction of audio from L and V (learnable
@@ -564,7 +564,7 @@ def _mixed_audio_view(cfg, a, views, rng) -> np.ndarray:
 
 
 _POS_GAIN = 1.0  # rho_i = tanh(_POS_GAIN * a_i . u): |rho| ~0.7 at the sentiment modes
-_POS_SD = 0.9  # about the sd of one pair's product z_0 z_1 over samples and steps, so audio's content has ~unit variance
+_POS_SD = 0.9  # a scale for h: measured, h has variance ~1.4 (mosi, seed 0), the mean over audio features of the content's
 
 
 def _entangle(z: np.ndarray, affect: np.ndarray) -> np.ndarray:
