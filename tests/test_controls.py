@@ -162,5 +162,10 @@ def test_run_smoke(tmp_path):
     assert len(ci) == 4 and (ci["n"] == 2).all()
     again = controls.run(base, fractions=(0.2, 1.0), seeds=2, out_dir=tmp_path)  # read back, not retrained
     pd.testing.assert_frame_equal(runs, again)
+    read = controls.read_runs(tmp_path).sort_values(["control", "label_fraction", "seed", "variant"]).reset_index(drop=True)
+    ours = runs.sort_values(["control", "label_fraction", "seed", "variant"]).reset_index(drop=True)
+    pd.testing.assert_frame_equal(read[ours.columns], ours, check_dtype=False)
+    with pytest.raises(ConfigError, match="no finished runs"):
+        controls.read_runs(tmp_path / "nothing")
     with pytest.raises(ConfigError, match="control"):
         controls.run(base, controls=("sideways",), out_dir=tmp_path)

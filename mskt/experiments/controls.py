@@ -70,6 +70,24 @@ def run(base: Config, controls=CONTROLS, fractions=FRACTIONS, seeds: int = 6, me
     return add_differences(runs, method, baseline)
 
 
+def read_runs(out_dir, method: str = "kt", baseline: str = "language_vision") -> pd.DataFrame:
+    """The finished runs under ``out_dir`` (``<control>/<variant>-lf<fraction>-seed<seed>/metrics.json``,
+    as ``run`` writes them) as ``run``'s frame, without training anything: read a measurement that
+    is still running or was stopped early. Cells with one variant only get NaN differences."""
+    import json
+
+    rows = []
+    for done in sorted(Path(out_dir).glob("*/*-lf*-seed*/metrics.json")):
+        cfg = json.loads((done.parent / "config.json").read_text())
+        metrics = json.loads(done.read_text())
+        rows.append({"control": done.parent.parent.name, "label_fraction": cfg["label_fraction"], "data": cfg["data"],
+                     "variant": cfg["variant"], "seed": cfg["seed"], "best_epoch": metrics["best_epoch"],
+                     "seconds": metrics["seconds"], **metrics["test"]})
+    if not rows:
+        raise ConfigError(f"{out_dir}: no finished runs (<control>/<variant>-lf<fraction>-seed<seed>/metrics.json)")
+    return add_differences(pd.DataFrame(rows), method, baseline)
+
+
 def add_differences(runs: pd.DataFrame, method: str = "kt", baseline: str = "language_vision") -> pd.DataFrame:
     """``runs`` with ``diff_<metric>`` = method - baseline, paired by (control, label_fraction, seed)."""
     keys = ["control", "label_fraction", "seed"]
