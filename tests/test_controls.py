@@ -144,9 +144,18 @@ def test_paired_ci_and_differences():
     ci = controls.paired_ci(runs, "mae").iloc[0]
     assert ci["n"] == 3 and ci["wins"] == 3 and np.isclose(ci["mean_diff"], -1 / 3)
     assert ci["ci_low"] < ci["mean_diff"] < ci["ci_high"] < 0 and ci["excludes_0"]
+    from scipy import stats
+
+    t = stats.ttest_rel([0.5, 0.6, 0.55], [0.9, 0.8, 0.95])
+    assert np.isclose(ci["p"], t.pvalue) and ci["p"] < 0.05 and ci["mde"] > 0
     runs.loc[runs["variant"] == "kt", "mae"] = [0.9, 0.7, 1.0]  # now mixed: the interval covers 0
     ci = controls.paired_ci(controls.add_differences(runs.drop(columns="diff_mae")), "mae").iloc[0]
     assert ci["ci_low"] < 0 < ci["ci_high"] and not ci["excludes_0"]
+
+
+def test_holm():
+    p = np.array([0.01, 0.04, np.nan, 0.03])
+    assert np.allclose(controls._holm(p), [0.03, 0.06, np.nan, 0.06], equal_nan=True)
 
 
 def test_run_smoke(tmp_path):

@@ -106,7 +106,10 @@ def add_differences(runs: pd.DataFrame, method: str = "kt", baseline: str = "lan
 def paired_ci(runs: pd.DataFrame, metric: str = "mae", level: float = 0.95) -> pd.DataFrame:
     """Per (control, label fraction): the number of paired seeds, the mean of ``diff_<metric>``
     (method - baseline), its paired-t ``level`` interval, and ``wins`` (seeds where the method was
-    better: lower MAE, higher otherwise). ``excludes_0`` says whether the interval excludes 0."""
+    better: lower MAE, higher otherwise). ``excludes_0`` says whether the interval excludes 0;
+    ``p`` is the two-sided paired-t p-value, ``p_holm`` Holm's adjustment over the rows returned,
+    and ``mde`` the smallest |difference| this many seeds would detect with 80% power at the
+    two-sided 1 - ``level`` (paired t, the observed sd): what "no difference" can rule out."""
     from scipy import stats
 
     col = f"diff_{metric}"
@@ -121,7 +124,25 @@ def paired_ci(runs: pd.DataFrame, metric: str = "mae", level: float = 0.95) -> p
         mean = float(d.mean())
         half = float(stats.t.ppf(0.5 + level / 2, n - 1) * d.std(ddof=1) / np.sqrt(n)) if n > 1 else float("nan")
         better = d < 0 if metric in LOWER_IS_BETTER else d > 0
+        se = d.std(ddof=1) / np.sqrt(n) if n > 1 else float("nan")
+        p = float(2 * stats.t.sf(abs(mean) / se, n - 1)) if n > 1 and se > 0 else float("nan")
+        mde = float((stats.t.ppf(0.5 + level / 2, n - 1) + stats.t.ppf(0.8, n - 1)) * se) if n > 1 else float("nan")
         rows.append({"control": control, "label_fraction": fraction, "metric": metric, "n": n, "mean_diff": mean,
                      "ci_low": mean - half, "ci_high": mean + half, "wins": int(better.sum()),
-                     "excludes_0": bool(n > 1 and (mean - half > 0 or mean + half < 0))})
-    return pd.DataFrame(rows)
+                     "excludes_0": bool(n > 1 and (mean - half > 0 or mean + half < 0)), "p": p, "mde": mde})
+    out = pd.DataFrame(rows)
+    if len(out):
+        out["p_holm"] = _holm(out["p"].to_numpy())
+    return out
+
+
+def _holm(p: np.ndarray) -> np.ndarray:
+    """Holm's step-down adjustment of p-values (NaN stays NaN)."""
+    adj = np.full(len(p), np.nan)
+    ok = np.flatnonzero(~np.isnan(p))
+    order = ok[np.argsort(p[ok])]
+    m, running = len(order), 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (m - rank) * p[i]))
+        adj[i] = running
+    return adj
