@@ -169,6 +169,8 @@ def test_run_smoke(tmp_path):
     assert np.allclose(kt["diff_mae"], kt["mae"] - lv.loc[kt.index, "mae"])
     ci = controls.paired_ci(runs, "mae")
     assert len(ci) == 4 and (ci["n"] == 2).all()
+    table = controls.markdown(runs)
+    assert table.count("\n") == 2 + 4 and "| positive | 20% |" in table
     again = controls.run(base, fractions=(0.2, 1.0), seeds=2, out_dir=tmp_path)  # read back, not retrained
     pd.testing.assert_frame_equal(runs, again)
     read = controls.read_runs(tmp_path).sort_values(["control", "label_fraction", "seed", "variant"]).reset_index(drop=True)

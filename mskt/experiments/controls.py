@@ -146,3 +146,21 @@ def _holm(p: np.ndarray) -> np.ndarray:
         running = max(running, min(1.0, (m - rank) * p[i]))
         adj[i] = running
     return adj
+
+
+def markdown(runs: pd.DataFrame, metrics=("mae", "corr", "acc2_nonzero"), level: float = 0.95) -> str:
+    """A Markdown table of ``paired_ci`` per metric: a row per (control, label fraction), cells
+    "mean diff [CI] wins/n, p_holm, mde" (accuracies in points; MAE and Corr as they are)."""
+    cells = {}
+    for m in metrics:
+        scale, digits = (100, 1) if m.startswith("acc") or m.endswith("f1") else (1, 3)
+        for _, r in paired_ci(runs, m, level).iterrows():
+            cells.setdefault((r["control"], r["label_fraction"]), {})[m] = (
+                f"{scale * r['mean_diff']:+.{digits}f} [{scale * r['ci_low']:+.{digits}f}, {scale * r['ci_high']:+.{digits}f}] "
+                f"{r['wins']}/{r['n']}, p_holm {r['p_holm']:.3g}, mde {scale * r['mde']:.{digits}f}")
+    method, baseline = runs.attrs.get("method", "kt"), runs.attrs.get("baseline", "language_vision")
+    lines = [f"| control | labels | " + " | ".join(f"{m}: {method} - {baseline}" for m in metrics) + " |",
+             "|" + "---|" * (len(metrics) + 2)]
+    for (control, fraction), row in sorted(cells.items()):
+        lines.append(f"| {control} | {100 * fraction:g}% | " + " | ".join(row.get(m, "") for m in metrics) + " |")
+    return "\n".join(lines) + "\n"
