@@ -141,6 +141,50 @@ predictable per step as s grows (its affect cue becomes a function of L + V). ``
 the label information alone and changes how linear the map from L + V to audio is (gap 0.03-0.05
 at 0.5, ~0.09 at 1.5). Measured with ``probe(make_synthetic("mosi", seed=s, **knobs))``.
 
+Controls (``control``) and test sets of any size
+------------------------------------------------
+In the worlds above, what reconstructing audio could teach is already linear in L + V, so a method
+that reconstructs audio ("kt") failing to beat "language_vision" could mean the method cannot help or
+that the testbed could never show it. Two control worlds tell the two apart
+(``synthetic:<preset>?control=positive`` / ``control=negative``; ``mskt.experiments.controls``
+trains them):
+
+- ``control=negative`` is exactly the default world (bit-identical arrays to ``control=none``; it
+  refuses ``audio_shared`` > 0): audio's extra label information is its own affect view, independent
+  of L's and V's, so no reconstruction from L + V can carry it. Knowledge transfer should not help.
+- ``control=positive`` (learning using privileged information where it must help). The affect a_i
+  (step 1, same labels as the other worlds) sets a within-sample correlation
+      rho_i = tanh(a_i . u)            (u = 1 for regression; (1, 1, 1, 1) / 2 for iemocap)
+  between latent coordinates 0 and 1 (seen by text only) and between K-2 and K-1 (seen by vision
+  only): z_i1 = rho_i z_i0 + sqrt(1 - rho_i^2) z_i1 per step, the same for (K-2, K-1), so every
+  coordinate stays a unit-variance AR(1) and z gets no affect shift (step 3's latent_shift is not
+  used). Text and vision see z through block maps (each feature one coordinate of its view, so no
+  feature's mean or variance moves with rho) plus their white noise, and have no affect cue. Audio
+  shows the products linearly: content h_it = (z_i0 z_i1 + z_i,K-2 z_i,K-1) / (2 * 0.9) (variance ~1.4)
+  times one fixed direction C_A (unit mean square), then audio_it = sqrt(p) h_it C_A + sqrt(1 - p) priv_it + noise as in step 6.
+  So the label reaches L and V only through a second-order, entangled map (a correlation between
+  coordinates, invisible to each feature's own statistics) that is slow to learn from few labels,
+  while audio exposes it linearly, and a per-step reconstruction of audio from L and V (learnable
+  from every sample, labelled or not) exposes it too. Needs latent_dim - ceil(view_frac * latent_dim) >= 2.
+
+``control_probes`` (``probe`` plus a quadratic L + V probe and A^, a closed-form non-linear
+reconstruction of audio from L and V fit without labels; see its docstring), mosi aligned, scale 1,
+seeds 0..2. Label R^2 from L+V linear, from A linear, from L+V quadratic, from pooled A^ alone and
+beside L+V; per-step audio R^2 from L+V linear / non-linear:
+
+    control    L+V lin       A lin         L+V+A         L+V quad      A^            L+V+A^        audio lin     audio nonlin
+    negative   0.499-0.565   0.319-0.379   0.549-0.608   0.501-0.570   0.279-0.368   0.500-0.567   0.517-0.540   0.614-0.623
+    positive   -0.002-0.000  0.652-0.679   0.568-0.625   0.629-0.652   0.660-0.681   0.592-0.636   -0.003-0.000  0.625-0.726
+
+Negative: A^ adds 0.001-0.002 to L + V (all that reconstruction can reach is already linear in
+L + V), though real audio adds ~0.05 (private). Positive: L + V read linearly give nothing, audio
+read linearly 0.65-0.68, and A^ from L + V alone as much, with no label used to build it.
+
+``test_size`` and ``valid_size`` set those splits' sizes independently of ``scale`` (0: the
+preset's size times ``scale``). Every split draws from its own streams (keyed by seed and split), so
+the same seed gives the same train (and valid) split whatever the test size: a larger test set
+narrows test-metric noise without changing training (``synthetic:mosi?test_size=2000``).
+
 Emotions (iemocap) labels are four independent 0/1 columns: an utterance may have none or several
 emotions (about a quarter have none with the default rates).
 """
@@ -159,10 +203,11 @@ from mskt.data.dataset import DatasetMeta, MultimodalDataset, Split, replace_non
 from mskt.errors import ConfigError
 from mskt.data.presets import EMOTIONS, MODALITIES, SPLITS, data_shape
 
-__all__ = ["SyntheticConfig", "knob_names", "make_synthetic", "parse_knobs", "probe", "pooled_features", "ridge_r2"]
+__all__ = ["CONTROLS", "SyntheticConfig", "control_probes", "knob_names", "make_synthetic", "parse_knobs", "probe", "pooled_features", "ridge_r2"]
 
 _CHUNK = 256  # samples generated at a time: bounds temporaries (MOSEI unaligned audio: ~40 MB)
 _CALIB = 8192  # prior draws used to standardise the audio map f
+CONTROLS = ("none", "negative", "positive")
 
 
 @dataclass
@@ -255,6 +300,17 @@ class SyntheticConfig:
     replace_nonfinite: bool = True
     """Replace the -inf values by 0 (as the public MulT code does) and record the counts in
     ``meta.nonfinite``. False keeps them, to test code that must cope with raw files."""
+    control: str = "none"
+    """A control world for testing whether knowledge transfer can show an effect at all (see
+    "Controls" in the module docstring): "none" (the generator as described above), "negative"
+    (exactly the same data as "none": audio's extra label information is private, so a
+    reconstruction A' from L + V cannot carry it; refuses ``audio_shared`` > 0) or "positive" (the
+    label reaches L and V only through an entangled, second-order map that audio shows linearly)."""
+    test_size: int = 0
+    """Samples in the test split; 0: the preset's test size times ``scale``. The train and valid
+    splits are drawn from their own streams, so a different test size never changes them."""
+    valid_size: int = 0
+    """Samples in the valid split; 0: the preset's valid size times ``scale`` (train and test unchanged)."""
 
     def __post_init__(self):
         self.emotion_rates = tuple(float(v) for v in self.emotion_rates)
@@ -298,6 +354,13 @@ class SyntheticConfig:
         )
         need(len(self.length_beta) == 2 and all(v > 0 and math.isfinite(v) for v in self.length_beta), "length_beta", "two numbers > 0")
         need(isinstance(self.replace_nonfinite, (bool, np.bool_)), "replace_nonfinite", "True or False")
+        need(self.control in CONTROLS, "control", f"one of {', '.join(CONTROLS)}")
+        need(not (self.control == "negative" and self.audio_shared > 0), "control",
+             "audio_shared = 0 with control=negative (its audio is private by definition)")
+        for name in ("test_size", "valid_size"):
+            v = getattr(self, name)
+            need(isinstance(v, (int, np.integer)) and not isinstance(v, bool) and (v == 0 or 8 <= v <= 1_000_000), name,
+                 "0 (the preset's size times scale) or an integer in [8, 1000000]")
 
     def to_dict(self) -> dict:
         """JSON-able dict of every knob (tuples as lists)."""
@@ -371,6 +434,17 @@ class _World:
         self.g_sd = np.maximum(g.std(0), 1e-6).astype(np.float32)
         # f = (g + cue * a_A C_A) / f_norm has unit mean variance per feature
         self.f_norm = np.float32(math.sqrt(1 + cfg.cue_audio**2 * (1 + _audio_view_noise_var(cfg))))
+        if cfg.control == "positive":
+            # Block maps for the positive control, from W without new draws (the other worlds stay
+            # bit-identical): each feature sees one coordinate of the modality's view, so no single
+            # feature's mean or sd moves with the correlation between two coordinates (the label).
+            for m in ("text", "vision"):
+                W = self.W[m]
+                block = np.zeros_like(W)
+                cols = np.arange(W.shape[1])
+                block[cols % k, cols] = W[cols % k, cols] * math.sqrt(k)  # unit variance per feature from z
+                self.W[m] = block
+            self.u = (np.ones(n_a) / math.sqrt(n_a)).astype(np.float32)  # iemocap: one combination of the 4 scores
 
     def g(self, z: np.ndarray) -> np.ndarray:
         """The standardised tanh map g of z (..., K) -> (..., D_a)."""
@@ -489,6 +563,24 @@ def _mixed_audio_view(cfg, a, views, rng) -> np.ndarray:
     return mixed.astype(np.float32)
 
 
+_POS_GAIN = 1.0  # rho_i = tanh(_POS_GAIN * a_i . u): |rho| ~0.7 at the sentiment modes
+_POS_SD = 0.9  # a scale for h: measured, h has variance ~1.4 (mosi, seed 0), the mean over audio features of the content's
+
+
+def _entangle(z: np.ndarray, affect: np.ndarray) -> np.ndarray:
+    """The positive control's latent (in place): coordinate 1 of z gets correlation rho_i =
+    tanh(_POS_GAIN * affect_i) with coordinate 0 (both seen by text only), and coordinate K-1 the
+    same with K-2 (both seen by vision only). Each coordinate stays a unit-variance AR(1) with the
+    same coefficient, so no coordinate's mean or variance depends on the affect. Returns rho (n,)."""
+    rho = np.tanh(_POS_GAIN * affect.reshape(-1).astype(np.float64)).astype(np.float32)
+    c = np.sqrt(1 - rho**2)[:, None]
+    r = rho[:, None]
+    K = z.shape[2]
+    for i, j in ((0, 1), (K - 2, K - 1)):
+        z[:, :, j] = r * z[:, :, i] + c * z[:, :, j]
+    return rho
+
+
 def _make_split(cfg, shape, aligned, world, seed, split_idx, n):
     task = shape.task
     T0 = shape.aligned_len
@@ -510,6 +602,7 @@ def _make_split(cfg, shape, aligned, world, seed, split_idx, n):
     p = cfg.audio_predictability
     sp_, sq_ = np.float32(math.sqrt(p)), np.float32(math.sqrt(1 - p))
     k = world.k
+    positive = cfg.control == "positive"
     for c, lo in enumerate(range(0, n, _CHUNK)):
         hi = min(n, lo + _CHUNK)
         sl = slice(lo, hi)
@@ -517,14 +610,22 @@ def _make_split(cfg, shape, aligned, world, seed, split_idx, n):
         lat = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(2, split_idx, c)))
         obs = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(3, split_idx, c, int(aligned))))
         z = _ar1(lat, m_, T0, cfg.latent_dim, cfg.latent_rho)
-        z += (cfg.latent_shift * (a[sl] @ world.M))[:, None, :]
+        if positive:
+            _entangle(z, a[sl] @ world.u)  # the label's latent, as within-sample correlations of z
+        else:
+            z += (cfg.latent_shift * (a[sl] @ world.M))[:, None, :]
         for m in MODALITIES:
             T, L = Ts[m], lengths[m][sl]
             i, t = _real_rows(T, L)  # only real steps are computed; padding stays 0
             zm = _resample_rows(z, L0[sl], T, L, i, t)
             view = views[m][sl]
             if m == "audio":
-                x = world.f(zm, view[i])
+                if positive:
+                    K = cfg.latent_dim
+                    h = (zm[:, 0] * zm[:, 1] + zm[:, K - 2] * zm[:, K - 1]) / np.float32(2 * _POS_SD)  # (R,)
+                    x = h[:, None] * world.C["audio"][0]  # (R, D_a): audio shows the products linearly
+                else:
+                    x = world.f(zm, view[i])
                 x *= sp_
                 if p < 1:
                     rho_f = cfg.private_rho ** (T0 / T)
@@ -535,6 +636,12 @@ def _make_split(cfg, shape, aligned, world, seed, split_idx, n):
                     x += np.float32(cfg.noise_audio) * obs.standard_normal(x.shape, dtype=np.float32)
                 if cfg.audio_neg_inf_rate > 0:
                     _inject_neg_inf(x, cfg.audio_neg_inf_rate, obs)
+            elif positive:  # no affect cue: text and vision show the label only through z's correlations
+                zv = zm[:, :k] if m == "text" else zm[:, cfg.latent_dim - k :]
+                x = zv @ world.W[m]
+                noise = getattr(cfg, f"noise_{m}")
+                if noise:
+                    x += np.float32(noise) * obs.standard_normal(x.shape, dtype=np.float32)
             else:
                 zv = zm[:, :k] if m == "text" else zm[:, cfg.latent_dim - k :]
                 x = zv @ world.W[m]
@@ -570,10 +677,16 @@ def make_synthetic(preset: str = "mosi", aligned: bool = True, scale: float = 1.
     seed = int(seed)
     aligned = bool(aligned)
     n_a = 1 if shape.task == "regression" else len(EMOTIONS)
+    if cfg.control == "positive" and cfg.latent_dim - math.ceil(cfg.view_frac * cfg.latent_dim) < 2:
+        raise ConfigError(f"synthetic knob control='positive' needs at least 2 coordinates of z that only text sees "
+                          f"(latent_dim - ceil(view_frac * latent_dim) >= 2), found latent_dim={cfg.latent_dim}, view_frac={cfg.view_frac}")
     world = _World(cfg, shape.dims, n_a, seed)
     splits = {}
+    sizes = {"valid": cfg.valid_size, "test": cfg.test_size}
     for si, s in enumerate(SPLITS):
-        n = max(8, int(round(shape.split_sizes[s] * scale)))
+        # a split's samples come from streams keyed by (seed, split), so one split's size never
+        # changes another split's samples: a larger test set leaves training as it was
+        n = sizes.get(s) or max(8, int(round(shape.split_sizes[s] * scale)))
         splits[s] = _make_split(cfg, shape, aligned, world, seed, si, n)
     meta = DatasetMeta(
         name=shape.name,
@@ -634,15 +747,22 @@ def _r2(y, pred) -> float:
 def ridge_r2(Xtr, ytr, Xva, yva, Xte, yte, lambdas=_LAMBDAS) -> tuple:
     """Closed-form ridge (inputs standardised on train, intercept unpenalised), the penalty
     (relative to the number of training rows) chosen by validation R^2; returns (test R^2, lambda)."""
+    predict, lam = ridge_fit(Xtr, ytr, Xva, yva, lambdas)
+    yte = np.asarray(yte, dtype=np.float64).reshape(len(yte), -1)
+    return _r2(yte, predict(Xte)), lam
+
+
+def ridge_fit(Xtr, ytr, Xva, yva, lambdas=_LAMBDAS) -> tuple:
+    """``ridge_r2``'s fit: (predict, lambda), ``predict(X)`` -> (N, outputs) float64."""
     mu, sd = Xtr.mean(0), Xtr.std(0)
     sd = np.where(sd > 1e-12, sd, 1.0)
     Z = (Xtr - mu) / sd
-    ytr, yva, yte = (np.asarray(v, dtype=np.float64).reshape(len(v), -1) for v in (ytr, yva, yte))
+    ytr, yva = (np.asarray(v, dtype=np.float64).reshape(len(v), -1) for v in (ytr, yva))
     ym = ytr.mean(0)
     G = Z.T @ Z / len(Z)
     evals, V = np.linalg.eigh(G)
     b = V.T @ (Z.T @ (ytr - ym) / len(Z))
-    Zva, Zte = (Xva - mu) / sd, (Xte - mu) / sd
+    Zva = (Xva - mu) / sd
     best = (-np.inf, None, None)
     for lam in lambdas:
         w = V @ (b / (np.maximum(evals, 0) + lam)[:, None])
@@ -650,7 +770,7 @@ def ridge_r2(Xtr, ytr, Xva, yva, Xte, yte, lambdas=_LAMBDAS) -> tuple:
         if r > best[0]:
             best = (r, lam, w)
     _, lam, w = best
-    return _r2(yte, Zte @ w + ym), float(lam)
+    return (lambda X: ((X - mu) / sd) @ w + ym), float(lam)
 
 
 def _step_rows(sp, rng, max_rows):
@@ -768,6 +888,75 @@ def _probe(ds, max_rows, n_components, n_fourier, seed) -> dict:
     return res
 
 
+def _step_moments(x, lengths, mu, sd, V) -> np.ndarray:
+    """Per sample, the mean over true steps of the whitened components P = ((x - mu) / sd) V and
+    of their pairwise products P_r P_s (r <= s): (N, r + r (r + 1) / 2), a quadratic feature map."""
+    N, T, _ = x.shape
+    x = np.asarray(x, dtype=np.float64).copy()
+    x[~np.isfinite(x)] = 0.0
+    m = _real_mask(T, lengths)[..., None]  # (N, T, 1)
+    P = ((x - mu) / sd) @ V * m  # (N, T, r), padding 0
+    cnt = np.maximum(np.asarray(lengths), 1)[:, None].astype(np.float64)
+    r = P.shape[2]
+    iu = np.triu_indices(r)
+    second = np.einsum("ntr,nts->nrs", P, P)[:, iu[0], iu[1]]  # (N, r (r + 1) / 2)
+    return np.concatenate([P.sum(1), second], axis=1) / cnt
+
+
+def control_probes(ds: MultimodalDataset, n_components: int = 6, n_fourier: int = 600, max_rows: int = 20000, seed: int = 0) -> dict:
+    """``probe`` plus what a reconstruction of audio could teach:
+
+    - ``label_r2_lv_quadratic``: R^2 of the label from a quadratic map of L + V (per modality, the
+      within-sample means of the top ``n_components`` whitened principal components and of their
+      pairwise products). Does a simple non-linear map of L + V determine what the label needs,
+      where the linear one (``label_r2_lv``) does not?
+    - ``label_r2_ahat`` and ``label_r2_lv_ahat``: R^2 of the label from time-pooled A^, alone and
+      beside L + V, where A^ is ``probe``'s non-linear per-step reconstruction of audio from L and
+      V (ridge on random Fourier features, fit on training steps without labels): a closed-form
+      stand-in for kt's A'. ``label_r2_lv_ahat`` - ``label_r2_lv`` is what A^ adds to L + V read
+      linearly; ``label_r2_audio`` (real audio) bounds what a perfect A' could show.
+
+    Ridge as in ``probe`` (fit on train, penalty on valid, R^2 on test)."""
+    with _one_blas_thread():
+        res = _probe(ds, max_rows, n_components, n_fourier, seed)
+        rng = np.random.default_rng(seed)
+        rows = _step_rows(ds["train"], rng, max_rows)
+        feats = {s: [] for s in SPLITS}
+        for m in ("text", "vision"):
+            mu, sd, V = _pca_basis(rows[m], min(n_components, rows[m].shape[1]))
+            for s in SPLITS:
+                feats[s].append(_step_moments(ds[s].features[m], ds[s].lengths[m], mu, sd, V))
+        X = {s: np.concatenate(feats[s], axis=1) for s in SPLITS}
+        y = {s: np.asarray(ds[s].labels, dtype=np.float64).reshape(len(ds[s]), -1) for s in SPLITS}
+        res["label_r2_lv_quadratic"], _ = ridge_r2(X["train"], y["train"], X["valid"], y["valid"], X["test"], y["test"])
+        # A^: per-step audio from L and V (the probe's non-linear map), then pooled like real audio
+        fit_rows = {s: _step_rows(ds[s], rng, max_rows) for s in ("train", "valid")}
+        bases = {m: _pca_basis(fit_rows["train"][m], min(n_components, fit_rows["train"][m].shape[1])) for m in ("text", "vision")}
+        d_in = sum(V.shape[1] for _, _, V in bases.values())
+        W = rng.standard_normal((d_in, n_fourier)) / math.sqrt(d_in)
+        b = rng.uniform(0, 2 * math.pi, n_fourier)
+        nl = {s: _nonlinear_map(fit_rows[s], bases, W, b) for s in fit_rows}
+        predict, _ = ridge_fit(nl["train"], fit_rows["train"]["audio"], nl["valid"], fit_rows["valid"]["audio"])
+        ahat = {s: _pooled_reconstruction(ds[s], lambda r: predict(_nonlinear_map(r, bases, W, b))) for s in SPLITS}
+        lv = {s: np.concatenate([pooled_features(ds[s].features[m], ds[s].lengths[m]) for m in ("text", "vision")], axis=1) for s in SPLITS}
+        for name, X in (("ahat", ahat), ("lv_ahat", {s: np.concatenate([lv[s], ahat[s]], axis=1) for s in SPLITS})):
+            res[f"label_r2_{name}"], _ = ridge_r2(X["train"], y["train"], X["valid"], y["valid"], X["test"], y["test"])
+    return res
+
+
+def _pooled_reconstruction(sp, predict, chunk: int = 4096) -> np.ndarray:
+    """Mean and sd over each sample's real audio steps of ``predict(rows)``, where rows pair every
+    real audio step with text and vision at the same relative time (``_step_rows``): (N, 2 D_a)."""
+    rows = _step_rows(sp, np.random.default_rng(0), 10**12)  # every step, in (sample, step) order
+    La = np.asarray(sp.lengths["audio"])
+    pred = np.concatenate([predict({m: v[lo : lo + chunk] for m, v in rows.items()}) for lo in range(0, len(rows["audio"]), chunk)])
+    starts = np.concatenate([[0], np.cumsum(La)[:-1]])
+    cnt = np.maximum(La, 1)[:, None]
+    mean = np.add.reduceat(pred, starts, axis=0) / cnt
+    sq = np.add.reduceat(pred**2, starts, axis=0) / cnt
+    return np.concatenate([mean, np.sqrt(np.maximum(sq - mean**2, 0))], axis=1)
+
+
 # ----------------------------------------------------------------------------------------------
 # Knobs in a data source string: synthetic:mosi?audio_shared=0.5&audio_gain=3
 
@@ -795,6 +984,8 @@ def parse_knobs(query: str, source: str = "") -> dict:
                 if text.lower() not in ("true", "false", "1", "0"):
                     raise ValueError
                 value = text.lower() in ("true", "1")
+            elif kind == "str":
+                value = text
             elif kind == "int":
                 value = int(text)
             elif kind == "tuple":
