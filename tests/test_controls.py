@@ -15,6 +15,7 @@ from mskt.data.presets import DATA_SHAPES, MODALITIES, SPLITS
 from mskt.data.readers import load_dataset
 from mskt.data.synthetic import control_probes, make_synthetic, parse_knobs, with_knobs
 from mskt.errors import ConfigError
+from mskt import stats
 from mskt.experiments import controls
 
 from conftest import tiny_run_config
@@ -153,9 +154,18 @@ def test_paired_ci_and_differences():
     assert ci["ci_low"] < 0 < ci["ci_high"] and not ci["excludes_0"]
 
 
-def test_holm():
-    p = np.array([0.01, 0.04, np.nan, 0.03])
-    assert np.allclose(controls._holm(p), [0.03, 0.06, np.nan, 0.06], equal_nan=True)
+def test_paired_ci_adjusts_the_tested_cells_with_holm_and_leaves_a_one_seed_cell_untested():
+    rows = []
+    for fraction, diffs in ((0.05, [-0.3, -0.2, -0.25]), (0.2, [0.01, -0.02, 0.0]), (1.0, [-0.1])):
+        for seed, d in enumerate(diffs):
+            rows += [{"control": "positive", "label_fraction": fraction, "seed": seed, "variant": "kt", "mae": 1.0 + d},
+                     {"control": "positive", "label_fraction": fraction, "seed": seed, "variant": "language_vision", "mae": 1.0}]
+    table = controls.paired_ci(controls.add_differences(pd.DataFrame(rows)), "mae").set_index("label_fraction")
+    assert table.loc[0.05, "excludes_0"] and table.loc[0.05, "wins"] == 3 and not table.loc[0.2, "excludes_0"]
+    assert np.isnan(table.loc[1.0, "p"]) and np.isnan(table.loc[1.0, "p_holm"]) and table.loc[1.0, "n"] == 1
+    tested = table["p"].dropna()
+    assert np.allclose(table.loc[tested.index, "p_holm"], stats.adjust(tested.to_numpy(), "holm"))
+    assert table.loc[0.05, "p_holm"] == pytest.approx(2 * table.loc[0.05, "p"])  # the smaller of two p-values, times 2
 
 
 def test_run_smoke(tmp_path):

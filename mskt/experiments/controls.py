@@ -32,10 +32,10 @@ from mskt.config import Config
 from mskt.data.synthetic import with_knobs
 from mskt.errors import ConfigError
 from mskt.experiments.grid import run_configs
+from mskt.metrics import higher_is_better
 
 CONTROLS = ("negative", "positive")
 FRACTIONS = (0.05, 0.2, 1.0)
-LOWER_IS_BETTER = ("mae", "loss")
 
 
 def _metrics(runs: pd.DataFrame) -> list:
@@ -86,7 +86,7 @@ def read_runs(out_dir, method: str = "kt", baseline: str = "language_vision") ->
         metrics = json.loads(done.read_text())
         rows.append({"control": done.parent.parent.name, "label_fraction": cfg["label_fraction"], "data": cfg["data"],
                      "variant": cfg["variant"], "seed": cfg["seed"], "best_epoch": metrics["best_epoch"],
-                     "seconds": metrics["seconds"], **metrics["test"]})
+                     "seconds": metrics["seconds"], "converged": metrics.get("converged"), **metrics["test"]})
     if not rows:
         raise ConfigError(f"{out_dir}: no finished runs (<control>/<variant>-lf<fraction>-seed<seed>/metrics.json)")
     return add_differences(pd.DataFrame(rows), method, baseline)
@@ -108,13 +108,14 @@ def add_differences(runs: pd.DataFrame, method: str = "kt", baseline: str = "lan
 
 
 def paired_ci(runs: pd.DataFrame, metric: str = "mae", level: float = 0.95) -> pd.DataFrame:
-    """Per (control, label fraction): the number of paired seeds, the mean of ``diff_<metric>``
-    (method - baseline), its paired-t ``level`` interval, and ``wins`` (seeds where the method was
-    better: lower MAE, higher otherwise). ``excludes_0`` says whether the interval excludes 0;
-    ``p`` is the two-sided paired-t p-value, ``p_holm`` Holm's adjustment over the rows returned,
-    and ``mde`` the smallest |difference| this many seeds would detect with 80% power at the
-    two-sided 1 - ``level`` (paired t, the observed sd): what "no difference" can rule out."""
-    from scipy import stats
+    """Per (control, label fraction), through :func:`mskt.stats.compare`: the number of paired
+    seeds, the mean of ``diff_<metric>`` (method - baseline), its paired-t ``level`` interval, and
+    ``wins`` (seeds where the method was better: lower MAE, higher otherwise). ``excludes_0`` says
+    whether the interval excludes 0; ``p`` is the two-sided paired-t p-value, ``p_holm`` Holm's
+    adjustment over the rows returned, and ``mde`` the smallest |difference| this many seeds would
+    detect with 80% power (paired t, the observed sd): what "no difference" can rule out. A cell
+    with fewer than 2 paired seeds gets NaN statistics."""
+    from mskt import stats
 
     col = f"diff_{metric}"
     if col not in runs:
@@ -124,32 +125,19 @@ def paired_ci(runs: pd.DataFrame, metric: str = "mae", level: float = 0.95) -> p
     rows = []
     for (control, fraction), g in pairs.groupby(["control", "label_fraction"], sort=True):
         d = g[col].to_numpy(dtype=np.float64)
-        n = len(d)
-        mean = float(d.mean())
-        half = float(stats.t.ppf(0.5 + level / 2, n - 1) * d.std(ddof=1) / np.sqrt(n)) if n > 1 else float("nan")
-        better = d < 0 if metric in LOWER_IS_BETTER else d > 0
-        se = d.std(ddof=1) / np.sqrt(n) if n > 1 else float("nan")
-        p = float(2 * stats.t.sf(abs(mean) / se, n - 1)) if n > 1 and se > 0 else float("nan")
-        mde = float((stats.t.ppf(0.5 + level / 2, n - 1) + stats.t.ppf(0.8, n - 1)) * se) if n > 1 else float("nan")
-        rows.append({"control": control, "label_fraction": fraction, "metric": metric, "n": n, "mean_diff": mean,
-                     "ci_low": mean - half, "ci_high": mean + half, "wins": int(better.sum()),
-                     "excludes_0": bool(n > 1 and (mean - half > 0 or mean + half < 0)), "p": p, "mde": mde})
+        better = d > 0 if higher_is_better(metric) else d < 0
+        row = {"control": control, "label_fraction": fraction, "metric": metric, "n": len(d), "mean_diff": float(d.mean()),
+               "ci_low": np.nan, "ci_high": np.nan, "wins": int(better.sum()), "excludes_0": False, "p": np.nan, "mde": np.nan}
+        if len(d) > 1:
+            c = stats.compare(d, np.zeros_like(d), metric, (method, "baseline"), alpha=1 - level)
+            row.update(ci_low=c.ci_lo, ci_high=c.ci_hi, excludes_0=bool(c.ci_lo > 0 or c.ci_hi < 0), p=c.p_t, mde=c.mde)
+        rows.append(row)
     out = pd.DataFrame(rows)
     if len(out):
-        out["p_holm"] = _holm(out["p"].to_numpy())
+        tested = out["p"].notna().to_numpy()
+        out["p_holm"] = np.nan
+        out.loc[tested, "p_holm"] = stats.adjust(out.loc[tested, "p"].to_numpy(), "holm")
     return out
-
-
-def _holm(p: np.ndarray) -> np.ndarray:
-    """Holm's step-down adjustment of p-values (NaN stays NaN)."""
-    adj = np.full(len(p), np.nan)
-    ok = np.flatnonzero(~np.isnan(p))
-    order = ok[np.argsort(p[ok])]
-    m, running = len(order), 0.0
-    for rank, i in enumerate(order):
-        running = max(running, min(1.0, (m - rank) * p[i]))
-        adj[i] = running
-    return adj
 
 
 def markdown(runs: pd.DataFrame, metrics=("mae", "corr", "acc2_nonzero"), level: float = 0.95) -> str:
