@@ -8,8 +8,9 @@ nearest prediction to a class boundary of Acc2/Acc5/Acc7 (an accuracy can only c
 drift larger than that distance). ``--perturb`` makes a real change:
 
 - ``init``: one layer (the model's last ``nn.Linear``) initialised from another seed;
-- ``dropout-order``: torch's generator advanced by one draw before training, so every later random
-  draw (dropout masks among them) comes in another order.
+- ``dropout-order``: every dropout mask drawn with the key of seed + 1 (init, batch order and
+  everything else as with the seed). Before issue 26 this was "torch's generator advanced by one
+  draw before training", which then drew the masks.
 
     MSKT_KERNEL_ARCH=native   python scripts/golden_drift.py --out runs/drift/native.json
     MSKT_KERNEL_ARCH=portable python scripts/golden_drift.py --out runs/drift/portable.json
@@ -45,11 +46,15 @@ def _perturbed_build(how: str):
             g = torch.Generator().manual_seed(12345)
             with torch.no_grad():
                 last.weight.copy_(torch.empty_like(last.weight).uniform_(-1, 1, generator=g) * last.weight.abs().max())
-        elif how == "dropout-order":
-            torch.rand(1)
         return model
 
-    loop.build_model = build
+    if how == "init":
+        loop.build_model = build
+    else:  # every dropout mask from another key, everything else (init, batches) as it was
+        import mskt.train.distributed as distributed
+
+        keyed = distributed.set_step_keys
+        distributed.set_step_keys = lambda model, seed, *rest: keyed(model, seed + 1, *rest)
 
 
 def boundary_margin(pred: np.ndarray) -> float:
