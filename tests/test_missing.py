@@ -325,6 +325,25 @@ def test_sweep_is_deterministic_by_seed_and_draws(tiny_runs, tiny_mosi):
         assert labels[0] == "nothing missing" and "A, V missing" in labels and len(labels) == 7
 
 
+def test_the_rate_curves_stand_at_the_realised_rate():
+    """A nominal 0.7 removes 2/3 of the slots (every sample keeps a modality): the curve's point
+    stands at 2/3, and a frame without the realised rate keeps the nominal axis."""
+    import pandas as pd
+
+    from mskt.viz import plots
+
+    rows = [{"label": "kt", "run_seed": 0, "protocol": "rate", "condition": f"rate {r:g}", "rate": r, "missing_rate_realised": q,
+             "mask_seed": s, "mode": "sample", "mae": 1.0 + r + 0.01 * s}
+            for r, q in ((0.0, 0.0), (0.4, 0.4), (0.7, 2 / 3)) for s in (0, 1)]
+    frame = pd.DataFrame(rows)
+    with plots.theme():
+        xs = plots.plot_robustness(frame, metrics=("mae",)).axes[0].lines[0].get_xdata()
+        assert list(xs) == pytest.approx([0.0, 0.4, 2 / 3])
+        nominal = plots.plot_robustness(frame.drop(columns="missing_rate_realised"), metrics=("mae",))
+        assert list(nominal.axes[0].lines[0].get_xdata()) == pytest.approx([0.0, 0.4, 0.7])
+        assert nominal.axes[0].get_xlabel() == "missing rate"
+
+
 def test_explorer_views(tiny_runs, tiny_mosi):
     from mskt.viz import explorer, plots
     from mskt.train import Tensors
