@@ -27,6 +27,8 @@ import logging
 import math
 import os
 
+import zlib
+
 import numpy as np
 import pytest
 import torch
@@ -355,8 +357,16 @@ def test_compiled_stacks_equal_the_stacks_on_torch_ops(d, heads, last_only, thre
     balance, one at a time otherwise) against each stack's layers on torch's operations, in
     training mode, without dropout and with it (each stack under one dropout context: the same
     masks on both paths): the same outputs and the same gradients of every x, every source and
-    every weight."""
-    g, seed = fresh_generator()
+    every weight.
+
+    One fixed draw per parameter set, not a fresh one per run: the stacks are piecewise smooth
+    (ReLU), and at a random point a pre-activation can fall within rounding of 0, where the two
+    paths' float32 sums land on different sides of the kink and a gradient differs by that unit's
+    whole contribution. Measured at seed 674908802 (d 14, 2 heads, p 0.3): the compiled path agreed
+    with the Python code run in float64 to 7e-7, the Python float32 path differed by 0.065 in one
+    input gradient, and a central finite difference gave the mean of the two one-sided values."""
+    seed = zlib.crc32(f"{d}-{heads}-{last_only}-{threads}-{p}".encode())
+    g = torch.Generator().manual_seed(seed)
     count = int(torch.randint(1, 7, (1,), generator=g))
     fused, calls = random_stacks(g, True, d, heads, count, dropout=p)
     plain = [Transformer(d, heads, len(s.layers), p, p, p, p, cross=s.layers[0].norm_source is not None)

@@ -466,9 +466,9 @@ def plot_robustness(frame, metrics=None, labels=None, title: str | None = None):
     import seaborn as sns
 
     rates = frame[frame["protocol"] == "rate"]
+    metrics = _sweep_metrics(rates, metrics)
     realised = "missing_rate_realised" in rates and rates["missing_rate_realised"].notna().all()
     rates = rates.assign(x=rates.groupby("rate")["missing_rate_realised"].transform("mean") if realised else rates["rate"])
-    metrics = _sweep_metrics(rates, metrics)
     labels = labels or list(dict.fromkeys(rates["label"]))
     ncols = min(4, len(metrics))
     nrows = math.ceil(len(metrics) / ncols)
