@@ -93,6 +93,16 @@ def differences(recorded: dict, measured: dict, tolerance: dict | None) -> dict:
     return out
 
 
+def reinit_last_linear(model: torch.nn.Module) -> torch.nn.Module:
+    """The smallest real change measured: the model's last linear layer initialised from other draws
+    of the same law (uniform up to its largest weight, as its default init)."""
+    last = [m for m in model.modules() if isinstance(m, torch.nn.Linear)][-1]
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(12345)
+        last.weight.copy_(torch.empty_like(last.weight).uniform_(-1, 1, generator=g) * last.weight.abs().max())
+    return model
+
+
 def test_the_comparison_is_exact_for_accuracies_and_tolerant_for_continuous_metrics():
     recorded = {"r": {"mae": 1.0, "corr": 0.5, "loss": 1.0, "acc2_nonzero": 0.75}}
     drift = {"r": {"mae": 1.0 + TOLERANCE["mae"] / 2, "corr": 0.5, "loss": 1.0, "acc2_nonzero": 0.75}}
@@ -133,15 +143,7 @@ def test_a_real_change_fails_the_comparison(monkeypatch):
 
     plain = loop.build_model
 
-    def other_init(cfg):
-        model = plain(cfg)
-        last = [m for m in model.modules() if isinstance(m, torch.nn.Linear)][-1]
-        with torch.no_grad():
-            g = torch.Generator().manual_seed(12345)
-            last.weight.copy_(torch.empty_like(last.weight).uniform_(-1, 1, generator=g) * last.weight.abs().max())
-        return model
-
-    monkeypatch.setattr(loop, "build_model", other_init)
+    monkeypatch.setattr(loop, "build_model", lambda cfg: reinit_last_linear(plain(cfg)))
     baseline = json.loads(BASELINE.read_text())
     key = "synthetic:mosi/language"  # the quickest of the recorded runs
     data, variant = key.rsplit("/", 1)
