@@ -32,7 +32,7 @@ from mskt.config import Config
 from mskt.data.synthetic import with_knobs
 from mskt.errors import ConfigError
 from mskt.experiments.grid import run_configs
-from mskt.metrics import higher_is_better
+from mskt.metrics import display_scale, higher_is_better
 
 CONTROLS = ("negative", "positive")
 FRACTIONS = (0.05, 0.2, 1.0)
@@ -157,7 +157,7 @@ def markdown(runs: pd.DataFrame, metrics=("mae", "corr", "acc2_nonzero"), level:
     "mean diff [CI] wins/n, p_holm, mde" (accuracies in points; MAE and Corr as they are)."""
     cells = {}
     for m in metrics:
-        scale, digits = (100, 1) if m.startswith("acc") or m.endswith("f1") else (1, 3)
+        scale, digits = display_scale(m)
         for _, r in paired_ci(runs, m, level).iterrows():
             cells.setdefault((r["control"], r["label_fraction"]), {})[m] = (
                 f"{scale * r['mean_diff']:+.{digits}f} [{scale * r['ci_low']:+.{digits}f}, {scale * r['ci_high']:+.{digits}f}] "

@@ -26,6 +26,7 @@ from pathlib import Path
 import pandas as pd
 
 from mskt.errors import MsktError
+from mskt.metrics import display_scale
 from mskt.data.missing import CONDITIONS, RATES, check_mode, check_rate, parse_missing
 from mskt.model import KTMulT
 
@@ -146,7 +147,7 @@ def to_markdown(frame: pd.DataFrame, metric: str = "mae", protocol: str = "rate"
     table = summarize(frame[frame["protocol"] == protocol], [metric])
     conditions = list(dict.fromkeys(frame.loc[frame["protocol"] == protocol, "condition"]))
     labels = list(dict.fromkeys(frame["label"]))
-    scale, digits = _scale(metric)
+    scale, digits = display_scale(metric)
     lines = [f"| {metric} | " + " | ".join(conditions) + " |", "|---|" + "---|" * len(conditions)]
     for label in labels:
         cells = []
@@ -162,7 +163,6 @@ def reading(frame: pd.DataFrame, reference: str = "kt_any", others=("kt", "langu
     each of ``others`` the reading of :func:`gaps` (paired by training seed, mask seeds averaged
     first, p adjusted across every condition and other of this reading): "A better than B (...)",
     "B better than A (...)" or "no detectable difference; the smallest effect this design detects is X"."""
-    from mskt.metrics import display_scale
 
     table = gaps(frame, reference, others, metric, method)
     per_run = frame[frame["label"] == reference].groupby(["condition", "run_seed"], sort=False)[metric].mean()
@@ -318,14 +318,10 @@ def _cell(table: pd.DataFrame, label, column, scale: float, digits: int) -> str:
     return f"{scale * table.loc[label, (column, 'mean')]:.{digits}f} ± {scale * table.loc[label, (column, 'std')]:.{digits}f}"
 
 
-def _scale(metric: str) -> tuple:
-    return (1, 3) if metric in ("mae", "corr", "loss") else (100, 1)
-
-
 def summary_markdown(table: pd.DataFrame, metric: str = "mae") -> str:
     """A Markdown table of :func:`condition_summary` or :func:`rate_summary`: one row per label,
     mean ± std over training seeds (accuracies and F1 in percent)."""
-    scale, digits = _scale(metric)
+    scale, digits = display_scale(metric)
     columns = [c for c in dict.fromkeys(table.columns.get_level_values(0)) if c != "n_seeds"]
     lines = [f"| {metric} | seeds | " + " | ".join(columns) + " |", "|---|---|" + "---|" * len(columns)]
     for label in table.index:
@@ -340,7 +336,7 @@ def fair_table(frame: pd.DataFrame, metric: str = "mae") -> str:
     conditions, audio missing (the paper's setting) and the normalised area under the rate curve.
     The grid where the training rate equals the test rate has its own table
     (``to_markdown(matched, metric, protocol="matched")`` and :func:`rate_summary`)."""
-    scale, digits = _scale(metric)
+    scale, digits = display_scale(metric)
     rates = rate_summary(frame, metric)
     conditions = condition_summary(frame, metric)
     lo, hi = frame.loc[frame["protocol"] == "rate", "rate"].agg(["min", "max"])
