@@ -186,7 +186,10 @@ def test_a_failing_notebook_exits_2_and_leaves_no_figure_looking_complete(failin
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert "Traceback" not in proc.stderr, proc.stderr
     errors = [line for line in proc.stderr.splitlines() if line.startswith("mskt: error:")]
-    assert len(errors) == 1 and proc.stderr.strip().splitlines() == errors, proc.stderr
+    # libzmq itself may abort a dying kernel's socket with one line of its own (seen once in CI:
+    # "Assertion failed: pfd.revents & POLLIN (src/signaler.cpp:238)"): not the runner's, not a kernel warning.
+    others = [line for line in proc.stderr.strip().splitlines() if line not in errors and not line.startswith("Assertion failed: pfd.revents")]
+    assert len(errors) == 1 and others == [], proc.stderr
     assert "02_broken.ipynb failed at cell In [" in errors[0]
     assert '`raise RuntimeError("deliberate failure")`' in errors[0] and "RuntimeError: deliberate failure" in errors[0]
     assert "01_good.ipynb" in proc.stdout and "02_broken.ipynb" in proc.stdout and "summary.json" in proc.stdout
