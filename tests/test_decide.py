@@ -98,5 +98,20 @@ def test_report_reads_every_part_that_has_runs(tmp_path):
     (tmp_path / "headline").mkdir()
     pd.DataFrame(rows).to_csv(tmp_path / "headline" / "runs.csv", index=False)
     text = decide.report(tmp_path)
-    assert "### Headline" in text and "kt vs language_vision" in text and "(holm)" in text and "4/4" in text
+    assert "### The five variants" in text and "kt vs language_vision" in text and "(holm)" in text and "4/4" in text
     assert "### Controls" not in text  # no controls runs yet
+
+
+def test_the_forest_plot_fills_only_decided_differences():
+    from mskt.viz import plots
+
+    scores = decide.robustness_scores(_sweep(0.05))
+    table = decide.compare(scores, [("A", "B")], cells=("score",), ).query("metric in ['mae', 'corr']")
+    fig = plots.plot_comparisons(table, cells=("score",))
+    mae_ax, corr_ax = fig.axes
+    assert [t.get_text() for t in mae_ax.get_yticklabels()][0] == "conditions: A vs B"
+    filled = [line.get_markerfacecolor() for line in mae_ax.lines if line.get_marker() == "o"]
+    hollow = [line.get_markerfacecolor() for line in corr_ax.lines if line.get_marker() == "o"]
+    assert len(filled) == 4 and "white" not in filled  # A's lower MAE is decided in every score
+    assert hollow == ["white"] * 4  # Corr is equal: nothing decided
+    assert all(x > 0 for line in mae_ax.lines if line.get_marker() == "o" for x in line.get_xdata())  # right = A better

@@ -11,8 +11,11 @@ Three parts, each a folder of runs (``run``) and a table of paired comparisons (
   conditions and random per-sample missing rates 0-0.7 (``robustness.sweep``).
 - ``controls``: kt against language_vision in the positive and negative control worlds at 5%, 20%
   and 100% of the labels, with as many optimizer steps at every label fraction.
+- ``paper-size``: the headline pairs (full, language_vision, kt) again with the paper's model and
+  optimiser (``Config``'s defaults: d_model 40, 5 heads, the paper's depths, lr 1e-3), to see whether
+  the small model's decisions hold at the size the paper trains.
 
-All parts share :data:`BASE`: the controls' small model (``controls.SMALL``: d_model 16, one layer
+The first three parts share :data:`BASE`: the controls' small model (``controls.SMALL``: d_model 16, one layer
 per stack, lr 3e-3), early stopping on validation loss (``patience`` 5, at most 40 epochs), a
 1000-sample validation split and a 2000-sample test split (training data at the preset's size).
 Seeds are paired: at seed s every config sees the same data, the same labelled subset, the same
@@ -31,14 +34,15 @@ from mskt import stats
 from mskt.config import Config
 from mskt.errors import ConfigError
 from mskt.experiments import controls, robustness
-from mskt.experiments.grid import run_configs
+from mskt.experiments.grid import bootstrap_markdown, run_configs
 from mskt.metrics import display_scale
 
-PARTS = ("headline", "robustness", "controls")
+PARTS = ("headline", "robustness", "controls", "paper-size")
 DATA = "synthetic:mosi?test_size=2000&valid_size=1000"
 BASE = dict(epochs=40, patience=5)
 SEEDS, CONTROL_SEEDS = 8, 6
 FIVE = ("full", "vision", "language", "language_vision", "kt")
+PAPER_SIZE = ("full", "language_vision", "kt")
 FAIR = ("kt_any", "kt_any-nodrop", "full+drop", "full", "kt", "language_vision")
 FRACTIONS = (0.05, 0.2, 1.0)
 MASK_SEEDS = (0, 1)
@@ -52,14 +56,21 @@ def base_config(data: str = DATA, **overrides) -> Config:
     return controls.small_config(data, **{**BASE, **overrides})
 
 
+def paper_size_config(data: str = DATA, **overrides) -> Config:
+    """The paper's model and optimiser (Config's defaults), with the same stopping rule and splits."""
+    return Config.from_dict({"data": data, "device": "cpu", "progress": "off", "threads": 1, "seed": 0, **BASE, **overrides})
+
+
 def configs(part: str) -> dict:
     """{label: config overrides} of one part (not controls, which ``controls.run`` lays out)."""
     if part == "headline":
         return {v: {"variant": v} for v in FIVE}
+    if part == "paper-size":
+        return {v: {"variant": v} for v in PAPER_SIZE}
     if part == "robustness":
         fair = robustness.fair_configs(variants=("kt_any", "kt", "language_vision", "full"))
         return {label: fair[label] for label in FAIR}
-    raise ConfigError(f"decide: part {part!r} has no config table; choose one of headline, robustness")
+    raise ConfigError(f"decide: part {part!r} has no config table; choose one of headline, robustness, paper-size")
 
 
 def run(part: str, out, seeds: int = SEEDS, jobs: int = 1, on_run=None, base: Config | None = None) -> pd.DataFrame:
@@ -69,15 +80,29 @@ def run(part: str, out, seeds: int = SEEDS, jobs: int = 1, on_run=None, base: Co
     if part == "controls":
         cfg = base or base_config(steps_like_full_labels=True)
         controls.run(cfg, fractions=FRACTIONS, seeds=seeds, out_dir=out, jobs=jobs, on_run=on_run)
-    elif part in ("headline", "robustness"):
-        run_configs(base or base_config(), configs(part), seeds, out, on_run=on_run, jobs=jobs)
+    elif part in ("headline", "robustness", "paper-size"):
+        base = base or (paper_size_config() if part == "paper-size" else base_config())
+        run_configs(base, configs(part), seeds, out, on_run=on_run, jobs=jobs)
     else:
         raise ConfigError(f"decide: unknown part {part!r}; choose one of {', '.join(PARTS)}")
     runs = read_runs(out)
     runs.to_csv(out / "runs.csv", index=False)
     if part == "robustness":
         sweep_runs(out).to_csv(out / "sweep.csv", index=False)
+    if part in ("headline", "paper-size"):
+        bootstrap(runs, out).to_csv(out / "bootstrap.csv", index=False)
     return runs
+
+
+def bootstrap(runs: pd.DataFrame, folder, against: str = "kt", metrics=("mae", "acc2_nonzero"), n_boot: int = 2000) -> pd.DataFrame:
+    """Every label against ``against`` with test-set noise counted once: ``grid.bootstrap_comparisons``
+    over seeds x test samples of the runs' per-sample predictions (which must reproduce their metrics)."""
+    from mskt.data.readers import load_dataset
+    from mskt.experiments.grid import bootstrap_comparisons
+
+    cfg = json.loads(next(Path(folder).glob("*/config.json")).read_text())
+    dataset = load_dataset(cfg["data"], scale=cfg["data_scale"], seed=cfg["data_seed"])
+    return bootstrap_comparisons(runs, folder, dataset, against, list(metrics), n_boot=n_boot)
 
 
 def read_runs(folder) -> pd.DataFrame:
@@ -240,25 +265,49 @@ def power_markdown(power: pd.DataFrame, cells=()) -> str:
     return "\n".join(lines) + "\n"
 
 
-def report(out) -> str:
-    """docs/results.md's "Decisions" tables for whichever parts under ``out`` have a runs.csv."""
-    out = Path(out)
-    parts = []
-    if (out / "headline" / "runs.csv").exists():
-        r = headline_report(pd.read_csv(out / "headline" / "runs.csv"))
-        parts += ["### Headline: the five variants", summary_markdown(r["summary"]), "", _compare_markdown(r["comparisons"]),
-                  power_markdown(r["power"]), ""]
-    if (out / "robustness" / "sweep.csv").exists():
-        r = robustness_report(pd.read_csv(out / "robustness" / "runs.csv"), pd.read_csv(out / "robustness" / "sweep.csv"))
-        parts += ["### Fair robustness", summary_markdown(r["summary"], by=("score", "label")), "",
-                  _compare_markdown(r["comparisons"], cells=("score",)), power_markdown(r["power"]), ""]
-    if (out / "controls" / "runs.csv").exists():
-        r = controls_report(pd.read_csv(out / "controls" / "runs.csv"))
-        parts += ["### Controls", summary_markdown(r["summary"], by=("control", "label_fraction", "variant")), "",
-                  _compare_markdown(r["comparisons"], cells=("control", "label_fraction")),
-                  power_markdown(r["power"], cells=("control", "label_fraction")), ""]
-    return "\n".join(parts)
+TITLES = {"headline": "The five variants", "paper-size": "The headline pairs at the paper's model size",
+          "robustness": "Fair robustness, one selection protocol", "controls": "Controls: kt against language_vision"}
+CELLS = {"headline": (), "paper-size": (), "robustness": ("score",), "controls": ("control", "label_fraction")}
+
+
+def results_dir():
+    """Where docs/results.md's runs tables are committed (``docs/decide/<part>/``)."""
+    from mskt.paths import project_root
+
+    return project_root() / "docs" / "decide"
+
+
+def part_report(part: str, folder=None) -> dict | None:
+    """One part's reading from ``folder/<part>`` (default: the committed :func:`results_dir`), or None
+    when it has no runs yet: ``markdown`` (summary, paired comparisons, power, bootstrap),
+    ``comparisons`` (the ``mskt.stats.compare_frame`` rows) and ``cells`` (their cell columns)."""
+    folder = Path(folder) if folder is not None else results_dir()
+    where = folder / part
+    if not (where / "runs.csv").exists() or (part == "robustness" and not (where / "sweep.csv").exists()):
+        return None
+    runs = pd.read_csv(where / "runs.csv")
+    cells = CELLS[part]
+    if part == "robustness":
+        r = robustness_report(runs, pd.read_csv(where / "sweep.csv"))
+        summary_text = summary_markdown(r["summary"], by=("score", "label"))
+    elif part == "controls":
+        r = controls_report(runs)
+        summary_text = summary_markdown(r["summary"], by=("control", "label_fraction", "variant"))
+    else:
+        r = headline_report(runs)
+        summary_text = summary_markdown(r["summary"])
+    text = [f"### {TITLES[part]}", summary_text, "", _compare_markdown(r["comparisons"], cells=cells),
+            power_markdown(r["power"], cells=cells if part == "controls" else ())]
+    if (where / "bootstrap.csv").exists():
+        text += [bootstrap_markdown(pd.read_csv(where / "bootstrap.csv"))]
+    return {"markdown": "\n".join(text), "comparisons": r["comparisons"], "cells": cells}
+
+
+def report(out=None) -> str:
+    """docs/results.md's "Decisions" tables for whichever parts under ``out`` have runs."""
+    reports = [part_report(p, out) for p in ("headline", "paper-size", "controls", "robustness")]
+    return "\n".join(r["markdown"] for r in reports if r is not None)
 
 
 __all__ = ["PARTS", "DATA", "BASE", "base_config", "configs", "run", "read_runs", "sweep_runs", "robustness_scores",
-           "compare", "summary", "summary_markdown", "seeds_for", "headline_report", "robustness_report", "controls_report", "power_markdown", "report"]
+           "compare", "summary", "summary_markdown", "seeds_for", "headline_report", "robustness_report", "controls_report", "power_markdown", "part_report", "report", "results_dir"]

@@ -687,3 +687,46 @@ def plot_label_efficiency(summary, knob: str | None = "audio_shared", metrics=No
     seeds = "/".join(map(str, sorted(set(summary["n_seeds"]))))
     fig.suptitle(title or f"Test metrics against the labels kept, mean ± std over {seeds} seeds", fontsize=9)
     return fig
+
+
+# ----------------------------------------------------------------------------------------------
+# Decisions: paired comparisons (mskt.stats.compare_frame)
+
+
+def plot_comparisons(table, cells=(), metrics=None, title: str | None = None):
+    """A forest plot of :func:`mskt.stats.compare_frame`'s rows: per metric panel, one row per (cell,
+    A vs B) with the mean paired difference A − B and its 95% CI; filled markers where the adjusted p
+    is below alpha (a decision), hollow where it is not; a dashed line at 0. Differences are drawn
+    so that right is always "A better" (B − A for MAE), accuracies in points."""
+    import numpy as np
+    from matplotlib.ticker import MaxNLocator
+
+    from mskt.metrics import higher_is_better
+
+    cells = list(cells)
+    metrics = list(metrics or dict.fromkeys(table["metric"]))
+    tested = table[table["p_adj"].notna()] if "p_adj" in table else table.iloc[0:0]
+    keys = list(dict.fromkeys(tuple(r[c] for c in cells) + (r["a"], r["b"]) for _, r in tested.iterrows()))
+    names = [" · ".join(str(k) for k in key[:-2]) + (": " if key[:-2] else "") + f"{key[-2]} vs {key[-1]}" for key in keys]
+    fig, axes = _fig(FULL_WIDTH, 0.7 + 0.24 * max(len(keys), 1), ncols=len(metrics), sharey=True, squeeze=False)
+    y = np.arange(len(keys))
+    for ax, m in zip(axes[0], metrics):
+        scale, label = _metric_axis(m)
+        sign = scale if higher_is_better(m) else -scale
+        rows = tested[tested["metric"] == m].set_index([*cells, "a", "b"])
+        for i, key in enumerate(keys):
+            if key not in rows.index:
+                continue
+            r = rows.loc[key]
+            lo, hi = sorted((sign * r["ci_lo"], sign * r["ci_hi"]))
+            decided = r["p_adj"] < r.get("alpha", 0.05)
+            ax.errorbar(sign * r["delta"], i, xerr=[[sign * r["delta"] - lo], [hi - sign * r["delta"]]], fmt="o", ms=3.5, capsize=2,
+                        color="C0" if decided else "0.45", mfc="C0" if decided else "white")
+        ax.axvline(0, color="0.3", lw=0.8, ls="--")
+        ax.set_xlabel(f"{label.rsplit(' ', 1)[0]}: {'A − B' if sign > 0 else 'B − A'} (→ A better)")
+        ax.xaxis.set_major_locator(MaxNLocator(5))
+        ax.set_yticks(y, names)
+        ax.set_ylim(len(keys) - 0.5, -0.5)
+        ax.margins(x=0.15)
+    fig.suptitle(title or "Paired differences, 95% CI (filled: adjusted p < 0.05)", fontsize=9)
+    return fig
