@@ -11,8 +11,10 @@ killed and the read is refused with a one-line ``DataError`` naming the file; if
 it, likewise. Errors the walk meets are not reported here: the reader, run next in this process,
 names them with their key.
 
-A fork costs a few milliseconds and the walk touches only metadata (measured in the issue's note),
-so every read is guarded. Where ``os.fork`` does not exist (Windows) the file is read unguarded.
+The guard costs about 40 ms per file (measured with torch loaded, on a busy 2-core machine: the
+fork and exit 10-16 ms, the walk the rest), against 1.2 s for an eager read of the full-size
+synthetic MOSI store (59 MB), so every read is guarded. Where ``os.fork`` does not exist (Windows),
+files are read unguarded.
 """
 
 from __future__ import annotations
