@@ -82,7 +82,9 @@ def check_hdf5(path, *, timeout: float | None = None, walker=walk) -> None:
     read_end, write_end = os.pipe()
     with warnings.catch_warnings():
         # Python 3.12+ warns that forking a multi-threaded process (torch's thread pool) may
-        # deadlock; the child runs only h5py's code on a file of its own and leaves by os._exit.
+        # deadlock: a lock another thread holds stays held in the child. The child takes only
+        # h5py's lock, which no other thread holds (mskt reads HDF5 from one thread), and leaves
+        # by os._exit; were it ever stuck, the timeout ends it like a looping file.
         warnings.simplefilter("ignore", DeprecationWarning)
         pid = os.fork()
     if pid == 0:  # the child: never returns, never runs the parent's cleanup (atexit, open files)
