@@ -4,15 +4,18 @@ temporary name, then renamed.
 
 The project root is ``$MSKT_HOME`` if set, else the nearest folder at or above the working
 directory that holds both ``pyproject.toml`` and ``mskt/`` (so notebooks run from ``notebooks/``
-write to the same place as the CLI run from the root), else the working directory. A relative path
-a notebook is given is taken from the project root (:func:`resolve_path`), whether papermill,
-JupyterLab or ``mskt notebooks`` runs it (the kernel's working folder is ``notebooks/``).
+write to the same place as the CLI run from the root), else the working directory. A relative
+folder a notebook is given (``figures_dir``, ``run_dir``) is taken from the project root
+(:func:`resolve_path`), not from ``notebooks/`` where papermill and JupyterLab start its kernel;
+``mskt notebooks`` makes its ``--param`` paths absolute first, from where it runs, like any command.
 """
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
+
+from mskt.errors import ConfigError, MsktError
 
 
 def project_root() -> Path:
@@ -54,8 +57,6 @@ def notebook_figures_dir(given: str = "", smoke: bool = False) -> Path:
     smoke, a folder that is the repository's figures/ is an error: tiny-model figures would replace
     the committed ones.
     """
-    from mskt.errors import ConfigError
-
     if not given:
         return project_root() / SCRATCH_FIGURES
     folder = resolve_path(given)
@@ -76,8 +77,6 @@ def is_finished_run(folder) -> bool:
 def finished_run(run_dir, key: str = "run_dir") -> Path:
     """``run_dir`` resolved (:func:`resolve_path`) if it holds a finished run; otherwise a one-line
     error naming the path as resolved, so a wrong or relative path never trains a new model in silence."""
-    from mskt.errors import MsktError
-
     folder = resolve_path(run_dir)
     if is_finished_run(folder):
         return folder
