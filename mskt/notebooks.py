@@ -1,11 +1,12 @@
 """Run the numbered notebooks headlessly with papermill: ``mskt notebooks [--smoke] [--only 03]``.
 
 Each run executes ``notebooks/NN_*.ipynb`` in order into ``runs/notebooks-<time>/`` (the committed
-notebooks stay clean), passes shared parameters (``smoke``, ``run_dir`` of the model that
-02_training trains and 03/04 analyse, ``figures_dir``, and any ``--param key=value``) to the
-notebooks that declare them, and prints a summary. Parameters are checked before anything runs: a
-key no notebook declares, or a value whose type differs from the declared default (``smoke=yes``
-where the notebook declares ``smoke = False``), is an error that says what is expected.
+notebooks stay clean), passes shared parameters (``smoke``, ``out_dir``, ``run_dir`` of the model
+that 02_training trains into ``<out>/kt-run`` and 03/04 analyse, ``figures_dir``: ``figures/`` for
+the main job, ``<out>/figures/`` under ``--smoke``, and any ``--param key=value``) to the notebooks
+that declare them, and prints a summary. Parameters are checked before anything runs: a key no
+notebook declares, or a value whose type differs from the declared default (``smoke=yes`` where the
+notebook declares ``smoke = False``), is an error that says what is expected.
 
 **A run never leaves figures that look complete from a notebook that failed.** Notebooks save
 figures with ``mskt.viz.plots.save_figure``; while the runner executes a notebook it sets
@@ -42,7 +43,7 @@ from datetime import datetime
 from pathlib import Path
 
 from mskt.errors import MsktError
-from mskt.paths import atomic_write_text, project_root, runs_dir
+from mskt.paths import atomic_write_text, figures_dir, is_finished_run, project_root, runs_dir
 from mskt.viz.plots import STAGING_ENV, STAGING_MANIFEST
 
 
@@ -307,12 +308,13 @@ def run_notebooks(smoke: bool = False, only=None, params: dict | None = None, ou
     # Absolute: the notebooks run with notebooks/ as their working directory.
     out_dir = Path(out_dir).resolve() if out_dir else runs_dir() / f"notebooks-{datetime.now():%Y%m%d-%H%M%S}{'-smoke' if smoke else ''}"
     out_dir.mkdir(parents=True, exist_ok=True)
-    # Smoke runs keep their figures beside the executed copies, so they never replace the real ones.
+    # Smoke runs keep their figures beside the executed copies, so they never replace the real ones;
+    # the main job is the one writer of figures/, and says so explicitly (a notebook not told where
+    # writes to runs/scratch-figures/). run_dir, unless given, is set per notebook by _run_each.
     shared = {
         "smoke": smoke,
-        "run_dir": str(out_dir / "kt-run"),
         "out_dir": str(out_dir),
-        "figures_dir": str(out_dir / "figures") if smoke else "",
+        "figures_dir": str(out_dir / "figures") if smoke else str(figures_dir()),
         **_absolute_paths(params),
     }
     summary = {
@@ -375,6 +377,11 @@ def _run_each(pm, paths, defaults_by_path, shared, out_dir, summary, write_summa
     for path in paths:
         declared = defaults_by_path[path]
         given = {k: v for k, v in shared.items() if k in declared}
+        if "run_dir" in declared and "run_dir" not in shared:
+            # The first notebook that trains (02_training, or 03 run alone) writes <out>/kt-run; every
+            # later one is handed that run. A run_dir with no run is an error in the notebooks.
+            kt_run = out_dir / "kt-run"
+            given["run_dir"] = str(kt_run) if is_finished_run(kt_run) else ""
         output = out_dir / path.name
         stage = out_dir / ".staging" / path.stem
         shutil.rmtree(stage, ignore_errors=True)

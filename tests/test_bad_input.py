@@ -14,9 +14,11 @@ from __future__ import annotations
 import logging
 import os
 import pickle
+import signal
 import struct
 import subprocess
 import sys
+import time
 import tracemalloc
 from pathlib import Path
 
@@ -859,3 +861,60 @@ def test_cli_data_info_on_bad_files(tmp_path):
         assert "Traceback" not in proc.stderr, proc.stderr
         lines = proc.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("mskt: error: ") and str(path) in lines[0], proc.stderr
+
+
+# ----------------------------------------------------------------------------------------------
+# Hostile HDF5: a file libhdf5 loops on is refused within the timeout; the reader never hangs
+
+
+def _looping_hdf5(path: Path) -> Path:
+    """Damage ``path``'s first global heap collection so that libhdf5 loops forever parsing it:
+    its first object becomes the free-space object (index 0) of size 0, and the parser's next
+    object starts where this one did (HDFGroup/hdf5#1707). Variable-length strings live there:
+    the store's string attributes, a .csd's metadata."""
+    raw = bytearray(path.read_bytes())
+    heap = raw.find(b"GCOL")
+    assert heap >= 0, f"{path} has no global heap to damage"
+    first = heap + 16  # "GCOL", version, 3 reserved bytes, the collection's 8-byte size
+    raw[first : first + 2] = (0).to_bytes(2, "little")  # the object's index
+    raw[first + 8 : first + 16] = (0).to_bytes(8, "little")  # its size
+    path.write_bytes(bytes(raw))
+    return path
+
+
+@pytest.mark.parametrize("kind", ["h5", "csd"])
+def test_a_file_that_hangs_libhdf5_is_refused_within_the_timeout(tmp_path, kind, monkeypatch):
+    monkeypatch.setenv("MSKT_HDF5_TIMEOUT_S", "0.5")
+    path = _looping_hdf5(valid_file(kind, tmp_path))
+    start = time.monotonic()
+    kind_error(kind, path, "did not finish within 0.5 s", "loops on")  # .csd: read_csd and csd_summary, 0.5 s each
+    assert time.monotonic() - start < 10  # the parent never waits past the timeout (plus the fork)
+
+
+def test_the_guard_refuses_a_reader_that_crashes_and_passes_one_that_finishes(tmp_path):
+    from mskt.data.h5guard import check_hdf5
+
+    path = tmp_path / "any.h5"
+    path.write_bytes(b"")
+    check_hdf5(path, walker=lambda p: None)  # finishes: nothing to say
+    check_hdf5(path, walker=lambda p: 1 / 0)  # a Python error in the walk: the reader reports what it finds
+    with pytest.raises(DataError, match=r"any\.h5: the HDF5 library crashed reading its structure \(SIGSEGV\)"):
+        check_hdf5(path, walker=_segfault)
+    with pytest.raises(DataError, match=r"any\.h5: reading its HDF5 structure did not finish within 0\.2 s"):
+        check_hdf5(path, timeout=0.2, walker=lambda p: time.sleep(60))
+
+
+def _segfault(_path):
+    import faulthandler
+
+    faulthandler.disable()  # pytest's handler would print the child's stack: the test wants only the signal
+    os.kill(os.getpid(), signal.SIGSEGV)
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "soon", "inf"])
+def test_a_bad_hdf5_timeout_is_a_one_line_error(monkeypatch, value):
+    from mskt.data.h5guard import timeout_s
+
+    monkeypatch.setenv("MSKT_HDF5_TIMEOUT_S", value)
+    with pytest.raises(MsktError, match=r"MSKT_HDF5_TIMEOUT_S=.*expected a number of seconds > 0"):
+        timeout_s()

@@ -38,3 +38,36 @@ def test_an_unknown_target_is_a_one_line_error(monkeypatch, value):
     with pytest.raises(ConfigError, match=r"MSKT_KERNEL_ARCH=.*expected one of native, portable") as e:
         build.kernel_arch()
     assert "\n" not in str(e.value)
+
+
+def test_one_kernel_cache_per_machine_keyed_by_cpu_and_source(monkeypatch, tmp_path):
+    """The build folder is the user's cache (overridable), the same from any working folder or
+    checkout, and another CPU target or another C++ source gets another folder."""
+    monkeypatch.delenv("MSKT_KERNEL_CACHE", raising=False)
+    monkeypatch.delenv("MSKT_KERNEL_ARCH", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    assert build.kernel_cache() == tmp_path / "home" / ".cache" / "mskt" / "kernels"
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert build.kernel_cache() == tmp_path / "xdg" / "mskt" / "kernels"
+    monkeypatch.setenv("MSKT_KERNEL_CACHE", str(tmp_path / "shared"))
+    assert build.kernel_cache() == tmp_path / "shared"
+
+    # Two checkouts, two working folders: one build folder.
+    folders = []
+    for checkout in ("a", "b"):
+        (tmp_path / checkout / "mskt").mkdir(parents=True)
+        (tmp_path / checkout / "pyproject.toml").touch()
+        monkeypatch.chdir(tmp_path / checkout)
+        folders.append(build.kernel_build_dir())
+    assert folders[0] == folders[1]
+    assert folders[0].parent == tmp_path / "shared"
+    assert folders[0].name == f"mskt_kernels_{build.build_tag()}_{build._source_digest()[:12]}"
+
+    monkeypatch.setenv("MSKT_KERNEL_ARCH", "portable")
+    assert build.kernel_build_dir() != folders[0]
+    monkeypatch.setenv("MSKT_KERNEL_ARCH", "native")
+    edited = tmp_path / "cpu_kernels.cpp"
+    edited.write_bytes(build.SOURCE.read_bytes() + b"\n// another source tree\n")
+    monkeypatch.setattr(build, "SOURCE", edited)
+    assert build.kernel_build_dir() != folders[0]  # never loads another source's library

@@ -112,6 +112,7 @@ def _tiny_table():
 GIVEN = {
     "table": lambda tmp: _tiny_table(),
     "figures_dir": lambda tmp: str(tmp / "figures"),
+    "smoke": lambda tmp: True,
 }
 
 

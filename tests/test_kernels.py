@@ -28,6 +28,7 @@ import math
 import os
 
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -53,24 +54,38 @@ def test_the_kernels_build():
     assert kernels.compiled_kernels() is not None
 
 
-def test_a_new_process_imports_the_built_kernels_without_torchs_loader():
+def test_a_new_process_in_another_checkout_imports_the_built_kernels_without_torchs_loader(tmp_path):
     """Once built (and stamped with the source's digest), a process imports the library directly:
-    torch's loader, which costs ~2 s per process, is never called."""
+    torch's loader, which costs ~2 s per process, is never called. The process runs a second copy
+    of the package from another folder: the build is the machine's (one cache, keyed by CPU and
+    source digest), so the copy neither rebuilds nor leaves a build/ folder."""
+    import shutil
     import subprocess
     import sys
 
+    from mskt.fast.build import kernel_build_dir
+
     assert kernels.compiled_kernels() is not None
+    checkout = tmp_path / "second-checkout"
+    shutil.copytree(Path(kernels.__file__).parents[1], checkout / "mskt", ignore=shutil.ignore_patterns("__pycache__"))
     code = (
         "import torch.utils.cpp_extension as ext\n"
         "def refuse(*a, **k): raise AssertionError('torch loader called')\n"
         "ext.load = refuse\n"
+        "import mskt\n"
+        f"assert mskt.__file__.startswith({str(checkout)!r}), mskt.__file__\n"
         "from mskt.fast.build import compiled_kernels\n"
         "import torch\n"
         "out, lse = compiled_kernels().forward(torch.randn(1, 2, 6), torch.randn(1, 3, 12), torch.zeros(1, 3), 1, 0.5, 0.0, 0, torch.zeros(0, dtype=torch.long))\n"
         "assert out.shape == (1, 2, 6)\n"
+        "print(compiled_kernels().__file__)\n"
     )
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    env = {**os.environ, "PYTHONPATH": str(checkout)}
+    env.pop("MSKT_HOME", None)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=checkout, env=env)
     assert proc.returncode == 0, proc.stderr
+    assert Path(proc.stdout.strip()).parent == kernel_build_dir()
+    assert not (checkout / "build").exists()
 
 
 def fresh_generator():

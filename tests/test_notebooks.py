@@ -281,3 +281,115 @@ def test_the_notebooks_show_paired_comparisons(smoke_run):
     assert "language_vision vs kt" in text["05_ablations.ipynb"] and "Holm correction across the table" in text["05_ablations.ipynb"]
     assert "ablations against targets=all: not tested (ablation_seeds=1" in text["05_ablations.ipynb"]
     assert "vs full+drop: not tested: 1 common seed(s)" in text["06_robustness.ipynb"]
+
+
+# ----------------------------------------------------------------------------------------------
+# What a notebook writes where: figures/ only when told (the main job tells it), and a run_dir
+# with no run is an error naming the path as resolved (from the project root, not notebooks/).
+
+
+def test_figures_go_to_figures_only_when_told(monkeypatch, tmp_path):
+    from mskt.paths import notebook_figures_dir
+
+    monkeypatch.setenv("MSKT_HOME", str(tmp_path))
+    assert notebook_figures_dir("", smoke=False) == tmp_path / "runs" / "scratch-figures"
+    assert notebook_figures_dir("", smoke=True) == tmp_path / "runs" / "scratch-figures"
+    assert notebook_figures_dir("figures", smoke=False) == tmp_path / "figures"  # explicit: the main job's way
+    assert notebook_figures_dir("paper/figs", smoke=True) == tmp_path / "paper" / "figs"  # relative: from the root
+    assert notebook_figures_dir(str(tmp_path / "x"), smoke=True) == tmp_path / "x"
+    for given in ("figures", str(tmp_path / "figures"), "figures/../figures"):
+        with pytest.raises(MsktError, match=r"a smoke run never writes the repository's figures/") as e:
+            notebook_figures_dir(given, smoke=True)
+        assert "\n" not in str(e.value)
+
+
+def test_every_notebook_resolves_its_figures_through_the_helper_and_the_main_job_passes_figures(monkeypatch, tmp_path):
+    """Each notebook takes its folder from notebook_figures_dir(figures_dir, smoke) and saves only
+    there; the main job (no --smoke) passes the repository's figures/ explicitly."""
+    for path in notebook_paths():
+        source = "".join("".join(c["source"]) for c in json.loads(path.read_text())["cells"] if c["cell_type"] == "code")
+        assert "figures = notebook_figures_dir(figures_dir, smoke)" in source, path.name
+        assert "figures_dir or" not in source and "save_figure(fig, name)" not in source, path.name
+
+    import mskt.notebooks as runner
+
+    seen = {}
+    monkeypatch.setattr(runner, "_run_each", lambda pm, paths, defaults, shared, *a: seen.update(shared=shared) or [])
+    runner.run_notebooks(smoke=False, only=["01"], out_dir=tmp_path, log=lambda line: None)
+    assert seen["shared"]["figures_dir"] == str(ROOT / "figures")
+    runner.run_notebooks(smoke=True, only=["01"], out_dir=tmp_path, log=lambda line: None)
+    assert seen["shared"]["figures_dir"] == str(tmp_path / "figures")
+
+
+def _git_status(*paths) -> str | None:
+    import subprocess
+
+    try:
+        proc = subprocess.run(["git", "status", "--porcelain", "--untracked-files=all", "--", *paths], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return proc.stdout if proc.returncode == 0 else None
+
+
+def test_plain_papermill_with_smoke_leaves_the_committed_figures_alone(tmp_path, monkeypatch):
+    """What the issue saw: `papermill notebooks/01_... out.ipynb -p smoke True`, run as a user runs
+    it (cwd notebooks/, no runner), rewrote the tracked figures/. Now it writes runs/scratch-figures/
+    and figures/ is unchanged, byte for byte (and in git's view)."""
+    import os
+    import time
+
+    import papermill as pm
+
+    monkeypatch.delenv("MSKT_HOME", raising=False)
+    monkeypatch.delenv("MSKT_FIGURE_STAGING", raising=False)
+    def snapshot():  # git's view where there is one, and the files' bytes either way
+        return _git_status("figures"), {p: p.read_bytes() for p in (ROOT / "figures").rglob("*") if p.is_file()}
+
+    # Notebook 01 up to its first figure: the rest draws more of the same (10 s more).
+    nb = json.loads((ROOT / "notebooks" / "01_data_exploration.ipynb").read_text())
+    first = next(i for i, c in enumerate(nb["cells"]) if "save_figure" in "".join(c["source"]))
+    nb["cells"] = nb["cells"][: first + 1]
+    (tmp_path / "01_first_figure.ipynb").write_text(json.dumps(nb))
+
+    before = snapshot()
+    started = time.time()
+    pm.execute_notebook(str(tmp_path / "01_first_figure.ipynb"), str(tmp_path / "out.ipynb"),
+                        parameters={"smoke": True}, cwd=str(ROOT / "notebooks"), kernel_name="python3", progress_bar=False)
+    assert snapshot() == before, "plain papermill with smoke wrote into the repository's figures/"
+    written = ROOT / "runs" / "scratch-figures" / "01_labels.png"
+    assert written.is_file() and os.path.getmtime(written) >= started - 1
+
+
+def test_a_run_dir_with_no_run_is_an_error_naming_the_path_resolved_from_the_project_root(tmp_path, monkeypatch):
+    from mskt.paths import finished_run, is_finished_run
+
+    monkeypatch.delenv("MSKT_HOME", raising=False)
+    project = tmp_path / "project"
+    for folder in ("mskt", "notebooks", "runs/empty"):
+        (project / folder).mkdir(parents=True)
+    (project / "pyproject.toml").touch()
+    empty = project / "runs" / "empty"
+    monkeypatch.chdir(project / "notebooks")  # where papermill and JupyterLab run a notebook's kernel
+    with pytest.raises(MsktError) as e:
+        finished_run("runs/empty")
+    msg = str(e.value)
+    assert f"resolved to {empty}:" in msg and "missing config.json, checkpoint.pt, metrics.json" in msg and "\n" not in msg
+    with pytest.raises(MsktError, match=f"resolved to {project / 'runs' / 'nothing'}: no such folder"):
+        finished_run("runs/nothing")
+    for name in ("config.json", "checkpoint.pt", "metrics.json"):
+        assert not is_finished_run(empty)
+        (empty / name).write_text("{}")
+    assert finished_run("runs/empty") == empty
+    monkeypatch.chdir(project)
+    assert finished_run("runs/empty") == empty  # the same folder from the root as from notebooks/
+    monkeypatch.chdir(ROOT)
+
+    # The notebook itself (papermill, kernel in notebooks/): an error, not a new model trained there.
+    import papermill as pm
+
+    with pytest.raises(pm.PapermillExecutionError) as e:
+        pm.execute_notebook(str(ROOT / "notebooks" / "03_reconstruction_quality.ipynb"), str(tmp_path / "out.ipynb"),
+                            parameters={"smoke": True, "run_dir": "runs/no-such-run"}, cwd=str(ROOT / "notebooks"),
+                            kernel_name="python3", progress_bar=False)
+    assert f"resolved to {ROOT / 'runs' / 'no-such-run'}: no such folder" in e.value.evalue
+    assert not (ROOT / "notebooks" / "runs").exists() and not (ROOT / "runs" / "no-such-run").exists()

@@ -71,6 +71,7 @@ import h5py
 import numpy as np
 
 from mskt.data.dataset import DatasetMeta, MultimodalDataset, Split, replace_nonfinite, validate
+from mskt.data.h5guard import check_hdf5
 from mskt.errors import ConfigError, DataError
 from mskt.data.presets import EMOTIONS, MODALITIES, SPLITS
 
@@ -247,6 +248,7 @@ class _FileSource:
             raise DataError(f"{path}: file not found")
         if self.path.is_file() and self.path.stat().st_size == 0:
             raise DataError(f"{path}: the file is empty")
+        check_hdf5(self.path)  # a file libhdf5 would loop on is refused here, not read
         try:
             self.h5 = h5py.File(self.path, "r")
         except _H5_ERRORS as e:

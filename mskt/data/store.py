@@ -27,6 +27,7 @@ import numpy as np
 
 from mskt import __version__
 from mskt.data.dataset import DatasetMeta, MultimodalDataset, Split, replace_nonfinite, validate
+from mskt.data.h5guard import check_hdf5
 from mskt.errors import DataError
 from mskt.data.presets import MODALITIES, SPLITS
 
@@ -144,6 +145,7 @@ def read_store(path, lazy: bool = False) -> MultimodalDataset:
     path = Path(path)
     if path.is_file() and path.stat().st_size == 0:
         raise DataError(f"{path}: the file is empty")
+    check_hdf5(path)  # a file libhdf5 would loop on is refused here, not read
     try:
         f = h5py.File(path, "r")
     except _H5_ERRORS as e:
