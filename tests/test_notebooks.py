@@ -393,3 +393,19 @@ def test_a_run_dir_with_no_run_is_an_error_naming_the_path_resolved_from_the_pro
                             kernel_name="python3", progress_bar=False)
     assert f"resolved to {ROOT / 'runs' / 'no-such-run'}: no such folder" in e.value.evalue
     assert not (ROOT / "notebooks" / "runs").exists() and not (ROOT / "runs" / "no-such-run").exists()
+
+
+def test_every_notebook_takes_its_folder_parameters_from_the_project_root():
+    """Papermill runs a notebook in notebooks/: a relative out_dir, grid_dir, robustness_dir, sweep_dir or
+    run_dir given to it must still mean <root>/..., as on the command line (issue 29). Each notebook's
+    folder parameters go through mskt.paths.resolve_path (or finished_run), never a bare Path()."""
+    import re
+
+    folder_params = re.compile(r"\b(out_dir|grid_dir|robustness_dir|sweep_dir|run_dir)\b")
+    for nb in sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb")):
+        code = "\n".join("".join(c["source"]) for c in json.loads(nb.read_text())["cells"] if c["cell_type"] == "code")
+        bare = [line.strip() for line in code.splitlines() if re.search(r"Path\((out_dir|grid_dir|robustness_dir|sweep_dir|run_dir)\)", line)
+                or re.search(r"project_root\(\) / (out_dir|grid_dir|robustness_dir|sweep_dir|run_dir)\b", line)]
+        assert not bare, f"{nb.name}: folder parameter taken from the working folder: {bare}"
+        if folder_params.search(code.split("\n", 1)[1] if "\n" in code else ""):
+            assert "resolve_path" in code or "finished_run" in code, f"{nb.name}: folder parameters not resolved from the project root"
