@@ -115,3 +115,13 @@ def test_the_forest_plot_fills_only_decided_differences():
     assert len(filled) == 4 and "white" not in filled  # A's lower MAE is decided in every score
     assert hollow == ["white"] * 4  # Corr is equal: nothing decided
     assert all(x > 0 for line in mae_ax.lines if line.get_marker() == "o" for x in line.get_xdata())  # right = A better
+
+
+def test_a_bootstrap_table_read_back_from_csv_shows_its_numbers(tmp_path):
+    from mskt.experiments.grid import bootstrap_markdown
+
+    boot = pd.DataFrame([{"a": "full", "b": "kt", "metric": "mae", "delta": -0.05, "ci_lo": -0.07, "ci_hi": -0.04, "p": 0.001,
+                          "n_seeds": 8, "n_samples": 2000, "n_boot": 2000, "note": ""}])
+    boot.to_csv(tmp_path / "b.csv", index=False)
+    text = bootstrap_markdown(pd.read_csv(tmp_path / "b.csv"))  # the empty note comes back as NaN
+    assert "-0.050 [-0.070, -0.040]" in text and "nan" not in text

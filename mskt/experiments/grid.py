@@ -164,7 +164,7 @@ def bootstrap_markdown(boot: pd.DataFrame) -> str:
 
     lines = ["| A vs B | metric | seeds × samples | A − B [95% bootstrap CI] | bootstrap p |", "|---|---|---|---|---|"]
     for _, r in boot.iterrows():
-        if r.get("note"):
+        if isinstance(r.get("note"), str) and r["note"]:  # read back from a CSV, an empty note is NaN
             lines.append(f"| {r['a']} vs {r['b']} | {r['metric']} | {r['n_seeds']} × {r['n_samples']} | {r['note']} | |")
             continue
         scale, digits = display_scale(r["metric"])
