@@ -125,3 +125,10 @@ def test_a_bootstrap_table_read_back_from_csv_shows_its_numbers(tmp_path):
     boot.to_csv(tmp_path / "b.csv", index=False)
     text = bootstrap_markdown(pd.read_csv(tmp_path / "b.csv"))  # the empty note comes back as NaN
     assert "-0.050 [-0.070, -0.040]" in text and "nan" not in text
+
+
+def test_the_committed_report_is_what_the_committed_runs_say():
+    """docs/decide/report.md (the tables docs/results.md quotes) is decide.report() of the committed runs:
+    regenerate it with `python -c "from mskt.experiments import decide; decide.write_report()"` after new runs."""
+    committed = decide.results_dir() / "report.md"
+    assert committed.read_text() == decide.report_document()
