@@ -7,6 +7,7 @@ import dataclasses
 import json
 import os
 import signal
+import sys
 import time
 from pathlib import Path
 
@@ -214,25 +215,32 @@ def test_default_spaces_follow_what_the_variant_declares():
         tuning.check_space(space, Config())
 
 
-def test_the_command_line_tunes_finalizes_and_each_trial_is_a_run(tmp_path, capsys):
+def test_the_command_line_tunes_finalizes_and_each_trial_is_a_run(tmp_path, capsys, caplog):
+    import logging
+
     from mskt.train import load_run
 
     journal = tmp_path / "journal.log"
     space = _space_file(tmp_path, "lr = { low = 1e-4, high = 1e-2, log = true }\nembed_dropout = 0.0\n")
     flags = [*TINY_FLAGS, "--epochs", "2", "--root", str(tmp_path), "--study", "c", "--storage", str(journal)]
-    assert main(["tune", *flags, "--space", str(space), "--trials", "2", "--prune", "--seed", "11"]) == 0
+    with caplog.at_level(logging.INFO, logger="mskt"):
+        assert main(["tune", *flags, "--space", str(space), "--trials", "2", "--prune", "--seed", "11"]) == 0
     out = capsys.readouterr().out
+    assert caplog.text.count(f"study c: storage {journal}") == 1  # where the study lives, said once
     assert "study c: 2 trials" in out and "best trial" in out
     st = optuna.load_study(study_name="c", storage=tuning.make_storage(tmp_path / "c", str(journal)))
     assert st.trials[0].user_attrs.get("default") and st.trials[0].params["lr"] == 1e-3  # trial 0: the untuned default
     cfg, model = load_run(tmp_path / "c" / "trial-0001")
     assert cfg.embed_dropout == 0.0 and cfg.lr == st.trials[1].params["lr"] and cfg.seed == 11
-    assert main(["tune", "--finalize", "--seeds", "1", "--study", "c", "--root", str(tmp_path), "--storage", str(journal)]) == 0
+    # finalize takes the execution flags (--threads), not config ones
+    assert main(["tune", "--finalize", "--seeds", "1", "--study", "c", "--root", str(tmp_path), "--storage", str(journal), "--lr", "0.1"]) == 2
+    assert "drop ['lr']" in capsys.readouterr().err
+    assert main(["tune", "--finalize", "--seeds", "1", "--study", "c", "--root", str(tmp_path), "--storage", str(journal), "--threads", "1"]) == 0
     out = capsys.readouterr().out
     assert "| kt default | 1 |" in out and "| kt tuned | 1 |" in out and "Validation loss" in out
     assert (tmp_path / "c" / "finalize" / "results.md").read_text() in out
     # finalize trains fresh seeds: every trial of the search trained with seed 11
-    assert sorted(p.name for p in (tmp_path / "c" / "finalize").iterdir() if p.is_dir()) == ["kt default-seed12", "kt tuned-seed12"]
+    assert sorted(p.name for p in (tmp_path / "c" / "finalize").iterdir() if p.is_dir()) == ["kt-default-seed12", "kt-tuned-seed12"]
     assert "finalize seeds 12 (disjoint from the search's)" in out
     # Another worker on this study must bring the same config: a different one is refused, in one line.
     assert main(["tune", *flags, "--space", str(space), "--trials", "2", "--prune", "--seed", "11", "--epochs", "3"]) == 2
@@ -248,3 +256,48 @@ def test_on_epoch_sees_each_validation_loss_and_can_stop_training(tiny_mosi):
                    on_epoch=lambda epoch, row: seen.append((epoch, row["valid_loss"])) or epoch == 2)
     assert [e for e, _ in seen] == [1, 2] and len(result.history) == 2
     assert [v for _, v in seen] == list(result.history["valid_loss"]) and result.metrics["best_epoch"] in (1, 2)
+
+
+@pytest.mark.parametrize("scheme, module, hint", [
+    ("postgresql", "psycopg", 'pip install -e ".[postgres]"'),  # what a plain postgresql:// means to SQLAlchemy 2.1
+    ("postgresql+psycopg2", "psycopg2", "pip install psycopg2-binary"),
+])
+def test_a_missing_database_driver_is_named_with_what_to_install(tmp_path, capsys, monkeypatch, scheme, module, hint):
+    for m in ("psycopg", "psycopg2"):
+        monkeypatch.setitem(sys.modules, m, None)  # import fails as if it were not installed
+    url = f"{scheme}://tuner:s3cret@127.0.0.1:1/optuna"
+    assert main(["tune", *TINY_FLAGS, "--trials", "1", "--root", str(tmp_path), "--storage", url]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"No module named '{module}'" in err and hint in err, err
+    assert "s3cret" not in err and f"{scheme}://tuner:***@127.0.0.1:1/optuna" in err
+
+
+def test_a_password_never_reaches_the_log():
+    assert tuning.redacted("postgresql://u:pw@h:5432/db") == "postgresql://u:***@h:5432/db"
+    assert tuning.redacted("postgresql+psycopg2://u@h/db") == "postgresql+psycopg2://u@h/db"
+    assert tuning.redacted("/shared/tune/journal.log") == "/shared/tune/journal.log"
+
+
+def test_a_trial_another_worker_failed_while_it_ran_here_is_a_warning_not_a_crash(tmp_path, tiny_mosi, monkeypatch, caplog):
+    """What a worker stalled past the grace period meets: its trial was failed as stale by another
+    worker. It says so in one warning and goes on; the study still ends with its N trials."""
+    import logging
+
+    import mskt.train
+    from optuna.trial import TrialState
+
+    real, calls = mskt.train.train, []
+
+    def train(cfg, on_epoch=None, **kwargs):
+        calls.append(cfg)
+        if len(calls) == 1:  # the first trial: another worker fails it, then this one reports an epoch
+            st = _study(tmp_path, "f")
+            (t,) = st.get_trials(states=(TrialState.RUNNING,))
+            st._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+        return real(cfg, on_epoch=on_epoch, **kwargs)
+
+    monkeypatch.setattr(mskt.train, "train", train)
+    with caplog.at_level(logging.WARNING, logger="mskt"):
+        st = tuning.tune(Config.from_dict({**TINY, "epochs": 1}), 1, study="f", space={"lr": Knob(choices=(1e-3,))}, root=tmp_path, dataset=tiny_mosi)
+    assert [t.state.name for t in st.trials] == ["FAIL", "COMPLETE"]
+    assert "trial 0 was failed by another worker while it ran here" in caplog.text

@@ -357,7 +357,12 @@ class _PostgresLock:
         from sqlalchemy.pool import NullPool
 
         # NullPool: closing the connection really closes it, which releases every lock it held.
-        self.engine = sqlalchemy.create_engine(url, poolclass=NullPool)
+        try:
+            self.engine = sqlalchemy.create_engine(url, poolclass=NullPool)  # imports the driver
+        except ModuleNotFoundError as e:
+            raise _driver_error(url, e) from None
+        except (ImportError, ValueError, sqlalchemy.exc.ArgumentError) as e:
+            raise MsktError(f"--storage {redacted(url)}: not a storage URL Optuna can open ({' '.join(str(e).split())[:200]})") from None
         self.key = _advisory_key(name)
         self._conn = None
 
@@ -445,12 +450,7 @@ def _rdb_storage(url: str, interval: int, grace: int, retry):
     kwargs = {"connect_args": {"timeout": 120}} if url.startswith("sqlite") else {}
     name = "heartbeat_stale_trial_callback" if "heartbeat_stale_trial_callback" in inspect.signature(RDBStorage).parameters else "failed_trial_callback"
     shown = redacted(url)
-    try:
-        schema = _PostgresLock(url, "schema") if url.startswith("postgresql") else None
-    except ModuleNotFoundError as e:
-        raise _driver_error(url, e) from None
-    except (ImportError, ValueError, sqlalchemy.exc.ArgumentError) as e:
-        raise MsktError(f"--storage {shown}: not a storage URL Optuna can open ({' '.join(str(e).split())[:200]})") from None
+    schema = _PostgresLock(url, "schema") if url.startswith("postgresql") else None
     try:
         with _held(schema) if schema else contextlib.nullcontext(), warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
