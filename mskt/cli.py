@@ -11,7 +11,7 @@
     mskt bench [--presets mosi,mosi-unaligned] [--variants full,kt] [--config paper|mult] [--reference [--rounds R]] [--json PATH]
     mskt notebooks [--smoke] [--only 03] [--param key=value]
     mskt tune --data PATH --variant V --trials N [--study NAME] [--storage URL] [--space FILE] [--prune] [--timeout S] [--<any config key> VALUE]
-    mskt tune --finalize --seeds K [--study NAME] [--storage URL]
+    mskt tune --finalize --seeds K [--study NAME] [--storage URL] [--threads N]
 
 Expected errors (bad files, bad options) print one line and exit 2; no traceback.
 """

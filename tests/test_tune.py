@@ -278,9 +278,11 @@ def test_a_password_never_reaches_the_log():
     assert tuning.redacted("/shared/tune/journal.log") == "/shared/tune/journal.log"
 
 
-def test_a_trial_another_worker_failed_while_it_ran_here_is_a_warning_not_a_crash(tmp_path, tiny_mosi, monkeypatch, caplog):
+@pytest.mark.parametrize("when", ["mid-run", "after its last epoch"])
+def test_a_trial_another_worker_failed_while_it_ran_here_is_a_warning_not_a_crash(tmp_path, tiny_mosi, monkeypatch, caplog, when):
     """What a worker stalled past the grace period meets: its trial was failed as stale by another
-    worker. It says so in one warning and goes on; the study still ends with its N trials."""
+    worker, while it trained (its next report fails) or after (Optuna's tell fails). It says so in
+    one warning and goes on; the study still ends with its N trials."""
     import logging
 
     import mskt.train
@@ -288,13 +290,19 @@ def test_a_trial_another_worker_failed_while_it_ran_here_is_a_warning_not_a_cras
 
     real, calls = mskt.train.train, []
 
+    def fail_the_running_trial():  # what another worker's stale check does
+        st = _study(tmp_path, "f")
+        (t,) = st.get_trials(states=(TrialState.RUNNING,))
+        st._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+
     def train(cfg, on_epoch=None, **kwargs):
         calls.append(cfg)
-        if len(calls) == 1:  # the first trial: another worker fails it, then this one reports an epoch
-            st = _study(tmp_path, "f")
-            (t,) = st.get_trials(states=(TrialState.RUNNING,))
-            st._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
-        return real(cfg, on_epoch=on_epoch, **kwargs)
+        if len(calls) == 1 and when == "mid-run":
+            fail_the_running_trial()
+        result = real(cfg, on_epoch=on_epoch, **kwargs)
+        if len(calls) == 1 and when != "mid-run":
+            fail_the_running_trial()
+        return result
 
     monkeypatch.setattr(mskt.train, "train", train)
     with caplog.at_level(logging.WARNING, logger="mskt"):

@@ -134,7 +134,7 @@ def test_four_workers_started_together_on_a_fresh_database_run_exactly_n_trials(
             assert all(logs[r, i].read_text().count(f"study mosi-kt: storage {url}") == 1 for i in range(WORKERS)), r
 
 
-EPOCHS = 10  # enough that the trial is still running when the test sees its first epoch done
+EPOCHS = 6  # enough that the trial still runs when the test sees its first epoch done
 
 
 def test_a_sigkilled_workers_trial_is_failed_and_retried(postgres, tmp_path):

@@ -740,7 +740,12 @@ def tune(base: Config, trials: int, study: str | None = None, storage: str | Non
             log.info("trial %d retries trial %d from its last completed epoch", trial.number, history[-1])
 
         def on_epoch(epoch, row):
-            trial.report(row["valid_loss"], epoch)
+            try:
+                trial.report(row["valid_loss"], epoch)
+            except optuna.exceptions.UpdateFinishedTrialError:
+                # Another worker failed this trial as stale: stop it. Raised as a prune, Optuna logs one
+                # line for it rather than a traceback; the loop below says what happened.
+                raise optuna.TrialPruned("another worker failed this trial as stale while it ran here") from None
             if trial.should_prune():
                 _write_json(run_dir / "pruned.json", {"pruned": True, "trial": trial.number, "epoch": epoch, "of": cfg.epochs,
                                                       "valid_loss": row["valid_loss"], "pruner": pruner, "study": study})
@@ -780,9 +785,11 @@ def tune(base: Config, trials: int, study: str | None = None, storage: str | Non
             running.clear()
             try:
                 st.optimize(objective, n_trials=1, callbacks=callbacks, catch=(MsktError,), gc_after_trial=False)
-            except (optuna.exceptions.UpdateFinishedTrialError, ValueError):
+            except (optuna.exceptions.UpdateFinishedTrialError, ValueError, AssertionError):
                 # Another worker failed this trial as stale while it ran (this process stalled for
-                # longer than the grace period): its retry runs the same parameters, so go on.
+                # longer than the grace period): its retry runs the same parameters, so go on. Optuna
+                # raises ValueError ("Cannot tell a FAIL trial"), or, when the objective had returned,
+                # an AssertionError of its own ("Should not reach").
                 trial = running.get("trial")
                 if trial is None or st._storage.get_trial(trial._trial_id).state != TrialState.FAIL:
                     raise
