@@ -188,3 +188,14 @@ def test_a_worker_with_other_settings_is_refused_in_one_line_before_any_trial(po
     trials = _trials(url, "mosi-kt")
     assert [t.state.name for t in trials] == ["WAITING"]  # the queued default, never started
     assert not (tmp_path / "second" / "mosi-kt").exists() or not any((tmp_path / "second" / "mosi-kt").glob("trial-*"))
+
+
+def test_the_readmes_submitit_recipe_runs_the_tested_worker_command():
+    """submitit is not a dependency, so its recipe does not run here; what each of its jobs calls,
+    mskt.cli.main(ARGS), must be the Slurm array's worker command that the tests above run."""
+    import ast
+    import re
+
+    text = (ROOT / "README.md").read_text()
+    (call,) = re.findall(r"mskt\.cli\.main\((\[.*?\])\)", re.sub(r"\n\s*#\s*", " ", text), flags=re.S)
+    assert ast.literal_eval(call) == readme_worker_command()
