@@ -309,3 +309,14 @@ def test_a_trial_another_worker_failed_while_it_ran_here_is_a_warning_not_a_cras
         st = tuning.tune(Config.from_dict({**TINY, "epochs": 1}), 1, study="f", space={"lr": Knob(choices=(1e-3,))}, root=tmp_path, dataset=tiny_mosi)
     assert [t.state.name for t in st.trials] == ["FAIL", "COMPLETE"]
     assert "trial 0 was failed by another worker while it ran here" in caplog.text
+
+
+def test_an_error_of_the_trial_itself_is_not_taken_for_another_workers_doing(tmp_path, tiny_mosi, monkeypatch):
+    import mskt.train
+
+    def train(cfg, **kwargs):
+        raise ValueError("a bug in training")
+
+    monkeypatch.setattr(mskt.train, "train", train)
+    with pytest.raises(ValueError, match="a bug in training"):  # the trial is FAIL too, but this worker failed it
+        tuning.tune(Config.from_dict({**TINY, "epochs": 1}), 1, study="g", space={"lr": Knob(choices=(1e-3,))}, root=tmp_path, dataset=tiny_mosi)

@@ -199,3 +199,15 @@ def test_the_readmes_submitit_recipe_runs_the_tested_worker_command():
     text = (ROOT / "README.md").read_text()
     (call,) = re.findall(r"mskt\.cli\.main\((\[.*?\])\)", re.sub(r"\n\s*#\s*", " ", text), flags=re.S)
     assert ast.literal_eval(call) == readme_worker_command()
+
+
+def test_a_server_out_of_reach_is_a_one_line_error_that_says_so(tmp_path, capsys):
+    pytest.importorskip("psycopg")
+    with __import__("socket").socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = f"postgresql://tuner:s3cret@127.0.0.1:{port}/optuna"
+    assert main(["tune", *TINY_FLAGS, "--trials", "1", "--root", str(tmp_path), "--storage", url]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"postgresql://tuner:***@127.0.0.1:{port}/optuna: cannot connect (OperationalError" in err, err
+    assert "s3cret" not in err

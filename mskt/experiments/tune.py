@@ -363,13 +363,16 @@ class _PostgresLock:
             raise _driver_error(url, e) from None
         except (ImportError, ValueError, sqlalchemy.exc.ArgumentError) as e:
             raise MsktError(f"--storage {redacted(url)}: not a storage URL Optuna can open ({' '.join(str(e).split())[:200]})") from None
-        self.key = _advisory_key(name)
+        self.url, self.key = url, _advisory_key(name)
         self._conn = None
 
     def acquire(self):
         import sqlalchemy
 
-        self._conn = self.engine.connect()
+        try:
+            self._conn = self.engine.connect()
+        except sqlalchemy.exc.OperationalError as e:  # refused, unknown host or database, bad credentials
+            raise MsktError(f"--storage {redacted(self.url)}: cannot connect ({type(e).__name__}: {' '.join(str(e).split())[:200]})") from None
         self._conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(:k)"), {"k": self.key})
         self._conn.commit()
 
@@ -421,9 +424,14 @@ def study_lock(url: str, study: str, folder: Path):
         return _FileLock(Path(f"{url}.mskt-lock"))
     if url.startswith("sqlite:///") and url != "sqlite:///:memory:":
         return _FileLock(Path(f"{url.removeprefix('sqlite:///')}.mskt-lock"))
-    log.warning("--storage %s: mskt coordinates workers through PostgreSQL, SQLite or a journal file; here only the workers "
-                "that share the study folder %s are (others may overshoot --trials)", redacted(url), folder)
+    if url not in _WARNED:
+        _WARNED.add(url)
+        log.warning("--storage %s: mskt coordinates workers through PostgreSQL, SQLite or a journal file; here only the workers "
+                    "that share the study folder %s are (others may overshoot --trials)", redacted(url), folder)
     return _FileLock(folder / ".gate.lock")
+
+
+_WARNED = set()  # storages study_lock has warned about, once per process
 
 
 @contextlib.contextmanager
@@ -721,7 +729,7 @@ def tune(base: Config, trials: int, study: str | None = None, storage: str | Non
         dataset = load_dataset(base.data, scale=base.data_scale, seed=base.data_seed, lazy=base.lazy)
     n_startup = min(10, max(3, trials // 3))
     gate = _Gate(study_lock(storage_url(folder, storage), study, folder))
-    running = {}  # the trial this worker runs now
+    running = {}  # the trial this worker runs now, and what its objective raised
     deadline = time.monotonic() + timeout if timeout else None
 
     def objective(trial):
@@ -757,6 +765,13 @@ def tune(base: Config, trials: int, study: str | None = None, storage: str | Non
         # The value is validation only: the selection score of the selected epoch.
         return selection_score(result.metrics["valid"], cfg.task, cfg.select_on)
 
+    def watched(trial):
+        try:
+            return objective(trial)
+        except BaseException as e:
+            running["raised"] = e  # the objective's own error: never mistaken for Optuna's below
+            raise
+
     callbacks = [lambda s, t: on_trial(t)] if on_trial else []
     while deadline is None or time.monotonic() < deadline:
         gate.acquire()
@@ -784,14 +799,14 @@ def tune(base: Config, trials: int, study: str | None = None, storage: str | Non
             # An expected failure (a diverging loss at a large lr) fails that trial, not the worker.
             running.clear()
             try:
-                st.optimize(objective, n_trials=1, callbacks=callbacks, catch=(MsktError,), gc_after_trial=False)
-            except (optuna.exceptions.UpdateFinishedTrialError, ValueError, AssertionError):
+                st.optimize(watched, n_trials=1, callbacks=callbacks, catch=(MsktError,), gc_after_trial=False)
+            except (optuna.exceptions.UpdateFinishedTrialError, ValueError, AssertionError) as e:
                 # Another worker failed this trial as stale while it ran (this process stalled for
                 # longer than the grace period): its retry runs the same parameters, so go on. Optuna
                 # raises ValueError ("Cannot tell a FAIL trial"), or, when the objective had returned,
                 # an AssertionError of its own ("Should not reach").
                 trial = running.get("trial")
-                if trial is None or st._storage.get_trial(trial._trial_id).state != TrialState.FAIL:
+                if e is running.get("raised") or trial is None or st._storage.get_trial(trial._trial_id).state != TrialState.FAIL:
                     raise
                 log.warning("trial %d was failed by another worker while it ran here (no heartbeat for %d s); its retry runs it again",
                             trial.number, grace)
