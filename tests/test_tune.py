@@ -32,13 +32,13 @@ def _study(folder: Path, name: str = "t"):
     return optuna.load_study(study_name=name, storage=f"sqlite:///{folder / name / 'study.db'}")
 
 
-def _work(root: Path, trials: int, epochs: int, space: dict, log: Path | None = None, heartbeat: float = 10) -> None:
-    """One worker: what `mskt tune --study t --root ROOT` runs, on the tiny dataset."""
+def _work(root: Path, trials: int, epochs: int, space: dict, log: Path | None = None, heartbeat: float = 10, storage=None) -> None:
+    """One worker: what `mskt tune --study t --root ROOT [--storage S]` runs, on the tiny dataset."""
     from mskt.data.synthetic import make_synthetic
 
     report = (lambda t: log.open("a").write(f"{t.number}\n")) if log else None
     tuning.tune(Config.from_dict({**TINY, "epochs": epochs}), trials, study="t", space=space, root=root, heartbeat=heartbeat,
-                dataset=make_synthetic("mosi", aligned=True, scale=0.01, seed=0), on_trial=report)
+                dataset=make_synthetic("mosi", aligned=True, scale=0.01, seed=0), on_trial=report, storage=storage)
 
 
 def _process(*args, **kwargs):
@@ -57,12 +57,17 @@ def _space_file(tmp_path: Path, text: str) -> Path:
     return path
 
 
-def test_two_workers_finish_n_trials_together_without_repeating_one(tmp_path):
-    workers = [_process(tmp_path, 4, 1, SPACE, tmp_path / f"worker{i}.txt", heartbeat=1) for i in range(2)]
+@pytest.mark.parametrize("storage", ["sqlite", "journal"])
+def test_two_workers_finish_n_trials_together_without_repeating_one(tmp_path, storage):
+    """SQLite: the workers share the study folder. A journal file on a shared file system: each
+    worker has its own --root, as on two machines; the lock beside the journal coordinates them."""
+    journal = str(tmp_path / "journal.log") if storage == "journal" else None
+    roots = [tmp_path / f"root{i}" if journal else tmp_path for i in range(2)]
+    workers = [_process(roots[i], 4, 1, SPACE, tmp_path / f"worker{i}.txt", heartbeat=1, storage=journal) for i in range(2)]
     for w in workers:
         w.join(120)
     assert [w.exitcode for w in workers] == [0, 0]
-    trials = _study(tmp_path).get_trials()
+    trials = (optuna.load_study(study_name="t", storage=tuning.make_storage(tmp_path, journal)) if journal else _study(tmp_path)).get_trials()
     numbers = [t.number for t in trials]
     assert len(numbers) == len(set(numbers))
     assert all(t.state.name in ("COMPLETE", "PRUNED", "FAIL") for t in trials)
@@ -70,8 +75,9 @@ def test_two_workers_finish_n_trials_together_without_repeating_one(tmp_path):
     # Both workers ran trials, and none ran one the other ran; each trial is a run folder of its own.
     ran = [{int(n) for n in (tmp_path / f"worker{i}.txt").read_text().split()} for i in range(2)]
     assert ran[0] and ran[1] and not ran[0] & ran[1] and ran[0] | ran[1] == set(numbers), ran
+    assert len({json.dumps(t.params, sort_keys=True) for t in trials if t.state.name == "COMPLETE"}) == 4
     for t in trials:
-        assert (tmp_path / "t" / t.user_attrs["run_dir"] / "metrics.json").is_file()
+        assert any((root / "t" / t.user_attrs["run_dir"] / "metrics.json").is_file() for root in roots)
 
 
 def test_a_worker_killed_mid_trial_leaves_it_retried_and_the_study_finishes(tmp_path, caplog):
