@@ -97,13 +97,15 @@ def _trials(url: str, study: str):
 
 
 # The race: 4 workers started at the same moment (one event releases them) on a fresh database,
-# --trials 3. The issue saw trials run twice in 1 round of 3. This test, run with the study folder's
-# lock file in place of the storage's lock (separate --roots do not share it), failed 3 of 9 rounds
-# (4 complete trials, or 2 distinct parameter sets among 3); with the code before this change, every
-# round failed (a worker died on the schema race). 9 rounds miss a race of 1 in 3 with probability
-# (2/3)**9 = 2.6%. The rounds run 3 at a time, each on its own database: a round's workers mostly
-# wait (for the lock, for the last trial), and 12 processes fill that time on 2 cores.
-ROUNDS, AT_ONCE = 9, 3
+# --trials 3. The issue saw trials run twice in 1 round of 3. Measured here (h-pg) with the study
+# folder's lock file in place of the storage's lock (separate --roots do not share it): 3 failing
+# rounds of 9 run one at a time, 3 of 12 run three at a time as below (4 complete or pruned
+# trials, or 2 distinct parameter sets among 3); with the code before this change every round failed
+# (a worker died on the schema race). 12 rounds miss a race of 1 in 3 with probability
+# (2/3)**12 = 0.8%, one of 1 in 4 with 3.2%. The rounds run three at a time, each on its own
+# database: a round's workers mostly wait (for the lock, for the last trial), and 12 processes fill
+# that time on 2 cores.
+ROUNDS, AT_ONCE = 12, 3
 WORKERS, TRIALS = 4, 3
 
 
