@@ -11,7 +11,7 @@
     mskt bench [--presets mosi,mosi-unaligned] [--variants full,kt] [--config paper|mult] [--reference [--rounds R]] [--json PATH]
     mskt notebooks [--smoke] [--only 03] [--param key=value]
     mskt tune --data PATH --variant V --trials N [--study NAME] [--storage URL] [--space FILE] [--prune] [--timeout S] [--<any config key> VALUE]
-    mskt tune --finalize --seeds K [--study NAME] [--storage URL]
+    mskt tune --finalize --seeds K [--study NAME] [--storage URL] [--threads N]
 
 Expected errors (bad files, bad options) print one line and exit 2; no traceback.
 """
@@ -271,11 +271,15 @@ def cmd_tune(args) -> int:
     from mskt.experiments import tune as tuning
 
     if args.finalize:
+        # Where and how fast the runs compute (--threads, --device, ...) may change; what they compute may not.
         given = sorted(k[4:] for k, v in vars(args).items() if k.startswith("cfg_") and v is not None and k not in ("cfg_data", "cfg_variant"))
-        if given or args.preset or args.space or args.prune:
-            raise MsktError(f"--finalize retrains the study's best configuration with the study's own config; drop {given or '--preset/--space/--prune'}")
-        study = args.study or tuning.default_study_name(_config_from_args(args))
-        result = tuning.finalize(study, seeds=args.seeds, storage=args.storage, root=args.root, jobs=args.jobs)
+        config = sorted(set(given) - set(tuning.EXECUTION_FIELDS))
+        if config or args.preset or args.space or args.prune:
+            raise MsktError(f"--finalize retrains the study's best configuration with the study's own config; drop {config or '--preset/--space/--prune'}")
+        cfg = _config_from_args(args)
+        study = args.study or tuning.default_study_name(cfg)
+        result = tuning.finalize(study, seeds=args.seeds, storage=args.storage, root=args.root, jobs=args.jobs,
+                                 execution={k: getattr(cfg, k) for k in given})
         print(result["markdown"])
         print(f"wrote {result['dir'] / 'results.md'}, {result['dir'] / 'results.csv'}, {result['dir'] / 'runs.csv'}")
         return 0

@@ -156,3 +156,102 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+# ----------------------------------------------------------------------------------------------
+# A throwaway PostgreSQL cluster (tests/test_tune_postgres.py)
+
+
+class PostgresCluster:
+    """A cluster on 127.0.0.1:``port`` whose superuser ``mskt`` logs in without a password."""
+
+    def __init__(self, port: int):
+        self.port = port
+        self._made = 0
+
+    def database(self) -> str:
+        """A fresh, empty database; its SQLAlchemy URL (psycopg 3)."""
+        import psycopg
+
+        self._made += 1
+        name = f"db{self._made}"
+        with psycopg.connect(host="127.0.0.1", port=self.port, user="mskt", dbname="postgres", autocommit=True) as conn:
+            conn.execute(f"CREATE DATABASE {name}")
+        return f"postgresql://mskt@127.0.0.1:{self.port}/{name}"
+
+
+def _postgres_bin():
+    """The newest Debian PostgreSQL's bin folder (initdb, pg_ctl are not on PATH there), else PATH's."""
+    import glob
+    import shutil
+    from pathlib import Path
+
+    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"), key=lambda p: int(Path(p).parts[-3]) if Path(p).parts[-3].isdigit() else 0)
+    initdb = found[-1] if found else shutil.which("initdb")
+    return Path(initdb).parent if initdb and shutil.which("pg_ctl", path=str(Path(initdb).parent)) else None
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """A throwaway PostgreSQL cluster in a temporary folder, on a free port of 127.0.0.1, run as a
+    user other than root (initdb refuses root: CI runs as root, so the ``postgres`` system user runs
+    it through runuser), stopped and deleted afterwards. Skipped without PostgreSQL or its driver,
+    except where MSKT_REQUIRE_POSTGRES=1 (.ci/run installs both): there a missing one fails."""
+    import os
+    import pwd
+    import shutil
+    import subprocess
+    import tempfile
+    from pathlib import Path
+
+    def missing(why):
+        if os.environ.get("MSKT_REQUIRE_POSTGRES") == "1":
+            pytest.fail(f"{why} (MSKT_REQUIRE_POSTGRES=1)")
+        pytest.skip(why)
+
+    bindir = _postgres_bin()
+    if bindir is None:
+        missing("PostgreSQL is not installed (apt-get install postgresql: its initdb and pg_ctl)")
+    try:
+        import psycopg  # noqa: F401
+    except ImportError:
+        missing('no PostgreSQL driver: pip install -e ".[postgres]"')
+    folder = Path(tempfile.mkdtemp(prefix="mskt-pg-"))
+    run_as = []
+    if os.geteuid() == 0:
+        try:
+            user = pwd.getpwnam("postgres")
+        except KeyError:  # Debian's package creates it; a bare root container may not have it
+            subprocess.run(["useradd", "--system", "--no-create-home", "postgres"], check=True, capture_output=True)
+            user = pwd.getpwnam("postgres")
+        os.chown(folder, user.pw_uid, user.pw_gid)
+        run_as = ["runuser", "-u", "postgres", "--"]
+    data = folder / "data"
+
+    def run(*cmd):
+        proc = subprocess.run([*run_as, *map(str, cmd)], capture_output=True, text=True, timeout=120)
+        return proc.returncode, (proc.stdout + proc.stderr).strip()
+
+    rc, out = run(bindir / "initdb", "-D", data, "-U", "mskt", "--auth=trust", "-E", "UTF8", "--no-sync")
+    assert rc == 0, f"initdb failed: {out[-2000:]}"
+    # A port picked free can be taken before the server binds it: try another.
+    for _ in range(3):
+        port = _free_port()
+        options = f"-c listen_addresses=127.0.0.1 -c port={port} -c unix_socket_directories={folder} -c fsync=off -c max_connections=200"
+        rc, out = run(bindir / "pg_ctl", "-D", data, "-l", folder / "server.log", "-w", "-t", "60", "-o", options, "start")
+        if rc == 0:
+            break
+    assert rc == 0, f"pg_ctl start failed: {out[-1000:]}\n{(folder / 'server.log').read_text()[-2000:] if (folder / 'server.log').exists() else ''}"
+    try:
+        yield PostgresCluster(port)
+    finally:
+        run(bindir / "pg_ctl", "-D", data, "-m", "immediate", "-w", "stop")
+        shutil.rmtree(folder, ignore_errors=True)

@@ -86,3 +86,29 @@ def test_a_world_of_one_is_a_no_op():
     model = torch.nn.Linear(2, 2)
     assert dist.wrap(model) is model
     assert dist.sum({"a": 1.0}) == {"a": 1.0}
+
+
+def test_the_readmes_two_node_command_runs_on_one_machine(tmp_path):
+    """The README's two-node torchrun command in its single-machine form: two launchers (the two
+    "nodes", one process each) meet at a c10d rendezvous on 127.0.0.1 and train one run of world
+    size 2; only rank 0 writes the run folder."""
+    import shlex
+    import socket
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    (line,) = [l.strip() for l in readme.splitlines() if l.strip().startswith("torchrun --nnodes 2")]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    args = shlex.split(line.replace("HOST:29500", f"127.0.0.1:{port}").replace("--nproc_per_node 4", "--nproc_per_node 1"))
+    assert args[0] == "torchrun" and "-m" in args
+    # argparse keeps a flag's last value: tiny data, one epoch, this test's folder
+    command = [sys.executable, "-m", "torch.distributed.run", *args[1:], *RUN, "--epochs", "1", "--out", str(tmp_path / "run")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    nodes = [subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(2)]
+    outs = [n.communicate(timeout=300)[0] for n in nodes]
+    assert [n.returncode for n in nodes] == [0, 0], [o[-2000:] for o in outs]
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["world_size"] == 2
+    assert sum(o.count("run folder:") for o in outs) == 1

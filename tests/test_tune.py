@@ -7,6 +7,7 @@ import dataclasses
 import json
 import os
 import signal
+import sys
 import time
 from pathlib import Path
 
@@ -31,13 +32,13 @@ def _study(folder: Path, name: str = "t"):
     return optuna.load_study(study_name=name, storage=f"sqlite:///{folder / name / 'study.db'}")
 
 
-def _work(root: Path, trials: int, epochs: int, space: dict, log: Path | None = None, heartbeat: float = 10) -> None:
-    """One worker: what `mskt tune --study t --root ROOT` runs, on the tiny dataset."""
+def _work(root: Path, trials: int, epochs: int, space: dict, log: Path | None = None, heartbeat: float = 10, storage=None) -> None:
+    """One worker: what `mskt tune --study t --root ROOT [--storage S]` runs, on the tiny dataset."""
     from mskt.data.synthetic import make_synthetic
 
     report = (lambda t: log.open("a").write(f"{t.number}\n")) if log else None
     tuning.tune(Config.from_dict({**TINY, "epochs": epochs}), trials, study="t", space=space, root=root, heartbeat=heartbeat,
-                dataset=make_synthetic("mosi", aligned=True, scale=0.01, seed=0), on_trial=report)
+                dataset=make_synthetic("mosi", aligned=True, scale=0.01, seed=0), on_trial=report, storage=storage)
 
 
 def _process(*args, **kwargs):
@@ -56,12 +57,17 @@ def _space_file(tmp_path: Path, text: str) -> Path:
     return path
 
 
-def test_two_workers_finish_n_trials_together_without_repeating_one(tmp_path):
-    workers = [_process(tmp_path, 4, 1, SPACE, tmp_path / f"worker{i}.txt", heartbeat=1) for i in range(2)]
+@pytest.mark.parametrize("storage", ["sqlite", "journal"])
+def test_two_workers_finish_n_trials_together_without_repeating_one(tmp_path, storage):
+    """SQLite: the workers share the study folder. A journal file on a shared file system: each
+    worker has its own --root, as on two machines; the lock beside the journal coordinates them."""
+    journal = str(tmp_path / "journal.log") if storage == "journal" else None
+    roots = [tmp_path / f"root{i}" if journal else tmp_path for i in range(2)]
+    workers = [_process(roots[i], 4, 1, SPACE, tmp_path / f"worker{i}.txt", heartbeat=1, storage=journal) for i in range(2)]
     for w in workers:
         w.join(120)
     assert [w.exitcode for w in workers] == [0, 0]
-    trials = _study(tmp_path).get_trials()
+    trials = (optuna.load_study(study_name="t", storage=tuning.make_storage(tmp_path, journal)) if journal else _study(tmp_path)).get_trials()
     numbers = [t.number for t in trials]
     assert len(numbers) == len(set(numbers))
     assert all(t.state.name in ("COMPLETE", "PRUNED", "FAIL") for t in trials)
@@ -69,8 +75,9 @@ def test_two_workers_finish_n_trials_together_without_repeating_one(tmp_path):
     # Both workers ran trials, and none ran one the other ran; each trial is a run folder of its own.
     ran = [{int(n) for n in (tmp_path / f"worker{i}.txt").read_text().split()} for i in range(2)]
     assert ran[0] and ran[1] and not ran[0] & ran[1] and ran[0] | ran[1] == set(numbers), ran
+    assert len({json.dumps(t.params, sort_keys=True) for t in trials if t.state.name == "COMPLETE"}) == 4
     for t in trials:
-        assert (tmp_path / "t" / t.user_attrs["run_dir"] / "metrics.json").is_file()
+        assert any((root / "t" / t.user_attrs["run_dir"] / "metrics.json").is_file() for root in roots)
 
 
 def test_a_worker_killed_mid_trial_leaves_it_retried_and_the_study_finishes(tmp_path, caplog):
@@ -214,25 +221,32 @@ def test_default_spaces_follow_what_the_variant_declares():
         tuning.check_space(space, Config())
 
 
-def test_the_command_line_tunes_finalizes_and_each_trial_is_a_run(tmp_path, capsys):
+def test_the_command_line_tunes_finalizes_and_each_trial_is_a_run(tmp_path, capsys, caplog):
+    import logging
+
     from mskt.train import load_run
 
     journal = tmp_path / "journal.log"
     space = _space_file(tmp_path, "lr = { low = 1e-4, high = 1e-2, log = true }\nembed_dropout = 0.0\n")
     flags = [*TINY_FLAGS, "--epochs", "2", "--root", str(tmp_path), "--study", "c", "--storage", str(journal)]
-    assert main(["tune", *flags, "--space", str(space), "--trials", "2", "--prune", "--seed", "11"]) == 0
+    with caplog.at_level(logging.INFO, logger="mskt"):
+        assert main(["tune", *flags, "--space", str(space), "--trials", "2", "--prune", "--seed", "11"]) == 0
     out = capsys.readouterr().out
+    assert caplog.text.count(f"study c: storage {journal}") == 1  # where the study lives, said once
     assert "study c: 2 trials" in out and "best trial" in out
     st = optuna.load_study(study_name="c", storage=tuning.make_storage(tmp_path / "c", str(journal)))
     assert st.trials[0].user_attrs.get("default") and st.trials[0].params["lr"] == 1e-3  # trial 0: the untuned default
     cfg, model = load_run(tmp_path / "c" / "trial-0001")
     assert cfg.embed_dropout == 0.0 and cfg.lr == st.trials[1].params["lr"] and cfg.seed == 11
-    assert main(["tune", "--finalize", "--seeds", "1", "--study", "c", "--root", str(tmp_path), "--storage", str(journal)]) == 0
+    # finalize takes the execution flags (--threads), not config ones
+    assert main(["tune", "--finalize", "--seeds", "1", "--study", "c", "--root", str(tmp_path), "--storage", str(journal), "--lr", "0.1"]) == 2
+    assert "drop ['lr']" in capsys.readouterr().err
+    assert main(["tune", "--finalize", "--seeds", "1", "--study", "c", "--root", str(tmp_path), "--storage", str(journal), "--threads", "1"]) == 0
     out = capsys.readouterr().out
     assert "| kt default | 1 |" in out and "| kt tuned | 1 |" in out and "Validation loss" in out
     assert (tmp_path / "c" / "finalize" / "results.md").read_text() in out
     # finalize trains fresh seeds: every trial of the search trained with seed 11
-    assert sorted(p.name for p in (tmp_path / "c" / "finalize").iterdir() if p.is_dir()) == ["kt default-seed12", "kt tuned-seed12"]
+    assert sorted(p.name for p in (tmp_path / "c" / "finalize").iterdir() if p.is_dir()) == ["kt-default-seed12", "kt-tuned-seed12"]
     assert "finalize seeds 12 (disjoint from the search's)" in out
     # Another worker on this study must bring the same config: a different one is refused, in one line.
     assert main(["tune", *flags, "--space", str(space), "--trials", "2", "--prune", "--seed", "11", "--epochs", "3"]) == 2
@@ -248,3 +262,67 @@ def test_on_epoch_sees_each_validation_loss_and_can_stop_training(tiny_mosi):
                    on_epoch=lambda epoch, row: seen.append((epoch, row["valid_loss"])) or epoch == 2)
     assert [e for e, _ in seen] == [1, 2] and len(result.history) == 2
     assert [v for _, v in seen] == list(result.history["valid_loss"]) and result.metrics["best_epoch"] in (1, 2)
+
+
+@pytest.mark.parametrize("scheme, module, hint", [
+    ("postgresql", "psycopg", 'pip install -e ".[postgres]"'),  # what a plain postgresql:// means to SQLAlchemy 2.1
+    ("postgresql+psycopg2", "psycopg2", "pip install psycopg2-binary"),
+])
+def test_a_missing_database_driver_is_named_with_what_to_install(tmp_path, capsys, monkeypatch, scheme, module, hint):
+    for m in ("psycopg", "psycopg2"):
+        monkeypatch.setitem(sys.modules, m, None)  # import fails as if it were not installed
+    url = f"{scheme}://tuner:s3cret@127.0.0.1:1/optuna"
+    assert main(["tune", *TINY_FLAGS, "--trials", "1", "--root", str(tmp_path), "--storage", url]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"No module named '{module}'" in err and hint in err, err
+    assert "s3cret" not in err and f"{scheme}://tuner:***@127.0.0.1:1/optuna" in err
+
+
+def test_a_password_never_reaches_the_log():
+    assert tuning.redacted("postgresql://u:pw@h:5432/db") == "postgresql://u:***@h:5432/db"
+    assert tuning.redacted("postgresql+psycopg2://u@h/db") == "postgresql+psycopg2://u@h/db"
+    assert tuning.redacted("/shared/tune/journal.log") == "/shared/tune/journal.log"
+
+
+@pytest.mark.parametrize("when", ["mid-run", "after its last epoch"])
+def test_a_trial_another_worker_failed_while_it_ran_here_is_a_warning_not_a_crash(tmp_path, tiny_mosi, monkeypatch, caplog, when):
+    """What a worker stalled past the grace period meets: its trial was failed as stale by another
+    worker, while it trained (its next report fails) or after (Optuna's tell fails). It says so in
+    one warning and goes on; the study still ends with its N trials."""
+    import logging
+
+    import mskt.train
+    from optuna.trial import TrialState
+
+    real, calls = mskt.train.train, []
+
+    def fail_the_running_trial():  # what another worker's stale check does
+        st = _study(tmp_path, "f")
+        (t,) = st.get_trials(states=(TrialState.RUNNING,))
+        st._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+
+    def train(cfg, on_epoch=None, **kwargs):
+        calls.append(cfg)
+        if len(calls) == 1 and when == "mid-run":
+            fail_the_running_trial()
+        result = real(cfg, on_epoch=on_epoch, **kwargs)
+        if len(calls) == 1 and when != "mid-run":
+            fail_the_running_trial()
+        return result
+
+    monkeypatch.setattr(mskt.train, "train", train)
+    with caplog.at_level(logging.WARNING, logger="mskt"):
+        st = tuning.tune(Config.from_dict({**TINY, "epochs": 1}), 1, study="f", space={"lr": Knob(choices=(1e-3,))}, root=tmp_path, dataset=tiny_mosi)
+    assert [t.state.name for t in st.trials] == ["FAIL", "COMPLETE"]
+    assert "trial 0 was failed by another worker while it ran here" in caplog.text
+
+
+def test_an_error_of_the_trial_itself_is_not_taken_for_another_workers_doing(tmp_path, tiny_mosi, monkeypatch):
+    import mskt.train
+
+    def train(cfg, **kwargs):
+        raise ValueError("a bug in training")
+
+    monkeypatch.setattr(mskt.train, "train", train)
+    with pytest.raises(ValueError, match="a bug in training"):  # the trial is FAIL too, but this worker failed it
+        tuning.tune(Config.from_dict({**TINY, "epochs": 1}), 1, study="g", space={"lr": Knob(choices=(1e-3,))}, root=tmp_path, dataset=tiny_mosi)

@@ -7,6 +7,7 @@ standard deviation over seeds, with the paper's numbers beside ours when the dat
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pandas as pd
@@ -38,6 +39,13 @@ def _run_in_worker(args) -> dict:
     return _run_one(cfg, run_dir)
 
 
+def run_folder(out_dir, label: str, seed: int) -> Path:
+    """The run folder of ``label`` at ``seed``: ``<out_dir>/<label>-seed<seed>``, with any blank in
+    the label as ``-`` (a folder name a shell takes without quotes: finalize's "kt default")."""
+    name = re.sub(r"\s+", "-", label.strip())
+    return Path(out_dir) / f"{name}-seed{seed}"
+
+
 def run_configs(base: Config, configs: dict, seeds: int, out_dir, on_run=None, jobs: int = 1, dataset=None) -> pd.DataFrame:
     """Train each named config (``{label: {config overrides}}``) with seeds base.seed, base.seed+1,
     ...; one row per run: label, variant, seed, best epoch, seconds and test metrics.
@@ -55,7 +63,7 @@ def run_configs(base: Config, configs: dict, seeds: int, out_dir, on_run=None, j
     for i in range(seeds):
         for label, overrides in configs.items():
             cfg = base.replace(**overrides, seed=base.seed + i)
-            plan.append((label, cfg, out_dir / f"{label}-seed{cfg.seed}"))
+            plan.append((label, cfg, run_folder(out_dir, label, cfg.seed)))
     if jobs > 1:
         import multiprocessing as mp
 
@@ -141,13 +149,13 @@ def bootstrap_comparisons(runs: pd.DataFrame, out_dir, dataset, against: str, me
     labels = list(dict.fromkeys(runs[by]))
     seeds = {label: set(runs.loc[runs[by] == label, "seed"]) for label in labels}
     labels_y = dataset["test"].labels
-    reference = dict(zip(sorted(seeds[against]), per_sample_predictions([out_dir / f"{against}-seed{s}" for s in sorted(seeds[against])], dataset)))
+    reference = dict(zip(sorted(seeds[against]), per_sample_predictions([run_folder(out_dir, against, s) for s in sorted(seeds[against])], dataset)))
     rows = []
     for label in labels:
         if label == against:
             continue
         common = sorted(seeds[label] & seeds[against])
-        a = per_sample_predictions([out_dir / f"{label}-seed{s}" for s in common], dataset)
+        a = per_sample_predictions([run_folder(out_dir, label, s) for s in common], dataset)
         b = np.stack([reference[s] for s in common])  # (seeds, samples, ...)
         for m in metrics:
             fn = stats.metric_function(m, dataset.meta.task, dataset.meta.name)

@@ -356,9 +356,9 @@ def train_runs(base, configs: dict, seeds: int, out_dir, jobs: int = 1, dataset=
     """Train (or read back) every named config over ``seeds`` seeds with ``mskt.experiments.grid.run_configs``
     (``configs``: e.g. :func:`fair_configs` or :func:`matched_configs`); returns its runs frame and
     {label: [run folder, one per seed]}, what :func:`sweep` and :func:`matched_sweep` take."""
-    from mskt.experiments.grid import run_configs
+    from mskt.experiments.grid import run_configs, run_folder
 
     out_dir = Path(out_dir)
     runs = run_configs(base, configs, seeds, out_dir, jobs=jobs, dataset=dataset if jobs == 1 else None)
-    dirs = {label: [out_dir / f"{label}-seed{s}" for s in runs.loc[runs["label"] == label, "seed"]] for label in configs}
+    dirs = {label: [run_folder(out_dir, label, s) for s in runs.loc[runs["label"] == label, "seed"]] for label in configs}
     return runs, dirs

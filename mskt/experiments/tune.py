@@ -11,10 +11,13 @@ loss under ``select_on="valid_loss"``); nothing here reads a test metric to choo
 metrics that every run folder holds are only reported, by finalize, for the best and the default
 configuration side by side.
 
-Several workers: each runs the same command. A worker takes a file lock in the study folder while
-it counts the study's trials and asks for the next one, so N trials are started in all (exactly, when
-the workers share the study folder; across machines without a shared folder, at most one extra per
-worker). A killed worker's trial stops sending heartbeats; once its grace period has passed, the
+Several workers: each runs the same command, on any machine that reaches the storage. A worker
+holds the study's lock while it counts the study's trials and asks for the next one, so exactly N
+trials end complete or pruned, each with its own sampler seed (the study's seed and the trial's
+number). The lock lives with the storage, not in the study folder (:func:`study_lock`): a PostgreSQL
+advisory lock, or a lock file beside a SQLite database or a journal file. The study records its
+base config, space, pruner and heartbeat when it is created, and a worker that brings other ones is
+refused before it starts a trial. A killed worker's trial stops sending heartbeats; once its grace period has passed, the
 next worker to ask marks it failed and Optuna's ``RetryFailedTrialCallback`` queues it again with
 the same parameters. Optuna's RDB storages (SQLite, PostgreSQL, MySQL) keep heartbeats themselves;
 for a journal file (Optuna's ``JournalStorage`` has none) this module keeps its own in a trial
@@ -303,31 +306,186 @@ def study_folder(study: str, root=None) -> Path:
     return (Path(root) if root is not None else runs_dir() / "tune") / study
 
 
+def storage_url(folder: Path, storage: str | None = None) -> str:
+    """The storage ``mskt tune`` uses: ``storage``, or SQLite in the study folder."""
+    return storage or f"sqlite:///{(folder / 'study.db').resolve()}"
+
+
+def redacted(url: str) -> str:
+    """``url`` with its password, if any, replaced by ``***``: what the log and errors may show."""
+    return re.sub(r"(://[^:/@\s]+):[^@/\s]*@", r"\1:***@", url)
+
+
+# The module each SQLAlchemy URL scheme imports, and how to install it. psycopg (3) is what a plain
+# postgresql:// means from SQLAlchemy 2.1 on; pyproject's `postgres` extra brings it.
+_POSTGRES_EXTRA = 'pip install -e ".[postgres]" (or pip install "psycopg[binary]")'
+_DRIVER_HINTS = {
+    "psycopg": f"install the postgres extra: {_POSTGRES_EXTRA}",
+    "psycopg2": f"install it (pip install psycopg2-binary), or use postgresql:// with the postgres extra: {_POSTGRES_EXTRA}",
+}
+
+
+def _driver_error(url: str, e: ImportError) -> MsktError:
+    module = getattr(e, "name", None) or "?"
+    hint = _DRIVER_HINTS.get(module, f"install the Python module {module!r}")
+    return MsktError(f"--storage {redacted(url)}: its database driver is not installed (No module named {module!r}); {hint}")
+
+
+def _missing_module(e: BaseException) -> ImportError | None:
+    """The ModuleNotFoundError under ``e`` (Optuna wraps SQLAlchemy's in an ImportError of its own)."""
+    while e is not None:
+        if isinstance(e, ModuleNotFoundError) and e.name:
+            return e
+        e = e.__cause__ or e.__context__
+    return None
+
+
+def _advisory_key(name: str) -> int:
+    """A signed 64-bit key for PostgreSQL's advisory locks, from a name."""
+    import hashlib
+
+    return int.from_bytes(hashlib.sha1(f"mskt:{name}".encode()).digest()[:8], "big", signed=True)
+
+
+class _PostgresLock:
+    """A PostgreSQL session-level advisory lock on a connection of its own: held by one worker of any
+    machine at a time, and released by the server when that worker's connection ends (a killed
+    worker never leaves it held)."""
+
+    def __init__(self, url: str, name: str):
+        import sqlalchemy
+        from sqlalchemy.pool import NullPool
+
+        # NullPool: closing the connection really closes it, which releases every lock it held.
+        try:
+            self.engine = sqlalchemy.create_engine(url, poolclass=NullPool)  # imports the driver
+        except ModuleNotFoundError as e:
+            raise _driver_error(url, e) from None
+        except (ImportError, ValueError, sqlalchemy.exc.ArgumentError) as e:
+            raise MsktError(f"--storage {redacted(url)}: not a storage URL Optuna can open ({' '.join(str(e).split())[:200]})") from None
+        self.url, self.key = url, _advisory_key(name)
+        self._conn = None
+
+    def acquire(self):
+        import sqlalchemy
+
+        try:
+            self._conn = self.engine.connect()
+        except sqlalchemy.exc.OperationalError as e:  # refused, unknown host or database, bad credentials
+            raise MsktError(f"--storage {redacted(self.url)}: cannot connect ({type(e).__name__}: {' '.join(str(e).split())[:200]})") from None
+        self._conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(:k)"), {"k": self.key})
+        self._conn.commit()
+
+    def release(self):
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.close()
+
+
+class _FileLock:
+    """An exclusive fcntl lock on a file (beside the SQLite database or the journal, so every worker
+    that can reach the storage reaches the lock); the kernel releases it when its holder dies. A
+    no-op where fcntl is missing (Windows)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._handle = None
+
+    def acquire(self):
+        try:
+            import fcntl
+        except ImportError:
+            return
+        try:
+            self._handle = open(self.path, "a+")
+        except OSError as e:
+            raise MsktError(f"{self.path}: cannot open the study's lock file ({e.strerror or e})") from None
+        fcntl.flock(self._handle, fcntl.LOCK_EX)
+
+    def release(self):
+        handle, self._handle = self._handle, None
+        if handle is not None:
+            import fcntl
+
+            fcntl.flock(handle, fcntl.LOCK_UN)
+            handle.close()
+
+
+def study_lock(url: str, study: str, folder: Path):
+    """The lock that serialises the workers of ``study`` while one counts the trials and creates the
+    next, wherever they run: it lives with the storage, not in the study folder (workers on other
+    machines, or with another --root, do not share that). PostgreSQL: an advisory lock keyed by the
+    study's name. SQLite and journal files: a lock file beside the database file. Any other server
+    (MySQL): the study folder's lock file, with a warning that only workers sharing it are
+    coordinated."""
+    if url.startswith("postgresql"):
+        return _PostgresLock(url, f"study:{study}")
+    if "://" not in url:
+        return _FileLock(Path(f"{url}.mskt-lock"))
+    if url.startswith("sqlite:///") and url != "sqlite:///:memory:":
+        return _FileLock(Path(f"{url.removeprefix('sqlite:///')}.mskt-lock"))
+    if url not in _WARNED:
+        _WARNED.add(url)
+        log.warning("--storage %s: mskt coordinates workers through PostgreSQL, SQLite or a journal file; here only the workers "
+                    "that share the study folder %s are (others may overshoot --trials)", redacted(url), folder)
+    return _FileLock(folder / ".gate.lock")
+
+
+_WARNED = set()  # storages study_lock has warned about, once per process
+
+
+@contextlib.contextmanager
+def _held(lock):
+    lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def _rdb_storage(url: str, interval: int, grace: int, retry):
+    """Optuna's RDBStorage on ``url``. Workers that start together on a fresh PostgreSQL database
+    would race to create Optuna's tables (a duplicate key on CREATE TYPE): they take turns under an
+    advisory lock. Errors name their real cause: a missing driver, a server out of reach, or
+    Optuna's tables."""
+    import inspect
+
+    import optuna
+    import sqlalchemy
+    from optuna.storages import RDBStorage
+
+    # Two processes on one SQLite file wait for its lock rather than fail at once.
+    kwargs = {"connect_args": {"timeout": 120}} if url.startswith("sqlite") else {}
+    name = "heartbeat_stale_trial_callback" if "heartbeat_stale_trial_callback" in inspect.signature(RDBStorage).parameters else "failed_trial_callback"
+    shown = redacted(url)
+    schema = _PostgresLock(url, "schema") if url.startswith("postgresql") else None
+    try:
+        with _held(schema) if schema else contextlib.nullcontext(), warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return RDBStorage(url, engine_kwargs=kwargs, heartbeat_interval=interval, grace_period=grace, **{name: retry})
+    except MsktError:
+        raise
+    except Exception as e:
+        missing = _missing_module(e)
+        if missing is not None:
+            raise _driver_error(url, missing) from None
+        detail = f"{type(e).__name__}: {' '.join(str(e).split())[:200]}"
+        if isinstance(e, sqlalchemy.exc.OperationalError):  # refused, unknown host or database, bad credentials
+            raise MsktError(f"--storage {shown}: cannot connect ({detail})") from None
+        if isinstance(e, (ImportError, ValueError, sqlalchemy.exc.ArgumentError)):
+            raise MsktError(f"--storage {shown}: Optuna cannot open it ({detail})") from None
+        # An IntegrityError or ProgrammingError: the connection worked, creating or reading the tables did not.
+        raise MsktError(f"--storage {shown}: connected, but Optuna could not set up or read its tables ({detail})") from None
+
+
 def make_storage(folder: Path, storage: str | None = None, heartbeat: float = HEARTBEAT_S):
     """The study's Optuna storage: SQLite in ``folder`` by default; an RDB URL
     (``postgresql://...``, ``mysql://...``, ``sqlite:///...``); or a journal file path (a shared file
     system without a database server). RDB storages get Optuna's heartbeat and retry callback."""
-    import optuna
-    from optuna.storages import RDBStorage
-
     interval = max(1, int(round(heartbeat)))
-    grace = GRACE_FACTOR * interval
-    retry = _retry_callback()
-    url = storage or f"sqlite:///{(folder / 'study.db').resolve()}"
+    url = storage_url(folder, storage)
     if "://" in url:
-        # Two processes on one SQLite file wait for its lock rather than fail at once.
-        kwargs = {"connect_args": {"timeout": 120}} if url.startswith("sqlite") else {}
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            try:
-                import inspect
-
-                name = "heartbeat_stale_trial_callback" if "heartbeat_stale_trial_callback" in inspect.signature(RDBStorage).parameters else "failed_trial_callback"
-                return RDBStorage(url, engine_kwargs=kwargs, heartbeat_interval=interval, grace_period=grace, **{name: retry})
-            except (ImportError, ValueError) as e:
-                raise MsktError(f"--storage {url}: Optuna cannot open it ({' '.join(str(e).split())})") from None
-            except Exception as e:  # sqlalchemy's OperationalError and kin: a server not reachable
-                raise MsktError(f"--storage {url}: cannot connect ({type(e).__name__}: {' '.join(str(e).split())[:200]})") from None
+        return _rdb_storage(url, interval, GRACE_FACTOR * interval, _retry_callback())
     from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock, JournalStorage
 
     path = Path(url)
@@ -343,38 +501,22 @@ def _uses_optuna_heartbeat(storage) -> bool:
     return is_heartbeat_enabled(storage)
 
 
-@contextlib.contextmanager
-def _file_lock(path: Path):
-    """An exclusive lock on ``path`` (fcntl) held for the block; a no-op where fcntl is missing."""
-    try:
-        import fcntl
-    except ImportError:  # Windows: workers on one machine may then overshoot N by one trial each
-        yield
-        return
-    with open(path, "a+") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
 class _Gate:
-    """The study folder's lock, held from counting the trials until the next trial exists (the
-    objective releases it as its first act)."""
+    """The study's lock (:func:`study_lock`), held from counting the trials until the next trial
+    exists (the objective releases it as its first act)."""
 
-    def __init__(self, path: Path):
-        self.path = path
-        self._cm = None
+    def __init__(self, lock):
+        self.lock = lock
+        self._held = False
 
     def acquire(self):
-        self._cm = _file_lock(self.path)
-        self._cm.__enter__()
+        self.lock.acquire()
+        self._held = True
 
     def release(self):
-        if self._cm is not None:
-            cm, self._cm = self._cm, None
-            cm.__exit__(None, None, None)
+        if self._held:
+            self._held = False
+            self.lock.release()
 
 
 def _sampler(seed: int, number: int, n_startup: int):
@@ -401,36 +543,41 @@ def _pruner(kind: str | None, epochs: int):
 
 
 # Fields that change where and how fast a run computes, not what: workers may differ in them.
-_EXECUTION = ("device", "threads", "progress", "eval_batch_size", "cpu_kernels", "lazy")
+EXECUTION_FIELDS = ("device", "threads", "progress", "eval_batch_size", "cpu_kernels", "lazy")
 
 
 def _base_record(cfg: Config) -> dict:
-    return {k: v for k, v in cfg.to_dict().items() if k not in _EXECUTION}
+    return {k: v for k, v in cfg.to_dict().items() if k not in EXECUTION_FIELDS}
 
 
 def open_study(base: Config, study: str, folder: Path, storage=None, space: dict | None = None, fixed: dict | None = None,
                pruner: str | None = None, heartbeat: float = HEARTBEAT_S, create: bool = True):
-    """Create or load the study ``study``. A new one records the base config, the space and the
-    pruner; a later worker must bring the same, so that workers never mix two searches."""
+    """Create or load the study ``study``. A new one records the base config, the space, the
+    pruner and the heartbeat; a later worker must bring the same, so that workers never mix two
+    searches, and none fails another's live trial for a heartbeat it was never going to send.
+    Creating the study, recording these and queueing the default trial happen once, under the
+    study's lock (:func:`study_lock`)."""
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     folder.mkdir(parents=True, exist_ok=True)
-    with _file_lock(folder / ".gate.lock"):  # two workers creating one SQLite schema at once would collide
+    lock = study_lock(storage_url(folder, storage), study, folder)
+    with _held(lock):  # two workers creating one SQLite schema at once would collide
         store = make_storage(folder, storage, heartbeat)
     record = {
         "base_config": _base_record(base),
         "space": {k: v.to_dict() for k, v in sorted((space or {}).items())},
         "fixed": fixed or {},
         "pruner": pruner or "none",
+        "heartbeat": max(1, int(round(heartbeat))),
     }
     if not create:
         try:
             st = optuna.load_study(study_name=study, storage=store)
         except KeyError:
-            raise MsktError(f"study {study!r} does not exist in {storage or folder / 'study.db'}; run mskt tune first") from None
+            raise MsktError(f"study {study!r} does not exist in {redacted(storage) if storage else folder / 'study.db'}; run mskt tune first") from None
         return st, store
-    with _file_lock(folder / ".gate.lock"):
+    with _held(lock):
         st = optuna.create_study(study_name=study, storage=store, direction="minimize", load_if_exists=True,
                                  sampler=_sampler(base.seed, 0, 10), pruner=_pruner(pruner, base.epochs))
         attrs = st.user_attrs
@@ -446,8 +593,13 @@ def open_study(base: Config, study: str, folder: Path, storage=None, space: dict
 
 
 def _check_same(study: str, stored: dict, mine: dict) -> None:
-    for part in ("base_config", "space", "fixed", "pruner"):
+    for part in ("base_config", "space", "fixed", "pruner", "heartbeat"):
+        if part not in stored:  # a study from before mskt recorded it
+            continue
         a, b = stored.get(part), json.loads(json.dumps(mine[part]))
+        if a != b and part == "heartbeat":
+            raise MsktError(f"study {study!r} runs with --heartbeat {a} (set by the worker that started it), this command with {b}: "
+                            f"a shorter one would fail the other workers' live trials; use --heartbeat {a}")
         if a != b:
             if isinstance(a, dict) and isinstance(b, dict):
                 diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
@@ -569,17 +721,20 @@ def tune(base: Config, trials: int, study: str | None = None, storage: str | Non
     check_space(space, base)
     study = study or default_study_name(base)
     folder = study_folder(study, root)
+    log.info("study %s: storage %s", study, redacted(storage_url(folder, storage)))
     st, store = open_study(base, study, folder, storage, space, fixed, pruner, heartbeat)
     journal = not _uses_optuna_heartbeat(store)
     grace = GRACE_FACTOR * max(1, int(round(heartbeat)))
     if dataset is None:
         dataset = load_dataset(base.data, scale=base.data_scale, seed=base.data_seed, lazy=base.lazy)
     n_startup = min(10, max(3, trials // 3))
-    gate = _Gate(folder / ".gate.lock")
+    gate = _Gate(study_lock(storage_url(folder, storage), study, folder))
+    running = {}  # the trial this worker runs now, and what its objective raised
     deadline = time.monotonic() + timeout if timeout else None
 
     def objective(trial):
         gate.release()  # the trial exists: other workers may count and ask now
+        running["trial"] = trial
         params = suggest(trial, space)
         cfg = base.replace(**params)
         run_dir = folder / f"trial-{trial.number:04d}"
@@ -593,7 +748,12 @@ def tune(base: Config, trials: int, study: str | None = None, storage: str | Non
             log.info("trial %d retries trial %d from its last completed epoch", trial.number, history[-1])
 
         def on_epoch(epoch, row):
-            trial.report(row["valid_loss"], epoch)
+            try:
+                trial.report(row["valid_loss"], epoch)
+            except optuna.exceptions.UpdateFinishedTrialError:
+                # Another worker failed this trial as stale: stop it. Raised as a prune, Optuna logs one
+                # line for it rather than a traceback; the loop below says what happened.
+                raise optuna.TrialPruned("another worker failed this trial as stale while it ran here") from None
             if trial.should_prune():
                 _write_json(run_dir / "pruned.json", {"pruned": True, "trial": trial.number, "epoch": epoch, "of": cfg.epochs,
                                                       "valid_loss": row["valid_loss"], "pruner": pruner, "study": study})
@@ -604,6 +764,13 @@ def tune(base: Config, trials: int, study: str | None = None, storage: str | Non
             result = train(cfg, out_dir=run_dir, dataset=dataset, resume=resume, on_epoch=on_epoch)
         # The value is validation only: the selection score of the selected epoch.
         return selection_score(result.metrics["valid"], cfg.task, cfg.select_on)
+
+    def watched(trial):
+        try:
+            return objective(trial)
+        except BaseException as e:
+            running["raised"] = e  # the objective's own error: never mistaken for Optuna's below
+            raise
 
     callbacks = [lambda s, t: on_trial(t)] if on_trial else []
     while deadline is None or time.monotonic() < deadline:
@@ -630,7 +797,19 @@ def tune(base: Config, trials: int, study: str | None = None, storage: str | Non
                 continue
             st.sampler = _sampler(base.seed, len(st.get_trials(deepcopy=False)), n_startup)
             # An expected failure (a diverging loss at a large lr) fails that trial, not the worker.
-            st.optimize(objective, n_trials=1, callbacks=callbacks, catch=(MsktError,), gc_after_trial=False)
+            running.clear()
+            try:
+                st.optimize(watched, n_trials=1, callbacks=callbacks, catch=(MsktError,), gc_after_trial=False)
+            except (optuna.exceptions.UpdateFinishedTrialError, ValueError, AssertionError) as e:
+                # Another worker failed this trial as stale while it ran (this process stalled for
+                # longer than the grace period): its retry runs the same parameters, so go on. Optuna
+                # raises ValueError ("Cannot tell a FAIL trial"), or, when the objective had returned,
+                # an AssertionError of its own ("Should not reach").
+                trial = running.get("trial")
+                if e is running.get("raised") or trial is None or st._storage.get_trial(trial._trial_id).state != TrialState.FAIL:
+                    raise
+                log.warning("trial %d was failed by another worker while it ran here (no heartbeat for %d s); its retry runs it again",
+                            trial.number, grace)
         finally:
             gate.release()
     return st
@@ -672,21 +851,28 @@ def finalize_seeds(search_seed: int, seeds: int) -> list[int]:
     return [search_seed + 1 + i for i in range(seeds)]
 
 
-def finalize(study: str, seeds: int = 3, storage: str | None = None, root=None, jobs: int = 1, dataset=None) -> dict:
+def finalize(study: str, seeds: int = 3, storage: str | None = None, root=None, jobs: int = 1, dataset=None,
+             execution: dict | None = None) -> dict:
     """Retrain the study's best configuration and its untuned default (its base config) over
     ``seeds`` seeds each, disjoint from the search's seed (:func:`finalize_seeds`); writes
-    ``finalize/`` (runs.csv, results.csv, results.md) in the study folder. Returns {"runs", "table",
-    "markdown", "best", "trial", "changed", "dir", "seeds"}."""
+    ``finalize/`` (runs.csv, results.csv, results.md) in the study folder. ``execution`` sets
+    fields that change where and how fast the runs compute, not what (``threads``, ``device``, ...).
+    Returns {"runs", "table", "markdown", "best", "trial", "changed", "dir", "seeds"}."""
     from mskt.data.readers import load_dataset
-    from mskt.experiments.grid import run_configs, summarize, to_markdown
+    from mskt.experiments.grid import run_configs, run_folder, summarize, to_markdown
     from mskt.paths import atomic_write_text
 
     if seeds < 1:
         raise MsktError(f"--seeds must be at least 1, found {seeds}")
+    not_execution = sorted(set(execution or {}) - set(EXECUTION_FIELDS))
+    if not_execution:
+        raise MsktError(f"--finalize retrains the study's own config; it takes only {', '.join(EXECUTION_FIELDS)}, found {not_execution}")
     folder = study_folder(study, root)
+    log.info("study %s: storage %s", study, redacted(storage_url(folder, storage)))
     st = load_study(study, root, storage)
     best, trial = best_configuration(st)
-    default = study_config(st).replace(**st.user_attrs["mskt"].get("fixed", {}))
+    best = best.replace(**(execution or {}))
+    default = study_config(st).replace(**{**st.user_attrs["mskt"].get("fixed", {}), **(execution or {})})
     if dataset is None:
         dataset = load_dataset(default.data, scale=default.data_scale, seed=default.data_seed, lazy=default.lazy)
     variant = default.variant
@@ -698,7 +884,7 @@ def finalize(study: str, seeds: int = 3, storage: str | None = None, root=None, 
     assert sorted(set(runs["seed"])) == seed_list and default.seed not in seed_list
     valid = []
     for _, row in runs.iterrows():
-        metrics = json.loads((out / f"{row['label']}-seed{row['seed']}" / "metrics.json").read_text())
+        metrics = json.loads((run_folder(out, row["label"], row["seed"]) / "metrics.json").read_text())
         valid.append(metrics["valid"]["loss"])
     runs["valid_loss"] = valid
     atomic_write_text(out / "runs.csv", runs.to_csv(index=False))
