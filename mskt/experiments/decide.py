@@ -10,7 +10,9 @@ Three parts, each a folder of runs (``run``) and a table of paired comparisons (
   ``+drop`` configs train under kt_any's own missing protocol. Each run is then swept under the six
   conditions and random per-sample missing rates 0-0.7 (``robustness.sweep``).
 - ``controls``: kt against language_vision in the positive and negative control worlds at 5%, 20%
-  and 100% of the labels, with as many optimizer steps at every label fraction.
+  and 100% of the labels. Every run stops by patience, whatever its labels; ``steps_like_full_labels``
+  only acts on a run that reaches the epoch cap (it would then go on to the steps a run with every
+  label takes), and each run records its optimizer steps.
 - ``paper-size``: the headline pairs (full, language_vision, kt) again with the paper's model and
   optimiser (``Config``'s defaults: d_model 40, 5 heads, the paper's depths, lr 1e-3), to see whether
   the small model's decisions hold at the size the paper trains.
