@@ -51,6 +51,7 @@ class Config(ModelConfig):
     # with label_fraction < 1, min_steps becomes what the same run with every label takes
     # (epochs x batches per epoch), so fewer labels never mean fewer optimizer steps.
     patience: int = 0
+    min_epochs: int = 0  # patience may end a run only after this many epochs (a slow start looks like a plateau; 0: from the first)
     max_steps: int = 0
     min_steps: int = 0
     steps_like_full_labels: bool = False
@@ -96,6 +97,9 @@ class Config(ModelConfig):
                 raise ConfigError(f"device={self.device!r} is not a device; use auto, cpu, cuda or cuda:N") from None
         self._check_train_missing()
         self._check_select_missing()
+        if self.min_epochs > self.epochs:
+            raise ConfigError(f"min_epochs={self.min_epochs} exceeds epochs={self.epochs}; patience may stop a run only after "
+                              "min_epochs, so it must be at most epochs")
         if self.max_steps and self.min_steps > self.max_steps:
             raise ConfigError(f"min_steps={self.min_steps} exceeds max_steps={self.max_steps}; min_steps must be at most max_steps (0: no limit)")
         if variant_class(self.variant).uses_teacher(self) and not self.teacher_run:
@@ -223,6 +227,7 @@ RANGES = {
     "threads": ((0, "["), (1024, "]"), " (0: torch's default)"),
     "train_missing_rate": ((0.0, "["), (1.0, "]"), " (below 1 for train_missing sample and step)"),
     "patience": ((0, "["), None, " (epochs without improvement; 0: off)"),
+    "min_epochs": ((0, "["), None, " (patience may stop a run only after this many epochs; 0: from the first)"),
     "max_steps": ((0, "["), None, " (0: no limit)"),
     "min_steps": ((0, "["), None, " (0: none)"),
 }

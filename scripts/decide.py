@@ -8,7 +8,7 @@ killed measurement resumes), so seeds can be added after a power calculation
                 conditions (select_missing="conditions"), swept under those conditions and random
                 missing rates 0-0.7
     controls    kt against language_vision in both control worlds at 5%, 20% and 100% of the labels,
-                with as many optimizer steps at every label fraction
+                each stopped by patience like every other run
 
     PYTHONPATH=. OMP_NUM_THREADS=1 python scripts/decide.py runs/decide headline,robustness,controls --seeds 8 --jobs 2
 

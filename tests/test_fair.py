@@ -216,6 +216,11 @@ def test_patience_stops_a_run_and_it_is_off_by_default(tiny_mosi, tmp_path):
     # the same run up to where it stopped: patience changes when it ends, nothing before
     n = m["epochs_run"]
     assert list(early.history["valid_loss"]) == list(plain.history["valid_loss"][:n])
+    # min_epochs: patience may end the run only from that epoch on; before it, a plateau goes on
+    later = train(cfg.replace(patience=2, min_epochs=n + 1), dataset=tiny_mosi, save=False).metrics
+    assert later["epochs_run"] >= n + 1 and later["stopped_by"] in ("patience", "epochs")
+    with pytest.raises(ConfigError, match="min_epochs=13 exceeds epochs=12"):
+        cfg.replace(patience=2, min_epochs=13)
 
 
 def test_max_steps_ends_a_run_mid_epoch(tiny_mosi):

@@ -258,7 +258,7 @@ def train(
     if state is not None:  # a run that had already stopped early stays stopped when resumed
         if cfg.max_steps and step.counts["taken"] >= cfg.max_steps:
             stopped_by, first_epoch = "max_steps", math.inf
-        elif cfg.patience and state["epoch"] - best["epoch"] >= cfg.patience:
+        elif _patience_ends(cfg, state["epoch"], best["epoch"]):
             stopped_by, first_epoch = "patience", math.inf
 
     started = time.perf_counter()
@@ -312,7 +312,7 @@ def train(
         if stopped_by == "max_steps":
             log.info("stopped in epoch %d: max_steps=%d optimizer steps taken", epoch, cfg.max_steps)
             break
-        if cfg.patience and epoch - best["epoch"] >= cfg.patience:
+        if _patience_ends(cfg, epoch, best["epoch"]):
             log.info("stopped after epoch %d: no better validation score for %d epochs (patience)", epoch, cfg.patience)
             stopped_by = "patience"
             break
@@ -356,6 +356,12 @@ def convergence(history: list, best_epoch: int, stopped_by: str, patience: int =
     last = history[-1]["epoch"] if history else 0
     window = patience or CONVERGED_WINDOW
     return {"converged": bool(stopped_by == "patience" or last - best_epoch >= window), "stopped_by": stopped_by, "epochs_run": last}
+
+
+def _patience_ends(cfg: Config, epoch: int, best_epoch: int) -> bool:
+    """Whether patience ends the run after ``epoch``: ``cfg.patience`` epochs without a better
+    validation score, once ``cfg.min_epochs`` epochs have run."""
+    return bool(cfg.patience) and epoch >= cfg.min_epochs and epoch - best_epoch >= cfg.patience
 
 
 def _min_steps(cfg: Config, n_train: int) -> int:

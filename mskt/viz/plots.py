@@ -723,7 +723,7 @@ def plot_comparisons(table, cells=(), metrics=None, title: str | None = None):
             ax.errorbar(sign * r["delta"], i, xerr=[[sign * r["delta"] - lo], [hi - sign * r["delta"]]], fmt="o", ms=3.5, capsize=2,
                         color="C0" if decided else "0.45", mfc="C0" if decided else "white")
         ax.axvline(0, color="0.3", lw=0.8, ls="--")
-        ax.set_xlabel(f"{label.rsplit(' ', 1)[0]}: {'A − B' if sign > 0 else 'B − A'} (→ A better)")
+        ax.set_xlabel(f"{label.rsplit(' ', 1)[0]}\n{'A − B' if sign > 0 else 'B − A'} (→ A better)")
         ax.xaxis.set_major_locator(MaxNLocator(5))
         ax.set_yticks(y, names)
         ax.set_ylim(len(keys) - 0.5, -0.5)
