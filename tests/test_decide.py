@@ -87,6 +87,8 @@ def test_seeds_for_matches_the_power_calculation():
     assert row["sd"] == pytest.approx(sd) and row["mde"] == pytest.approx(stats.mde(sd, 8))
     assert row["seeds_needed"] == stats.seeds_needed(0.03, sd)
     assert (row["mde"] <= 0.03) == (row["seeds_needed"] <= 8)
+    one_seed = runs[runs["seed"] == 0]  # a cell still running: nothing to size, no error
+    assert decide.seeds_for(one_seed, [("A", "B")], {"mae": 0.03}).empty
 
 
 def test_report_reads_every_part_that_has_runs(tmp_path):

@@ -212,6 +212,8 @@ def seeds_for(runs: pd.DataFrame, pairs, targets: dict, metrics=None) -> pd.Data
             x = runs[runs["label"] == a].set_index("seed")[m]
             y = runs[runs["label"] == b].set_index("seed")[m]
             d = (x - y).dropna().to_numpy()
+            if len(d) < 2:  # a cell still running: nothing to size yet
+                continue
             sd = float(np.std(d, ddof=1))
             rows.append({"A": a, "B": b, "metric": m, "seeds": len(d), "sd": sd, "mde": stats.mde(sd, len(d)),
                          "target": target, "seeds_needed": stats.seeds_needed(target, sd)})
