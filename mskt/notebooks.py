@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
+from mskt.console import PROGRESS_ENV
 from mskt.errors import MsktError
 from mskt.paths import atomic_write_text, project_root, runs_dir
 from mskt.viz.plots import STAGING_ENV, STAGING_MANIFEST
@@ -383,7 +384,10 @@ def _run_each(pm, paths, defaults_by_path, shared, out_dir, summary, write_summa
         figures = []
         interrupted = False
         try:
-            with _environ(STAGING_ENV, str(stage)):
+            # No bars: an executed notebook keeps no widget state and no progress output. Plain
+            # papermill gets none either (mskt.console: nbclient's requests allow no stdin); the
+            # runner says it too, so a kernel on any client, and a run's worker processes, agree.
+            with _environ(STAGING_ENV, str(stage)), _environ(PROGRESS_ENV, "off"):
                 pm.execute_notebook(
                     str(path), str(output), parameters=given, cwd=str(path.parent), progress_bar=False,
                     kernel_name="python3", log_output=False, config=kernel_config,

@@ -70,6 +70,29 @@ def test_each_notebook_writes_its_figures(smoke_run, notebook):
         assert b"/Subtype /Type3" not in data, f"{name}.pdf has Type 3 fonts"
 
 
+def test_executed_notebooks_hold_no_progress_output_no_widget_state_and_notes_as_plain_lines(smoke_run):
+    """Nobody watches a runner's kernels (mskt.console): no tqdm bar, no widget, no live curve; the
+    expected notes (non-finite values replaced by 0: the synthetic audio has -inf) are stdout lines."""
+    _, results, _, _ = smoke_run
+    notes = 0
+    for r in results:
+        nb = json.loads(r.output.read_text())
+        assert "widgets" not in nb["metadata"], r.notebook
+        for cell in nb["cells"]:
+            for o in cell.get("outputs", []):
+                assert "application/vnd.jupyter.widget-view+json" not in o.get("data", {}), (r.notebook, o)
+                assert "transient" not in o and "display_id" not in o.get("metadata", {}), (r.notebook, o)  # no live curve
+                text = "".join(o.get("text", ""))
+                assert not any(bar in text for bar in ("%|", "it/s]", "epoch/s]", "run/s]")), (r.notebook, text)
+                if "replaced non-finite feature values" in text:
+                    assert o["name"] == "stdout", (r.notebook, text)
+                    notes += 1
+    assert notes >= len(results) - 1, "the data's note should show as a plain line in the notebooks that load data"
+    history = [json.loads(r.output.read_text()) for r in results if r.notebook == "02_training.ipynb"][0]
+    images = [o for c in history["cells"] for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
+    assert len(images) == 1, "02 shows the final history figure once, and no live curve"
+
+
 def test_smoke_runs_write_only_into_their_own_folder(smoke_run):
     out, _, before, after = smoke_run
     assert (out / "figures").is_dir() and (out / "kt-run" / "metrics.json").is_file()

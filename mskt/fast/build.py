@@ -30,6 +30,8 @@ import os
 import platform
 from pathlib import Path
 
+from mskt.console import note
+
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).parent / "csrc" / "cpu_kernels.cpp"
@@ -103,7 +105,8 @@ def compiled_kernels():
 
         build_dir.mkdir(parents=True, exist_ok=True)
         if not library.exists():
-            log.warning("building mskt's compiled CPU kernels (%s build) into %s (once per machine, about a minute)", kernel_arch(), build_dir)
+            # Expected, and nothing to do: a note, not a warning (a notebook shows it as a plain line).
+            note(log, "building mskt's compiled CPU kernels (%s build) into %s (once per machine, about a minute)", kernel_arch(), build_dir)
         module = load(name, [str(SOURCE)], extra_cflags=cflags(), extra_ldflags=["-fopenmp"], build_directory=str(build_dir),
                       verbose=os.environ.get("MSKT_VERBOSE_BUILD") == "1")
     except Exception as e:  # noqa: BLE001 -- no compiler, no ninja, a failed build: torch's operations compute the same

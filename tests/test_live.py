@@ -1,0 +1,140 @@
+"""Progress where a person watches, none where nobody does; a live training curve; notes as plain lines.
+
+The rule (mskt.console): $MSKT_PROGRESS decides when set; in a Jupyter kernel, a frontend that takes
+input (JupyterLab) watches and nbclient (papermill) does not; elsewhere a terminal without $CI.
+tests/test_browser.py sees the bars and the live curve in JupyterLab itself; here the parts.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+
+from mskt import console
+from mskt.train import train
+
+try:
+    from conftest import tiny_run_config
+except ImportError:  # tests/ imported as a package
+    from tests.conftest import tiny_run_config
+
+
+class FakeKernel:
+    def __init__(self, allow_stdin: bool):
+        self.request = {"header": {"msg_type": "execute_request"}, "content": {"code": "", "allow_stdin": allow_stdin}}
+
+    def get_parent(self, channel=None):
+        return self.request
+
+
+@pytest.mark.parametrize("env, kernel, tty, ci, expected", [
+    ("off", FakeKernel(True), True, "", False),   # the runner says it: no bars, even for a person's frontend
+    ("on", None, False, "1", True),
+    ("", FakeKernel(True), False, "1", True),     # JupyterLab: bars, also on a CI machine (the browser test)
+    ("", FakeKernel(False), True, "", False),     # nbclient (papermill, nbconvert --execute)
+    ("", None, True, "", True),                   # a terminal
+    ("", None, True, "1", False),                 # ... under CI
+    ("", None, False, "", False),                 # a pipe, a log file
+])
+def test_who_watches(monkeypatch, env, kernel, tty, ci, expected):
+    monkeypatch.setenv(console.PROGRESS_ENV, env)
+    monkeypatch.setattr(console, "jupyter_kernel", lambda: kernel)
+    monkeypatch.setattr(console.sys.stderr, "isatty", lambda: tty, raising=False)
+    monkeypatch.setenv("CI", ci)
+    assert console.watched() is expected
+    assert console.progress_enabled("auto") is expected
+    assert console.progress_enabled("on") and not console.progress_enabled("off")  # a config's explicit setting wins
+
+
+def test_a_kernel_without_get_parent_falls_back_to_its_stdin_flag():
+    class Old:
+        _allow_stdin = True
+
+    assert console.frontend_takes_input(Old()) and not console.frontend_takes_input(object())
+
+
+def test_bars_show_only_where_enabled_and_inner_bars_go_inside_an_outer_one(capsys):
+    list(console.progress_bar(range(3), desc="quiet", setting="off"))
+    assert capsys.readouterr().err == ""
+    with console.outer_progress(2, desc="outer", setting="on") as outer:
+        inner = console.progress_bar(range(2), desc="inner", setting="on")
+        assert not inner.leave  # it goes away when done: one bar per grid, not one per run
+        list(inner)
+        with console.outer_progress(5, desc="nested outer", setting="on") as nested:
+            assert nested.disable  # a sweep's grids: only the outermost bar shows
+        outer.update(2)
+    err = capsys.readouterr().err
+    assert "outer: 100%" in err and "2/2" in err and "nested outer" not in err
+    assert console.progress_bar(range(1), desc="top", setting="on").leave
+
+
+def test_a_watched_run_shows_its_epochs_and_a_live_curve(tiny_mosi, capsys, monkeypatch):
+    """progress "on" (what auto gives in JupyterLab): a bar over the epochs with the last train and
+    validation loss; the live curve displays once and then updates that one output per epoch."""
+    import IPython.display
+
+    from mskt.viz.live import LiveHistory, live_history
+
+    shown = []
+
+    class Handle:
+        def update(self, obj):
+            shown.append(("update", obj.data))
+
+    def display(obj, display_id=False):
+        assert display_id is True
+        shown.append(("display", obj.data))
+        return Handle()
+
+    monkeypatch.setattr(IPython.display, "display", display)
+    assert live_history("off") is None
+    live = live_history("on")
+    assert isinstance(live, LiveHistory)
+    result = train(tiny_run_config(variant="kt", epochs=2, progress="on"), save=False, dataset=tiny_mosi, on_epoch=live)
+    err = capsys.readouterr().err
+    assert "kt: 100%" in err and "2/2" in err and "train=" in err and f"valid={result.history['valid_loss'].iloc[-1]:.4f}" in err
+    assert [kind for kind, _ in shown] == ["display", "update"]
+    assert shown[0][1].startswith(b"\x89PNG") and shown[0][1] != shown[1][1]  # the figure changed: epoch 2 was drawn
+    assert sorted(live.rows) == [1, 2]
+    resumed = LiveHistory(result.history)  # a resumed run starts from the epochs it keeps; a redone epoch replaces its row
+    resumed(2, result.history.iloc[1].to_dict())
+    assert sorted(resumed.rows) == [1, 2] and resumed.draws == 1
+
+
+def test_a_note_is_info_in_the_log_and_one_plain_line_in_a_kernel(monkeypatch, caplog, capsys):
+    logger = logging.getLogger("mskt.test_live")
+    monkeypatch.setattr(console, "jupyter_kernel", lambda: None)
+    with caplog.at_level(logging.INFO, logger="mskt"):
+        console.note(logger, "%s: replaced %d values", "file.pkl", 3)
+    assert [(r.levelno, r.getMessage()) for r in caplog.records] == [(logging.INFO, "file.pkl: replaced 3 values")]
+    assert capsys.readouterr().out == ""  # outside a kernel the log is the one place
+    caplog.clear()
+    monkeypatch.setattr(console, "jupyter_kernel", lambda: FakeKernel(True))
+    with caplog.at_level(logging.WARNING, logger="mskt"):  # the notebooks configure WARNING
+        console.note(logger, "%s: replaced %d values", "file.pkl", 3)
+    assert capsys.readouterr().out == "file.pkl: replaced 3 values\n"
+
+
+@pytest.mark.slow
+def test_plain_papermill_shows_no_bars_and_notes_are_plain_lines(tmp_path, monkeypatch):
+    """A real kernel under papermill, without the runner's $MSKT_PROGRESS: nobody watches, and a
+    note is one stdout line, not a stderr box."""
+    pm = pytest.importorskip("papermill")
+    nbformat = pytest.importorskip("nbformat")
+    monkeypatch.delenv(console.PROGRESS_ENV, raising=False)
+    monkeypatch.delenv("CI", raising=False)
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_code_cell(
+        "import logging\n"
+        "logging.basicConfig(level=logging.WARNING, format='%(message)s')\n"
+        "from mskt.console import jupyter_kernel, note, watched\n"
+        "print(jupyter_kernel() is not None, watched())\n"
+        "note(logging.getLogger('mskt'), 'a note')")]
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    source, out = tmp_path / "probe.ipynb", tmp_path / "probe.out.ipynb"
+    nbformat.write(nb, source)
+    pm.execute_notebook(str(source), str(out), kernel_name="python3", progress_bar=False, log_output=False, cwd=str(tmp_path))
+    outputs = json.loads(out.read_text())["cells"][0]["outputs"]
+    assert [(o["output_type"], o.get("name"), "".join(o.get("text", ""))) for o in outputs] == [("stream", "stdout", "True False\na note\n")]
