@@ -18,6 +18,10 @@ the run is interrupted, its staged figures are never moved: they are kept, for d
 folder holds only figures of notebooks that succeeded (in this run or an earlier one). Figures
 written by other means than save_figure are not covered.
 
+**Nobody watches a runner's kernels**: the runner sets ``$MSKT_PROGRESS=off`` for them, so no
+progress bar, widget state or live curve goes into an executed notebook (plain papermill gets none
+either: see :mod:`mskt.console`), and expected notes are plain stdout lines.
+
 Every run folder gets a ``summary.json`` (rewritten atomically after each notebook): the run's
 status (``running``, ``ok``, ``failed``, ``interrupted``) and, per notebook, its status, seconds,
 error (the failing cell, as ``In [N]`` of the executed copy, with its first source line), executed

@@ -138,3 +138,40 @@ def test_plain_papermill_shows_no_bars_and_notes_are_plain_lines(tmp_path, monke
     pm.execute_notebook(str(source), str(out), kernel_name="python3", progress_bar=False, log_output=False, cwd=str(tmp_path))
     outputs = json.loads(out.read_text())["cells"][0]["outputs"]
     assert [(o["output_type"], o.get("name"), "".join(o.get("text", ""))) for o in outputs] == [("stream", "stdout", "True False\na note\n")]
+
+
+def _fake_run(cfg, run_dir, dataset=None) -> dict:
+    return {"best_epoch": 1, "seconds": 0.0, "test": {"mae": 1.0}}
+
+
+@pytest.mark.parametrize("progress", ["on", "off"])
+def test_a_grid_and_a_sweep_count_their_runs_in_one_bar(tmp_path, monkeypatch, capsys, progress):
+    """The runs themselves are stubbed: only the bars are under test."""
+    from mskt.experiments import grid, label_efficiency
+
+    monkeypatch.setattr(grid, "_run_one", _fake_run)
+    monkeypatch.setattr(grid, "load_dataset", lambda *a, **k: None)
+    base = tiny_run_config(progress=progress, data="synthetic:mosi")
+    grid.run_configs(base, {"a": {}, "b": {}}, seeds=2, out_dir=tmp_path / "grid")
+    err = capsys.readouterr().err
+    assert ("runs of grid: 100%" in err and "4/4" in err and "b seed 8: best epoch 1" in err) is (progress == "on"), err
+    assert progress == "on" or err == ""
+    label_efficiency.sweep(base, fractions=(0.5, 1.0), values=(0.0, 1.0), variants=("language_vision",), seeds=1, out_dir=tmp_path / "sweep")
+    err = capsys.readouterr().err
+    assert ("sweep runs: 100%" in err and "4/4" in err) is (progress == "on"), err
+    assert "runs of audio_shared" not in err  # its grids show no bar of their own inside the sweep's
+
+
+def test_a_study_counts_its_trials(tmp_path, monkeypatch, capsys):
+    import types
+
+    import mskt.train
+    from mskt.experiments.tune import tune
+
+    def fake_train(cfg, out_dir=None, dataset=None, resume=False, on_epoch=None):
+        return types.SimpleNamespace(metrics={"valid": {"loss": cfg.lr}})
+
+    monkeypatch.setattr(mskt.train, "train", fake_train)
+    tune(tiny_run_config(progress="on", data="synthetic:mosi"), trials=2, study="bar", root=tmp_path, dataset=object())
+    err = capsys.readouterr().err
+    assert "trials of bar: 100%" in err and "2/2" in err and "best " in err, err

@@ -320,7 +320,9 @@ def train(
             if save:
                 atomic_write_text(run_dir / "history.csv", pd.DataFrame(history).to_csv(index=False))
                 atomic_torch_save(_training_state(model, optimizer, scheduler, generator, epoch, history, best, drop_generator, step.counts), run_dir / "last.pt")
-            epochs.set_postfix(train=f"{row['train_total']:.4f}", valid=f"{valid['loss']:.4f}", best=best["epoch"], refresh=False)
+            # The task loss on both sides (the training total adds the consistency terms), then the selected epoch.
+            train_loss = row.get("train_task", row["train_total"])
+            epochs.set_postfix({"train": f"{train_loss:.4f}", "valid": f"{valid['loss']:.4f}", "best": best["epoch"]}, refresh=False)
             if on_epoch is not None and on_epoch(epoch, dict(row)):
                 log.info("stopped after epoch %d of %d (on_epoch)", epoch, cfg.epochs)
                 stopped_by = "on_epoch"
