@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import logging
+import time
+from pathlib import Path
 
 import pytest
 
@@ -175,3 +177,51 @@ def test_a_study_counts_its_trials(tmp_path, monkeypatch, capsys):
     tune(tiny_run_config(progress="on", data="synthetic:mosi"), trials=2, study="bar", root=tmp_path, dataset=object())
     err = capsys.readouterr().err
     assert "trials of bar: 100%" in err and "2/2" in err and "best " in err, err
+
+
+@pytest.mark.slow
+def test_the_stop_button_ends_a_run_in_one_line_and_leaves_it_resumable(tmp_path):
+    """A real kernel interrupted while it trains (JupyterLab's stop button is this interrupt): the
+    cell's error is the one line that resumes the run, and the run folder keeps its epochs."""
+    jupyter_client = pytest.importorskip("jupyter_client")
+    from mskt.train import load_checkpoint
+
+    run = tmp_path / "run"
+    code = (
+        "import sys, time\n"
+        "sys.path.insert(0, %r)\n"
+        "from conftest import tiny_run_config\n"
+        "from mskt.data.synthetic import make_synthetic\n"
+        "from mskt.train import train\n"
+        "data = make_synthetic('mosi', aligned=True, scale=0.01, seed=0)\n"
+        "def slow(epoch, row):\n"
+        "    print('epoch', epoch, flush=True)\n"
+        "    time.sleep(0.5)\n"
+        "train(tiny_run_config(epochs=100), out_dir=%r, dataset=data, on_epoch=slow)\n"
+    ) % (str(Path(__file__).parent), str(run))
+    km, kc = jupyter_client.manager.start_new_kernel(kernel_name="python3")
+    try:
+        msg_id = kc.execute(code)
+        error, interrupted = None, False
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            msg = kc.get_iopub_msg(timeout=60)
+            if msg["parent_header"].get("msg_id") != msg_id:
+                continue
+            kind, content = msg["msg_type"], msg["content"]
+            if kind == "stream" and "epoch 2" in content["text"] and not interrupted:
+                km.interrupt_kernel()  # what the stop button asks the server to do
+                interrupted = True
+            elif kind == "error":
+                error = content
+            elif kind == "status" and content["execution_state"] == "idle":
+                break
+    finally:
+        kc.stop_channels()
+        km.shutdown_kernel(now=True)
+    assert interrupted and error is not None, "the run was not interrupted"
+    assert error["ename"] == "RunInterrupted" and len(error["traceback"]) == 1, error
+    (line,) = error["traceback"]
+    done = load_checkpoint(run / "last.pt")["epoch"]
+    assert done >= 2 and not (run / "metrics.json").exists()
+    assert line.startswith(f"interrupted after epoch {done} of 100; {run} keeps epochs 1-{done} (last.pt): resume with "), line

@@ -279,6 +279,7 @@ def train(
     started = time.perf_counter()
     epochs = progress_bar(_epochs(first_epoch, cfg, step.counts, min_steps), desc=cfg.variant, unit="epoch",
                           setting=cfg.progress if dist.is_main else "off", total=max(cfg.epochs - first_epoch + 1, 0))
+    kept = state["epoch"] if state is not None else 0  # the last epoch in last.pt: what a resume continues from
     try:
         for epoch in epochs:
             model.train()
@@ -320,6 +321,7 @@ def train(
             if save:
                 atomic_write_text(run_dir / "history.csv", pd.DataFrame(history).to_csv(index=False))
                 atomic_torch_save(_training_state(model, optimizer, scheduler, generator, epoch, history, best, drop_generator, step.counts), run_dir / "last.pt")
+                kept = epoch
             # The task loss on both sides (the training total adds the consistency terms), then the selected epoch.
             train_loss = row.get("train_task", row["train_total"])
             epochs.set_postfix({"train": f"{train_loss:.4f}", "valid": f"{valid['loss']:.4f}", "best": best["epoch"]}, refresh=False)
@@ -337,8 +339,7 @@ def train(
     except KeyboardInterrupt:
         # Every completed epoch is in the run folder (last.pt is written atomically after each one),
         # so the interrupted epoch is the only thing lost; say how to get it back, in one line.
-        done = history[-1]["epoch"] if history else 0
-        raise RunInterrupted(interrupted_message(run_dir if save else None, done, cfg.epochs)) from None
+        raise RunInterrupted(interrupted_message(run_dir if save else None, kept if save else len(history), cfg.epochs)) from None
     finally:
         epochs.close()
 
