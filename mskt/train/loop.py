@@ -193,6 +193,7 @@ def train(
     over the whole split, and only rank 0 writes the run folder.
     """
     import pandas as pd
+
     from mskt.train.distributed import Dist, set_step_keys, weighted_share
     from mskt.paths import runs_dir
     from mskt.data.readers import load_dataset
