@@ -457,8 +457,8 @@ def main(argv=None) -> int:
     except MsktError as e:
         print(f"mskt: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("mskt: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as e:  # a training run's says how to resume it (mskt.train.RunInterrupted)
+        print(f"mskt: {e}" if str(e) else "mskt: interrupted", file=sys.stderr)
         return 130
 
 

@@ -67,7 +67,7 @@ class Config(ModelConfig):
     device: str = "auto"  # "auto" (CUDA if present, else CPU), "cpu", "cuda", "cuda:1", ...
     eval_batch_size: int = 256
     threads: int = 0  # torch intra-op threads; 0 keeps torch's default
-    progress: str = "auto"  # tqdm bars: "auto" (only on an interactive terminal, never under CI), "on", "off"
+    progress: str = "auto"  # tqdm bars: "auto" (where a person watches: JupyterLab, a terminal; never papermill or CI: mskt.console), "on", "off"
     precision: str = "fp32"  # "fp32", or "bf16": autocast to bfloat16 on CUDA (weights and optimizer stay fp32)
     compile: bool = False  # torch.compile the training forward (eager fallback); helps on CUDA, not on small CPUs
     lazy: bool = False  # read an .h5 store's features batch by batch from disk: datasets larger than memory

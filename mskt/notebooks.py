@@ -19,6 +19,10 @@ the run is interrupted, its staged figures are never moved: they are kept, for d
 folder holds only figures of notebooks that succeeded (in this run or an earlier one). Figures
 written by other means than save_figure are not covered.
 
+**Nobody watches a runner's kernels**: the runner sets ``$MSKT_PROGRESS=off`` for them, so no
+progress bar, widget state or live curve goes into an executed notebook (plain papermill gets none
+either: see :mod:`mskt.console`), and expected notes are plain stdout lines.
+
 Every run folder gets a ``summary.json`` (rewritten atomically after each notebook): the run's
 status (``running``, ``ok``, ``failed``, ``interrupted``) and, per notebook, its status, seconds,
 error (the failing cell, as ``In [N]`` of the executed copy, with its first source line), executed
@@ -42,6 +46,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
+from mskt.console import PROGRESS_ENV
 from mskt.errors import MsktError
 from mskt.paths import atomic_write_text, figures_dir, is_finished_run, project_root, runs_dir
 from mskt.viz.plots import STAGING_ENV, STAGING_MANIFEST
@@ -390,7 +395,10 @@ def _run_each(pm, paths, defaults_by_path, shared, out_dir, summary, write_summa
         figures = []
         interrupted = False
         try:
-            with _environ(STAGING_ENV, str(stage)):
+            # No bars: an executed notebook keeps no widget state and no progress output. Plain
+            # papermill gets none either (mskt.console: nbclient's requests allow no stdin); the
+            # runner says it too, so a kernel on any client, and a run's worker processes, agree.
+            with _environ(STAGING_ENV, str(stage)), _environ(PROGRESS_ENV, "off"):
                 pm.execute_notebook(
                     str(path), str(output), parameters=given, cwd=str(path.parent), progress_bar=False,
                     kernel_name="python3", log_output=False, config=kernel_config,

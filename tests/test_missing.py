@@ -300,13 +300,15 @@ def test_evaluate_masks_do_not_depend_on_batch_size_and_never_read_missing_value
     assert evaluate(model, nan, 3, missing="vision") == evaluate(model, test, 3, missing="vision")
 
 
-def test_sweep_is_deterministic_by_seed_and_draws(tiny_runs, tiny_mosi):
+def test_sweep_is_deterministic_by_seed_and_draws(tiny_runs, tiny_mosi, capsys):
     from mskt.viz import plots
     from mskt.experiments import robustness
 
     runs = {"kt_any": [tiny_runs[0].model], "kt": [tiny_runs[1].model]}
-    one = robustness.sweep(runs, dataset=tiny_mosi, rates=(0.0, 0.5), seeds=(0, 1), batch_size=8)
-    again = robustness.sweep(runs, dataset=tiny_mosi, rates=(0.0, 0.5), seeds=(0, 1), batch_size=8)
+    one = robustness.sweep(runs, dataset=tiny_mosi, rates=(0.0, 0.5), seeds=(0, 1), batch_size=8, progress="on")
+    assert "robustness (sample): 100%" in capsys.readouterr().err  # a bar over the 18 evaluations where a person watches
+    again = robustness.sweep(runs, dataset=tiny_mosi, rates=(0.0, 0.5), seeds=(0, 1), batch_size=8, progress="off")
+    assert "robustness" not in capsys.readouterr().err
     other = robustness.sweep(runs, dataset=tiny_mosi, rates=(0.0, 0.5), seeds=(5, 6), batch_size=8)
     assert len(one) == 2 * (6 + 1 + 2)  # per run: six conditions, rate 0 once, rate 0.5 per seed
     assert one.equals(again)

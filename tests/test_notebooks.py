@@ -70,6 +70,34 @@ def test_each_notebook_writes_its_figures(smoke_run, notebook):
         assert b"/Subtype /Type3" not in data, f"{name}.pdf has Type 3 fonts"
 
 
+def test_executed_notebooks_hold_no_progress_output_no_widget_state_and_notes_as_plain_lines(smoke_run):
+    """Nobody watches a runner's kernels (mskt.console): no tqdm bar (text or widget), no live curve,
+    and in 02 no widget state at all (04 and 06 keep their explorers' widgets on purpose). The data's
+    note (non-finite values replaced by 0: the synthetic audio has -inf) is a stdout line in every
+    notebook, not a stderr box."""
+    _, results, _, _ = smoke_run
+    for r in results:
+        nb = json.loads(r.output.read_text())
+        state = nb["metadata"].get("widgets", {}).get("application/vnd.jupyter.widget-state+json", {}).get("state", {})
+        names = [m.get("model_name") or m.get("state", {}).get("_model_name") for m in state.values()]
+        progress = [n for n in names if n in ("FloatProgressModel", "IntProgressModel")]
+        assert not progress, (r.notebook, progress)
+        notes = []
+        for cell in nb["cells"]:
+            for o in cell.get("outputs", []):
+                assert "transient" not in o and "display_id" not in o.get("metadata", {}), (r.notebook, o)  # no live curve
+                text = "".join(o.get("text", ""))
+                assert not any(bar in text for bar in ("%|", "it/s]", "epoch/s]", "run/s]", "trial/s]")), (r.notebook, text)
+                if "replaced non-finite feature values by 0" in text:
+                    notes.append(o["name"])
+        assert notes and set(notes) == {"stdout"}, (r.notebook, notes)
+    training = json.loads(next(r for r in results if r.notebook == "02_training.ipynb").output.read_text())
+    assert "widgets" not in training["metadata"]
+    outputs = [o for c in training["cells"] for o in c.get("outputs", [])]
+    assert not [o for o in outputs if o.get("name") == "stderr"], "02 shows something on stderr"
+    assert len([o for o in outputs if "image/png" in o.get("data", {})]) == 1, "02 shows its final figure once, and no live curve"
+
+
 def test_smoke_runs_write_only_into_their_own_folder(smoke_run):
     out, _, before, after = smoke_run
     assert (out / "figures").is_dir() and (out / "kt-run" / "metrics.json").is_file()

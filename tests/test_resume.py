@@ -21,7 +21,7 @@ import torch
 
 from mskt.errors import MsktError
 from mskt.model import KTMulT
-from mskt.train import load_checkpoint, load_run, resume, train
+from mskt.train import RunInterrupted, load_checkpoint, load_run, resume, train
 
 try:
     from conftest import TINY, tiny_run_config
@@ -48,13 +48,20 @@ def test_resume_after_an_interruption_ends_with_the_uninterrupted_metrics(tiny_m
 
     monkeypatch.setattr(KTMulT, "loss", interrupted)
     run = tmp_path / "interrupted"
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(KeyboardInterrupt) as stopped:  # Ctrl+C, or a notebook's stop button
         train(cfg, out_dir=run, dataset=tiny_mosi)
     assert load_checkpoint(run / "last.pt")["epoch"] == 2
     assert not (run / "metrics.json").exists()
     monkeypatch.setattr(KTMulT, "loss", original)
+    # It says, in one line (also in a notebook: no traceback), where it stopped and how to resume.
+    message = str(stopped.value)
+    assert isinstance(stopped.value, RunInterrupted) and stopped.value._render_traceback_() == [message]
+    assert message.startswith(f"interrupted after epoch 2 of 4; {run} keeps epochs 1-2 (last.pt): resume with "), message
+    assert f"`mskt train --resume {run}`" in message
+    call = message.split("`")[1]
+    assert call == f"from mskt.train import resume; result = resume({str(run)!r})"
 
-    resumed = resume(run, dataset=tiny_mosi)
+    resumed = resume(run, dataset=tiny_mosi)  # the call it gives, with the data already loaded
     assert resumed.metrics["test"] == reference.metrics["test"]
     assert resumed.metrics["best_epoch"] == reference.metrics["best_epoch"]
     columns = [c for c in reference.history.columns if c != "train_samples_per_s"]

@@ -12,16 +12,16 @@ PACKAGE = Path(__file__).resolve().parents[1] / "mskt"
 
 # What each package (or top-level module) may import from mskt, as docs/architecture.md states it.
 ALLOWED = {
-    "errors": set(), "paths": {"errors"}, "modalities": set(),
+    "errors": set(), "paths": {"errors"}, "modalities": set(), "console": set(),
     "model": {"errors", "modalities"},
     "config": {"model", "errors", "paths"},
     "metrics": {"errors", "data"},
     "stats": {"errors", "metrics"},
-    "data": {"errors", "paths", "modalities"},
-    "fast": {"model", "errors", "paths"},
-    "train": {"config", "model", "fast", "data", "metrics", "errors", "paths", "modalities"},
-    "experiments": {"train", "model", "fast", "data", "metrics", "stats", "config", "errors", "paths", "modalities"},
-    "viz": {"train", "model", "data", "metrics", "stats", "experiments", "config", "errors", "paths", "modalities"},
+    "data": {"errors", "paths", "modalities", "console"},
+    "fast": {"model", "errors", "paths", "console"},
+    "train": {"config", "model", "fast", "data", "metrics", "errors", "paths", "modalities", "console"},
+    "experiments": {"train", "model", "fast", "data", "metrics", "stats", "config", "errors", "paths", "modalities", "console"},
+    "viz": {"train", "model", "data", "metrics", "stats", "experiments", "config", "errors", "paths", "modalities", "console"},
 }
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import pandas as pd
 
 from mskt.config import Config
+from mskt.console import PROGRESS_ENV, outer_progress
 from mskt.errors import ConfigError, MsktError
 from mskt.experiments.paper import paper_row
 from mskt.data.readers import load_dataset
@@ -34,8 +35,10 @@ def _run_one(cfg: Config, run_dir: Path, dataset=None) -> dict:
 def _run_in_worker(args) -> dict:
     cfg, run_dir = args
     import logging
+    import os
 
     logging.disable(logging.WARNING)  # the data's one-line report was already shown by the parent
+    os.environ[PROGRESS_ENV] = "off"  # the parent's bar counts the runs; a bar per worker would garble it
     return _run_one(cfg, run_dir)
 
 
@@ -56,6 +59,7 @@ def run_configs(base: Config, configs: dict, seeds: int, out_dir, on_run=None, j
     folder) are read back rather than retrained and interrupted ones continue from their last
     completed epoch, so an interrupted grid resumes where it stopped and loses at most one epoch per run.
     ``dataset`` (optional) is ``base.data`` already loaded; worker processes load their own.
+    Where a person watches (``base.progress``, :mod:`mskt.console`) a bar counts the runs.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -64,17 +68,24 @@ def run_configs(base: Config, configs: dict, seeds: int, out_dir, on_run=None, j
         for label, overrides in configs.items():
             cfg = base.replace(**overrides, seed=base.seed + i)
             plan.append((label, cfg, run_folder(out_dir, label, cfg.seed)))
-    if jobs > 1:
-        import multiprocessing as mp
+    with outer_progress(len(plan), desc=f"runs of {out_dir.name}", setting=base.progress) as bar:
 
-        work = [(cfg.replace(threads=cfg.threads or 1), run_dir) for _, cfg, run_dir in plan]
-        with mp.get_context("spawn").Pool(jobs) as pool:
-            results = pool.imap(_run_in_worker, work)
-            rows = [_row(label, cfg, metrics, on_run) for (label, cfg, _), metrics in zip(plan, results)]
-    else:
-        if dataset is None:
-            dataset = load_dataset(base.data, scale=base.data_scale, seed=base.data_seed, dataset=base.dataset)
-        rows = [_row(label, cfg, _run_one(cfg, run_dir, dataset), on_run) for label, cfg, run_dir in plan]
+        def done(label, cfg, metrics):
+            bar.set_postfix_str(f"{label} seed {cfg.seed}: best epoch {metrics['best_epoch']}", refresh=False)
+            bar.update(1)
+            return _row(label, cfg, metrics, on_run)
+
+        if jobs > 1:
+            import multiprocessing as mp
+
+            work = [(cfg.replace(threads=cfg.threads or 1), run_dir) for _, cfg, run_dir in plan]
+            with mp.get_context("spawn").Pool(jobs) as pool:
+                results = pool.imap(_run_in_worker, work)  # in plan order, each as soon as it and those before it are done
+                rows = [done(label, cfg, metrics) for (label, cfg, _), metrics in zip(plan, results)]
+        else:
+            if dataset is None:
+                dataset = load_dataset(base.data, scale=base.data_scale, seed=base.data_seed, dataset=base.dataset)
+            rows = [done(label, cfg, _run_one(cfg, run_dir, dataset)) for label, cfg, run_dir in plan]
     return pd.DataFrame(rows)
 
 

@@ -22,6 +22,7 @@ from pathlib import Path
 import pandas as pd
 
 from mskt.config import Config
+from mskt.console import outer_progress
 from mskt.data.synthetic import with_knobs
 from mskt.errors import ConfigError
 from mskt.experiments.grid import run_configs
@@ -54,17 +55,26 @@ def sweep(base: Config, fractions=FRACTIONS, knob: str | None = "audio_shared", 
         raise ConfigError("sweep: give at least one variant")
     out_dir = Path(out_dir)
     frames = []
-    for value in (values if knob else (None,)):
-        data = with_knobs(base.data, **{knob: value}) if knob else base.data
-        configs = {f"{v}-lf{f:g}": {"variant": v, "label_fraction": f} for f in fractions for v in variants}
-        check_teachers(base.replace(data=data), configs, seeds)
-        folder = out_dir / (f"{knob}={value:g}" if knob else "data")
-        runs = run_configs(base.replace(data=data), configs, seeds, folder, on_run=on_run, jobs=jobs)
-        runs.insert(3, "label_fraction", runs["label"].map({k: c["label_fraction"] for k, c in configs.items()}))
-        if knob:
-            runs.insert(4, knob, value)
-        runs.insert(5 if knob else 4, "data", data)
-        frames.append(runs)
+    configs = {f"{v}-lf{f:g}": {"variant": v, "label_fraction": f} for f in fractions for v in variants}
+    knob_values = values if knob else (None,)
+    # One bar over every run of the sweep; the grids inside it show none of their own.
+    with outer_progress(len(knob_values) * len(configs) * seeds, desc="sweep runs", setting=base.progress) as bar:
+
+        def counted(row):
+            bar.update(1)
+            if on_run is not None:
+                on_run(row)
+
+        for value in knob_values:
+            data = with_knobs(base.data, **{knob: value}) if knob else base.data
+            check_teachers(base.replace(data=data), configs, seeds)
+            folder = out_dir / (f"{knob}={value:g}" if knob else "data")
+            runs = run_configs(base.replace(data=data), configs, seeds, folder, on_run=counted, jobs=jobs)
+            runs.insert(3, "label_fraction", runs["label"].map({k: c["label_fraction"] for k, c in configs.items()}))
+            if knob:
+                runs.insert(4, knob, value)
+            runs.insert(5 if knob else 4, "data", data)
+            frames.append(runs)
     return pd.concat(frames, ignore_index=True)
 
 

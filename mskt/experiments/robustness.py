@@ -25,6 +25,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from mskt.console import outer_progress
 from mskt.errors import MsktError
 from mskt.metrics import display_scale
 from mskt.data.missing import CONDITIONS, RATES, check_mode, check_rate, parse_missing
@@ -57,8 +58,9 @@ def _check_fits(model: KTMulT, dataset, where: str) -> None:
 
 
 def sweep(runs, dataset=None, rates=RATES, conditions=CONDITIONS, seeds=(0, 1, 2), mode: str = "sample",
-          split: str = "test", batch_size: int = 256, device: str = "cpu", on_eval=None) -> pd.DataFrame:
-    """Evaluate every run under every fixed condition and every missing rate.
+          split: str = "test", batch_size: int = 256, device: str = "cpu", on_eval=None, progress: str = "auto") -> pd.DataFrame:
+    """Evaluate every run under every fixed condition and every missing rate; where a person watches
+    (``progress``, :mod:`mskt.console`) a bar counts the evaluations.
 
     ``runs``: {label: [run folder or KTMulT, ...]} (one entry per training seed) or a flat list
     (labelled by variant). ``dataset``: the data the runs were trained on (default: the first run's
@@ -70,8 +72,7 @@ def sweep(runs, dataset=None, rates=RATES, conditions=CONDITIONS, seeds=(0, 1, 2
     "condition"), condition ("rate 0.3" or "audio,vision"), rate (NaN for conditions), mask_seed
     (-1 for conditions and rate 0) and every metric of ``mskt.metrics`` plus the task loss.
     """
-    from mskt.data.missing import evaluation_masks, realised_rate
-    from mskt.train import Tensors, evaluate
+    from mskt.train import Tensors
 
     check_mode(mode)
     rates = [check_rate(r) for r in rates]
@@ -87,26 +88,38 @@ def sweep(runs, dataset=None, rates=RATES, conditions=CONDITIONS, seeds=(0, 1, 2
         cfg = models[0][1].cfg
         dataset = load_dataset(cfg.data, scale=cfg.data_scale, seed=cfg.data_seed)
     data = Tensors.from_split(dataset[split], dataset.meta.task, device)
+    plan = [("condition", c, math.nan, -1, {"missing": () if c == "none" else c}) for c in conditions]
+    for rate in rates:
+        for seed in (seeds if rate > 0 else [-1]):
+            kw = {"missing": (), "missing_rate": rate, "missing_mode": mode, "missing_seed": max(seed, 0)}
+            plan.append(("rate", f"rate {rate:g}", rate, seed, kw))
     rows = []
-    for label, model, entry in models:
-        _check_fits(model, dataset, str(entry) if not isinstance(entry, KTMulT) else f"model {label}")
-        model.to(device)
-        cfg = model.cfg
-        base = {"label": label or cfg.variant, "variant": cfg.variant, "run_seed": int(getattr(cfg, "seed", 0))}
-        plan = [("condition", c, math.nan, -1, {"missing": () if c == "none" else c}) for c in conditions]
-        for rate in rates:
-            for seed in (seeds if rate > 0 else [-1]):
-                kw = {"missing": (), "missing_rate": rate, "missing_mode": mode, "missing_seed": max(seed, 0)}
-                plan.append(("rate", f"rate {rate:g}", rate, seed, kw))
-        for protocol, condition, rate, seed, kw in plan:
-            metrics = evaluate(model, data, batch_size, **kw)
-            masks = evaluation_masks(len(data), {m: x.shape[1] for m, x in data.features.items()}, kw["missing"], kw.get("missing_rate", 0.0), mode, kw.get("missing_seed", 0))
-            realised = realised_rate(masks, kw["missing"]) if protocol == "rate" else math.nan  # the share of free slots removed
-            row = {**base, "protocol": protocol, "condition": condition, "rate": rate, "missing_rate_realised": realised, "mask_seed": seed, "mode": mode, **metrics}
-            rows.append(row)
-            if on_eval is not None:
-                on_eval(row)
+    with outer_progress(len(models) * len(plan), desc=f"robustness ({mode})", setting=progress, unit="eval") as bar:
+        for label, model, entry in models:
+            rows += _evaluate_plan(label, model, entry, plan, dataset, data, batch_size, device, mode, on_eval, bar)
     return pd.DataFrame(rows)
+
+
+def _evaluate_plan(label, model, entry, plan, dataset, data, batch_size, device, mode, on_eval, bar) -> list:
+    """The rows of one run under every (protocol, condition, rate, mask seed) of ``plan``."""
+    from mskt.data.missing import evaluation_masks, realised_rate
+    from mskt.train import evaluate
+
+    _check_fits(model, dataset, str(entry) if not isinstance(entry, KTMulT) else f"model {label}")
+    model.to(device)
+    cfg = model.cfg
+    base = {"label": label or cfg.variant, "variant": cfg.variant, "run_seed": int(getattr(cfg, "seed", 0))}
+    rows = []
+    for protocol, condition, rate, seed, kw in plan:
+        metrics = evaluate(model, data, batch_size, **kw)
+        masks = evaluation_masks(len(data), {m: x.shape[1] for m, x in data.features.items()}, kw["missing"], kw.get("missing_rate", 0.0), mode, kw.get("missing_seed", 0))
+        realised = realised_rate(masks, kw["missing"]) if protocol == "rate" else math.nan  # the share of free slots removed
+        row = {**base, "protocol": protocol, "condition": condition, "rate": rate, "missing_rate_realised": realised, "mask_seed": seed, "mode": mode, **metrics}
+        rows.append(row)
+        bar.update(1)
+        if on_eval is not None:
+            on_eval(row)
+    return rows
 
 
 def metric_columns(frame: pd.DataFrame) -> list[str]:

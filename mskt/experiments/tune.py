@@ -40,6 +40,7 @@ import warnings
 from pathlib import Path
 
 from mskt.config import Config, coerce
+from mskt.console import outer_progress
 from mskt.errors import ConfigError, MsktError
 from mskt.model import variant_class
 
@@ -638,6 +639,17 @@ def _retry_callback():
 # Workers
 
 
+def _show_trials(bar, st, done: int, trials: int) -> None:
+    """The study's bar: trials done (complete or pruned, by any worker) and the best value so far."""
+    from optuna.trial import TrialState
+
+    values = [t.value for t in st.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if t.value is not None]
+    if values:
+        bar.set_postfix_str(f"best {min(values):.4f}", refresh=False)  # the objective is minimised
+    bar.n = min(done, trials)
+    bar.refresh()
+
+
 def _counts(st) -> dict:
     from optuna.trial import TrialState
 
@@ -773,45 +785,48 @@ def tune(base: Config, trials: int, study: str | None = None, storage: str | Non
             raise
 
     callbacks = [lambda s, t: on_trial(t)] if on_trial else []
-    while deadline is None or time.monotonic() < deadline:
-        gate.acquire()
-        try:
-            if journal:
-                _fail_stale_journal_trials(st, grace)
-            else:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                    optuna.storages.fail_stale_trials(st)
-            c = _counts(st)
-            done = c[TrialState.COMPLETE] + c[TrialState.PRUNED]
-            if c[TrialState.FAIL] >= max(3, trials):  # something fails every trial: stop rather than loop
-                raise MsktError(f"study {study!r}: {c[TrialState.FAIL]} trials failed (see the log and the trial folders in {folder}); "
-                                f"fix the cause, then run the same command to continue")
-            if not c[TrialState.WAITING] and done + c[TrialState.RUNNING] >= trials:
-                if done >= trials:
-                    break
-                # The rest are running, here or in a worker that may have died: wait for them to end
-                # or to go stale (then they are queued again, and one of us reruns them).
-                gate.release()
-                time.sleep(min(heartbeat / 2, 2))
-                continue
-            st.sampler = _sampler(base.seed, len(st.get_trials(deepcopy=False)), n_startup)
-            # An expected failure (a diverging loss at a large lr) fails that trial, not the worker.
-            running.clear()
+    # Where a person watches: a bar over the study's complete or pruned trials (any worker's).
+    with outer_progress(trials, desc=f"trials of {study}", setting=base.progress, unit="trial") as bar:
+        while deadline is None or time.monotonic() < deadline:
+            gate.acquire()
             try:
-                st.optimize(watched, n_trials=1, callbacks=callbacks, catch=(MsktError,), gc_after_trial=False)
-            except (optuna.exceptions.UpdateFinishedTrialError, ValueError, AssertionError) as e:
-                # Another worker failed this trial as stale while it ran (this process stalled for
-                # longer than the grace period): its retry runs the same parameters, so go on. Optuna
-                # raises ValueError ("Cannot tell a FAIL trial"), or, when the objective had returned,
-                # an AssertionError of its own ("Should not reach").
-                trial = running.get("trial")
-                if e is running.get("raised") or trial is None or st._storage.get_trial(trial._trial_id).state != TrialState.FAIL:
-                    raise
-                log.warning("trial %d was failed by another worker while it ran here (no heartbeat for %d s); its retry runs it again",
-                            trial.number, grace)
-        finally:
-            gate.release()
+                if journal:
+                    _fail_stale_journal_trials(st, grace)
+                else:
+                    with warnings.catch_warnings():
+                        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                        optuna.storages.fail_stale_trials(st)
+                c = _counts(st)
+                done = c[TrialState.COMPLETE] + c[TrialState.PRUNED]
+                _show_trials(bar, st, done, trials)
+                if c[TrialState.FAIL] >= max(3, trials):  # something fails every trial: stop rather than loop
+                    raise MsktError(f"study {study!r}: {c[TrialState.FAIL]} trials failed (see the log and the trial folders in {folder}); "
+                                    f"fix the cause, then run the same command to continue")
+                if not c[TrialState.WAITING] and done + c[TrialState.RUNNING] >= trials:
+                    if done >= trials:
+                        break
+                    # The rest are running, here or in a worker that may have died: wait for them to end
+                    # or to go stale (then they are queued again, and one of us reruns them).
+                    gate.release()
+                    time.sleep(min(heartbeat / 2, 2))
+                    continue
+                st.sampler = _sampler(base.seed, len(st.get_trials(deepcopy=False)), n_startup)
+                # An expected failure (a diverging loss at a large lr) fails that trial, not the worker.
+                running.clear()
+                try:
+                    st.optimize(watched, n_trials=1, callbacks=callbacks, catch=(MsktError,), gc_after_trial=False)
+                except (optuna.exceptions.UpdateFinishedTrialError, ValueError, AssertionError) as e:
+                    # Another worker failed this trial as stale while it ran (this process stalled for
+                    # longer than the grace period): its retry runs the same parameters, so go on. Optuna
+                    # raises ValueError ("Cannot tell a FAIL trial"), or, when the objective had returned,
+                    # an AssertionError of its own ("Should not reach").
+                    trial = running.get("trial")
+                    if e is running.get("raised") or trial is None or st._storage.get_trial(trial._trial_id).state != TrialState.FAIL:
+                        raise
+                    log.warning("trial %d was failed by another worker while it ran here (no heartbeat for %d s); its retry runs it again",
+                                trial.number, grace)
+            finally:
+                gate.release()
     return st
 
 

@@ -35,6 +35,8 @@ import os
 import platform
 from pathlib import Path
 
+from mskt.console import note
+
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).parent / "csrc" / "cpu_kernels.cpp"
@@ -111,8 +113,9 @@ def compiled_kernels():
             # torch's own lock file is left behind by a builder that was killed, and then every later
             # load waits for it forever; holding our lock, no live mskt process is building here.
             (build_dir / "lock").unlink(missing_ok=True)
-            log.warning("building mskt's compiled CPU kernels (%s build) into %s (once per machine and source, about a minute)",
-                        kernel_arch(), build_dir)
+            # Expected, and nothing to do: a note, not a warning (a notebook shows it as a plain line).
+            note(log, "building mskt's compiled CPU kernels (%s build) into %s (once per machine and source, about a minute)",
+                 kernel_arch(), build_dir)
             module = load(name, [str(SOURCE)], extra_cflags=cflags(), extra_ldflags=["-fopenmp"], build_directory=str(build_dir),
                           verbose=os.environ.get("MSKT_VERBOSE_BUILD") == "1")
             partial = stamp.with_suffix(f".{os.getpid()}.tmp")  # written whole, then renamed: never half a stamp

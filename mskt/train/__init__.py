@@ -21,6 +21,7 @@ from mskt.train.checkpoints import load_checkpoint, load_run, load_teacher_audio
 from mskt.train.evaluation import evaluate, predict, selection_score
 from mskt.train.loop import (
     NonFiniteLoss,
+    RunInterrupted,
     RunResult,
     default_run_name,
     describe,
@@ -34,7 +35,7 @@ from mskt.train.loop import (
 from mskt.train.setup import resolve_device, set_seed
 
 __all__ = [
-    "NonFiniteLoss", "RunResult", "Tensors", "atomic_torch_save", "atomic_write_text", "default_run_name", "describe",
+    "NonFiniteLoss", "RunInterrupted", "RunResult", "Tensors", "atomic_torch_save", "atomic_write_text", "default_run_name", "describe",
     "evaluate", "feature_statistics", "load_checkpoint", "load_run", "load_teacher_audio_encoder", "make_optimizer",
     "model_config_for", "predict", "resolve_device", "resume", "selection_score", "set_seed", "train", "training_step",
 ]

@@ -6,8 +6,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
-import sys
 import time
 from dataclasses import dataclass
 from datetime import datetime
@@ -16,6 +14,7 @@ from pathlib import Path
 import torch
 
 from mskt.config import Config
+from mskt.console import progress_bar
 from mskt.data.batching import Tensors
 from mskt.data.dataset import MultimodalDataset
 from mskt.data.missing import select_drops, training_generator, training_protocol
@@ -34,10 +33,23 @@ from mskt.train.setup import resolve_device, set_seed
 log = logging.getLogger(__name__)
 
 
-def _progress_enabled(setting: str) -> bool:
-    if setting != "auto":
-        return setting == "on"
-    return sys.stderr.isatty() and not os.environ.get("CI")
+class RunInterrupted(KeyboardInterrupt):
+    """Training was interrupted (Ctrl+C, a notebook's stop button); the message says how to resume.
+
+    A KeyboardInterrupt still, so whatever stops on one stops on this. In a notebook it shows as its
+    one line rather than a traceback (IPython's ``_render_traceback_``), and ends Run All there.
+    """
+
+    def _render_traceback_(self) -> list[str]:
+        return [str(self)]
+
+
+def interrupted_message(run_dir: Path | None, done: int, total: int) -> str:
+    """The line :class:`RunInterrupted` carries: where the run stopped and the exact call to resume it."""
+    if run_dir is None:
+        return f"interrupted after epoch {done} of {total}; the run was not saved (save=False), so there is nothing to resume"
+    kept = f"{run_dir} keeps epochs 1-{done} (last.pt)" if done else f"no epoch had finished, so resuming starts {run_dir} over"
+    return f"interrupted after epoch {done} of {total}; {kept}: resume with `from mskt.train import resume; result = resume({str(run_dir)!r})` or `mskt train --resume {run_dir}`"
 
 
 
@@ -170,13 +182,17 @@ def train(
     ``on_epoch(epoch, row)`` (optional) is called after each epoch's files are written, with that
     epoch's history row (``valid_loss`` among it): a truthy return ends training after this epoch
     (the best epoch so far is evaluated), an exception it raises (a pruned search trial) propagates.
+    An interrupt (Ctrl+C, a notebook's stop button) raises :class:`RunInterrupted`, whose one line
+    says how to resume: the run folder holds every completed epoch (``last.pt``).
+
+    ``cfg.progress`` ("auto": :mod:`mskt.console` says where a person watches) shows a bar over the
+    epochs with the last train and validation loss.
 
     Under torchrun (``WORLD_SIZE`` > 1) this is DistributedDataParallel training: each rank takes
     its share of every global batch of ``batch_size``, validation and test predictions are gathered
     over the whole split, and only rank 0 writes the run folder.
     """
     import pandas as pd
-    from tqdm.auto import tqdm
 
     from mskt.train.distributed import Dist, set_step_keys, weighted_share
     from mskt.paths import runs_dir
@@ -262,60 +278,71 @@ def train(
             stopped_by, first_epoch = "patience", math.inf
 
     started = time.perf_counter()
-    show = _progress_enabled(cfg.progress) and dist.is_main
-    epochs = tqdm(_epochs(first_epoch, cfg, step.counts, min_steps), desc=f"{cfg.variant}", disable=not show, total=max(cfg.epochs - first_epoch + 1, 0))
-    for epoch in epochs:
-        model.train()
-        sums, t0 = {}, time.perf_counter()
-        for index in data["train"].batch_indices(cfg.batch_size, generator):
-            drops = protocol.draw(len(index), train_steps, drop_generator)  # {} when it removes nothing
-            rows, weight = weighted_share(torch.arange(len(index)), dist)  # this rank's part of the global batch
-            index = index[rows.to(index.device)]  # (b,)
-            set_step_keys(model, cfg.seed, epoch, index, dist, weight)  # dropout keys (seed, epoch, dataset index), loss shares
-            batch = {**data["train"].batch(index), **select_drops(drops, rows, device)}
-            try:
-                terms = step(batch, weight)
-            except NonFiniteLoss as e:
-                raise MsktError(
-                    f"epoch {epoch}: {e}; the last good checkpoint is {run_dir / 'checkpoint.pt' if run_dir else 'not saved'}"
-                ) from None
-            n = len(index) * (weight > 0)
-            sums["n"] = sums.get("n", 0.0) + n
-            for k, v in terms.items():
-                sums[k] = sums.get(k, 0.0) + float(v.detach()) * n
-            if cfg.max_steps and step.counts["taken"] >= cfg.max_steps:  # this epoch ends here, validated as any other
-                stopped_by = "max_steps"
-                break
-        sums = dist.sum(sums)
-        train_seconds = time.perf_counter() - t0
-        valid = validation_metrics(model, data["valid"], cfg, dist)  # under cfg.select_missing
-        if scheduler is not None:
-            scheduler.step(valid["loss"])
-        row = {"epoch": epoch, **{f"train_{k}": v / sums["n"] for k, v in sums.items() if k != "n"}}
-        row.update({f"valid_{k}": float(v) for k, v in valid.items()})
-        row.update(lr=optimizer.param_groups[0]["lr"], train_samples_per_s=sums["n"] / train_seconds, optimizer_steps=step.counts["taken"])
-        score = selection_score(valid, cfg.task, cfg.select_on)
-        row["selected"] = bool(score < best["score"])
-        history.append(row)
-        if score < best["score"]:
-            best = {"score": score, "epoch": epoch, "state": {k: v.detach().clone() for k, v in model.state_dict().items()}}
+    epochs = progress_bar(_epochs(first_epoch, cfg, step.counts, min_steps), desc=cfg.variant, unit="epoch",
+                          setting=cfg.progress if dist.is_main else "off", total=max(cfg.epochs - first_epoch + 1, 0))
+    kept = state["epoch"] if state is not None else 0  # the last epoch in last.pt: what a resume continues from
+    try:
+        for epoch in epochs:
+            model.train()
+            sums, t0 = {}, time.perf_counter()
+            for index in data["train"].batch_indices(cfg.batch_size, generator):
+                drops = protocol.draw(len(index), train_steps, drop_generator)  # {} when it removes nothing
+                rows, weight = weighted_share(torch.arange(len(index)), dist)  # this rank's part of the global batch
+                index = index[rows.to(index.device)]  # (b,)
+                set_step_keys(model, cfg.seed, epoch, index, dist, weight)  # dropout keys (seed, epoch, dataset index), loss shares
+                batch = {**data["train"].batch(index), **select_drops(drops, rows, device)}
+                try:
+                    terms = step(batch, weight)
+                except NonFiniteLoss as e:
+                    raise MsktError(
+                        f"epoch {epoch}: {e}; the last good checkpoint is {run_dir / 'checkpoint.pt' if run_dir else 'not saved'}"
+                    ) from None
+                n = len(index) * (weight > 0)
+                sums["n"] = sums.get("n", 0.0) + n
+                for k, v in terms.items():
+                    sums[k] = sums.get(k, 0.0) + float(v.detach()) * n
+                if cfg.max_steps and step.counts["taken"] >= cfg.max_steps:  # this epoch ends here, validated as any other
+                    stopped_by = "max_steps"
+                    break
+            sums = dist.sum(sums)
+            train_seconds = time.perf_counter() - t0
+            valid = validation_metrics(model, data["valid"], cfg, dist)  # under cfg.select_missing
+            if scheduler is not None:
+                scheduler.step(valid["loss"])
+            row = {"epoch": epoch, **{f"train_{k}": v / sums["n"] for k, v in sums.items() if k != "n"}}
+            row.update({f"valid_{k}": float(v) for k, v in valid.items()})
+            row.update(lr=optimizer.param_groups[0]["lr"], train_samples_per_s=sums["n"] / train_seconds, optimizer_steps=step.counts["taken"])
+            score = selection_score(valid, cfg.task, cfg.select_on)
+            row["selected"] = bool(score < best["score"])
+            history.append(row)
+            if score < best["score"]:
+                best = {"score": score, "epoch": epoch, "state": {k: v.detach().clone() for k, v in model.state_dict().items()}}
+                if save:
+                    atomic_torch_save({"model": best["state"], "config": cfg.to_dict(), "epoch": epoch}, run_dir / "checkpoint.pt")
             if save:
-                atomic_torch_save({"model": best["state"], "config": cfg.to_dict(), "epoch": epoch}, run_dir / "checkpoint.pt")
-        if save:
-            atomic_write_text(run_dir / "history.csv", pd.DataFrame(history).to_csv(index=False))
-            atomic_torch_save(_training_state(model, optimizer, scheduler, generator, epoch, history, best, drop_generator, step.counts), run_dir / "last.pt")
-        epochs.set_postfix(valid_loss=f"{valid['loss']:.4f}", best=best["epoch"])
-        if on_epoch is not None and on_epoch(epoch, dict(row)):
-            log.info("stopped after epoch %d of %d (on_epoch)", epoch, cfg.epochs)
-            stopped_by = "on_epoch"
-            break
-        if stopped_by == "max_steps":
-            log.info("stopped in epoch %d: max_steps=%d optimizer steps taken", epoch, cfg.max_steps)
-            break
-        if _patience_ends(cfg, epoch, best["epoch"]):
-            log.info("stopped after epoch %d: no better validation score for %d epochs (patience)", epoch, cfg.patience)
-            stopped_by = "patience"
-            break
+                atomic_write_text(run_dir / "history.csv", pd.DataFrame(history).to_csv(index=False))
+                atomic_torch_save(_training_state(model, optimizer, scheduler, generator, epoch, history, best, drop_generator, step.counts), run_dir / "last.pt")
+                kept = epoch
+            # The task loss on both sides (the training total adds the consistency terms), then the selected epoch.
+            train_loss = row.get("train_task", row["train_total"])
+            epochs.set_postfix({"train": f"{train_loss:.4f}", "valid": f"{valid['loss']:.4f}", "best": best["epoch"]}, refresh=False)
+            if on_epoch is not None and on_epoch(epoch, dict(row)):
+                log.info("stopped after epoch %d of %d (on_epoch)", epoch, cfg.epochs)
+                stopped_by = "on_epoch"
+                break
+            if stopped_by == "max_steps":
+                log.info("stopped in epoch %d: max_steps=%d optimizer steps taken", epoch, cfg.max_steps)
+                break
+            if _patience_ends(cfg, epoch, best["epoch"]):
+                log.info("stopped after epoch %d: no better validation score for %d epochs (patience)", epoch, cfg.patience)
+                stopped_by = "patience"
+                break
+    except KeyboardInterrupt:
+        # Every completed epoch is in the run folder (last.pt is written atomically after each one),
+        # so the interrupted epoch is the only thing lost; say how to get it back, in one line.
+        raise RunInterrupted(interrupted_message(run_dir if save else None, kept if save else len(history), cfg.epochs)) from None
+    finally:
+        epochs.close()
 
     model.load_state_dict(best["state"])
     test = evaluate(model, data["test"], cfg.eval_batch_size, dist)
@@ -392,12 +419,13 @@ def _epochs(first: int, cfg: Config, counts: dict, min_steps: int):
             return
 
 
-def resume(run_dir, dataset: MultimodalDataset | None = None) -> RunResult:
-    """Continue the run in ``run_dir`` from its last completed epoch (``mskt train --resume DIR``)."""
+def resume(run_dir, dataset: MultimodalDataset | None = None, on_epoch=None) -> RunResult:
+    """Continue the run in ``run_dir`` from its last completed epoch (``mskt train --resume DIR``);
+    ``on_epoch`` as in :func:`train` (a notebook's live curve)."""
     run_dir = Path(run_dir)
     if not (run_dir / "config.json").exists():
         raise MsktError(f"{run_dir}: not a run folder (no config.json), nothing to resume")
-    return train(Config.load(run_dir / "config.json"), out_dir=run_dir, dataset=dataset, resume=True)
+    return train(Config.load(run_dir / "config.json"), out_dir=run_dir, dataset=dataset, resume=True, on_epoch=on_epoch)
 
 
 
