@@ -486,7 +486,7 @@ def test_a_machine_without_the_kernels_trains_on_torch_ops(monkeypatch, caplog, 
         raise RuntimeError("Ninja is required to load C++ extensions")
 
     monkeypatch.setattr(torch.utils.cpp_extension, "load", no_compiler)
-    monkeypatch.setenv("MSKT_HOME", str(tmp_path))  # a project with no build in it
+    monkeypatch.setenv("MSKT_KERNEL_CACHE", str(tmp_path))  # a machine with no build in its kernel cache
     kernels.compiled_kernels.cache_clear()
     try:
         with caplog.at_level(logging.WARNING, logger="mskt.fast.build"):

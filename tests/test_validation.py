@@ -91,6 +91,7 @@ OUT_OF_RANGE = {
     "data_seed": [-1],
     "epochs": [0, -5],
     "patience": [-1],
+    "min_epochs": [-1],
     "max_steps": [-1],
     "min_steps": [-3],
     "batch_size": [0],
