@@ -256,10 +256,6 @@ def controls_report(runs: pd.DataFrame) -> dict:
                                 for (c, f), g in runs.groupby(list(cells))], ignore_index=True)}
 
 
-def _compare_markdown(table: pd.DataFrame, cells=()) -> str:
-    return stats.comparisons_markdown(table, cells=cells)
-
-
 def power_markdown(power: pd.DataFrame, cells=()) -> str:
     """:func:`seeds_for`'s rows as Markdown: per pair and metric, the seeds run, the paired sd, the
     MDE they give, the target and the seeds the target needs (accuracies in points)."""
@@ -307,7 +303,7 @@ def part_report(part: str, folder=None) -> dict | None:
     else:
         r = headline_report(runs)
         summary_text = summary_markdown(r["summary"])
-    text = [f"### {TITLES[part]}", summary_text, "", _compare_markdown(r["comparisons"], cells=cells),
+    text = [f"### {TITLES[part]}", summary_text, "", stats.comparisons_markdown(r["comparisons"], cells=cells),
             power_markdown(r["power"], cells=cells if part.startswith("controls") else ())]
     if (where / "bootstrap.csv").exists():
         text += [bootstrap_markdown(pd.read_csv(where / "bootstrap.csv"))]
