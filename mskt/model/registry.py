@@ -25,13 +25,20 @@ def register(name: str):
     """Class decorator: ``@register("kt_mlp") class KTMLP(KT): ...`` makes ``variant="kt_mlp"`` buildable."""
 
     def add(cls):
-        if name in VARIANTS and VARIANTS[name].__qualname__ != cls.__qualname__:
-            raise ConfigError(f"variant {name!r} is registered already, by {VARIANTS[name].__module__}.{VARIANTS[name].__qualname__}")
+        if name in VARIANTS and _origin(VARIANTS[name]) != _origin(cls):
+            # The same class re-registered (a reloaded module, a re-run notebook cell) replaces itself;
+            # two different classes under one name would silently shadow each other.
+            raise ConfigError(f"variant {name!r} is registered twice: by {_origin(VARIANTS[name])} and by {_origin(cls)}; "
+                              "rename one (@register(\"other_name\"))")
         cls.name = name
         VARIANTS[name] = cls
         return cls
 
     return add
+
+
+def _origin(cls) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
 
 
 def variant_class(name: str):
