@@ -15,7 +15,7 @@ import pandas as pd
 from mskt.config import Config
 from mskt.console import PROGRESS_ENV, outer_progress
 from mskt.errors import ConfigError, MsktError
-from mskt.experiments.paper import paper_row
+from mskt.experiments.paper import baseline_rows, paper_row
 from mskt.data.readers import load_dataset
 from mskt.train import atomic_write_text, train
 
@@ -256,7 +256,8 @@ def _fmt(metric: str, mean: float, std: float) -> str:
 
 def to_markdown(table: pd.DataFrame, dataset: str, aligned: bool, task: str, with_paper: bool, title: str = "") -> str:
     """A Markdown table: accuracies and F1 in percent, mean ± std over seeds; the paper's row under
-    each of ours when ``with_paper``."""
+    each of ours when ``with_paper``, then the paper's other baselines (RMFN, MFM, RAVEN, ...) as
+    reference rows."""
     metrics = [m for m in table.columns.get_level_values(0).unique() if m != "n_seeds"]
     header = "| variant | seeds | " + " | ".join(metrics) + " |"
     lines = [f"Results on {title}" if title else "", "", header, "|" + "---|" * (len(metrics) + 2)]
@@ -267,6 +268,9 @@ def to_markdown(table: pd.DataFrame, dataset: str, aligned: bool, task: str, wit
         if paper:
             cells = [("" if m not in paper else (f"{paper[m]:.3f}" if m in ("mae", "corr") else f"{100 * paper[m]:.1f}")) for m in metrics]
             lines.append(f"| *{variant} (paper)* | | " + " | ".join(cells) + " |")
+    for name, paper in (baseline_rows(dataset, aligned) if with_paper else {}).items():  # the paper's other baselines, for reference
+        cells = [("" if m not in paper else (f"{paper[m]:.3f}" if m in ("mae", "corr") else f"{100 * paper[m]:.1f}")) for m in metrics]
+        lines.append(f"| *{name} (paper)* | | " + " | ".join(cells) + " |")
     lines.append("")
     if "acc3" in metrics:
         lines.append("Accuracies and F1 in percent; CH-SIMS conventions (MMSA): labels and predictions clipped to [-1, 1], "

@@ -37,8 +37,13 @@ def accelerate(model: nn.Module) -> nn.Module:
       stack whose code changes later is re-verified and logged when it next runs.
 
     A model on another device than the CPU, or a machine where the kernels do not build, keeps its
-    Python code throughout (the kernel functions fall back per call too).
+    Python code throughout (the kernel functions fall back per call too). A model with neither
+    stacks nor kernel tables (mctn) is left as it is, with one line at INFO, and builds nothing.
     """
+    if not any(isinstance(m, Transformer) or getattr(m, "kernels", None) is TORCH_KERNELS for m in model.modules()):
+        # A model without the stock layers (mctn's recurrent seq2seq): nothing here mirrors it.
+        log.info("%s has no transformer stacks or kernel tables: nothing to accelerate, its Python code runs", type(model).__name__)
+        return model
     if compiled_kernels() is None:
         return model  # compiled_kernels() has said why, once
     if any(p.device.type != "cpu" for p in model.parameters()):

@@ -15,12 +15,13 @@ import numpy as np
 import pandas as pd
 import torch
 
-from mskt.model import KTMulT, key_mask, resample
+from mskt.errors import MsktError
+from mskt.model import Model, key_mask, resample
 from mskt.train import Tensors
 from mskt.train.evaluation import default_test_batch
 
 @torch.inference_mode()
-def reconstructions(model: KTMulT, data: Tensors, batch_size: int = 256, modality: str = "audio") -> dict:
+def reconstructions(model: Model, data: Tensors, batch_size: int = 256, modality: str = "audio") -> dict:
     """For every sample: the real standardised features of ``modality`` and each reconstruction of it
     (``model.reconstruction_sources``: kt's theta, phi and delta), on each reconstruction's grid.
     Returns {source: {"pred", "target", "mask"}} of numpy arrays (N, T, D_m), (N, T, D_m), (N, T),
@@ -59,6 +60,12 @@ def _sources(rec: dict) -> list:
     return [k for k, v in rec.items() if isinstance(v, dict)]
 
 
+def _fused(rec: dict) -> dict:
+    """The reconstruction the prediction uses: "fused" (kt's A'), else the model's last source
+    (mctn's one translation per modality)."""
+    return rec["fused"] if "fused" in rec else rec[_sources(rec)[-1]]
+
+
 def _real(x: np.ndarray, mask: np.ndarray) -> np.ndarray:
     return x[mask]  # (n_real_steps, D)
 
@@ -85,8 +92,8 @@ def quality_summary(rec: dict, seed: int = 0) -> pd.DataFrame:
         r = rec[source]
         pred, target = _real(r["pred"], r["mask"]), _real(r["target"], r["mask"])
         rows.append({"reconstruction": f"A' from {source}", "mse": float(((pred - target) ** 2).mean()), "r2": _r2(pred, target), "cosine": _cosine(pred, target)})
-    # Baselines on the fused (text) grid: every real step of every sample.
-    r = rec["fused"]
+    # Baselines on the fused reconstruction's grid: every real step of every sample.
+    r = _fused(rec)
     target = _real(r["target"], r["mask"])
     zeros = np.zeros_like(target)
     rows.append({"reconstruction": "training-mean audio", "mse": float((target**2).mean()), "r2": _r2(zeros, target), "cosine": float("nan")})
@@ -130,7 +137,7 @@ def error_per_position(rec: dict, bins: int = 10) -> pd.DataFrame:
 def per_sample_errors(rec: dict) -> pd.DataFrame:
     """Per test sample: reconstruction MSE of A' (fused) and the absolute prediction error, to see
     whether samples whose audio is reconstructed badly are also predicted badly."""
-    r = rec["fused"]
+    r = _fused(rec)
     err = ((r["pred"] - r["target"]) ** 2).mean(axis=2)  # (N, T)
     rec_mse = (err * r["mask"]).sum(axis=1) / np.maximum(r["mask"].sum(axis=1), 1)
     pred, labels = rec["prediction"], rec["labels"]
@@ -146,11 +153,13 @@ def per_sample_errors(rec: dict) -> pd.DataFrame:
 
 
 @torch.inference_mode()
-def attention_maps(model: KTMulT, data: Tensors, samples) -> dict:
+def attention_maps(model: Model, data: Tensors, samples) -> dict:
     """Attention weights of the chosen samples (indices into ``data``), from the explicit attention
     path, with the inputs the default test protocol gives (as ``evaluate``): {"source->target": [per
     layer (n, heads, T_target, T_source) numpy]}; "t->t" keys are the self-attention decoder's. Also
     "lengths" {modality: (n,)}, the real steps of each grid as the forward used it, to crop padding."""
+    if not model.has_attention:
+        raise MsktError(f"attention maps: variant {model.cfg.variant!r} has no attention layers to draw (has_attention is False)")
     model.eval()
     index = torch.as_tensor(list(samples), dtype=torch.long, device=data.labels.device)
     batch = default_test_batch(model, data.batch(index))  # as evaluate() gives it
@@ -160,7 +169,7 @@ def attention_maps(model: KTMulT, data: Tensors, samples) -> dict:
     return maps
 
 
-def average_attention(model: KTMulT, data: Tensors, max_samples: int = 256, bins: int = 20) -> dict:
+def average_attention(model: Model, data: Tensors, max_samples: int = 256, bins: int = 20) -> dict:
     """Attention per direction and layer, averaged over heads and samples in *relative* positions.
 
     Each sample's real block (its true query and key steps) is binned onto a ``bins`` x ``bins``
