@@ -56,6 +56,8 @@ def test_options_are_declared_and_a_zero_cycle_weight_removes_the_cycle():
     model = build_model(cfg).train()
     terms = model.loss(model(batch), batch["labels"])
     assert "cycle" not in terms and "translation" in terms
+    terms["total"].backward()
+    assert _grads_everywhere(model) == []  # no parameter left without a gradient (DDP would refuse it)
 
 
 def test_prediction_reads_only_text():

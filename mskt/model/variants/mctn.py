@@ -157,7 +157,9 @@ class MCTN(Model):
         H, R = _option(cfg, "rnn_hidden"), _option(cfg, "regression_hidden")
         # Into and out of the shared seq2seq's width, per modality (the authors zero-pad instead).
         self.embed = nn.ModuleDict({m: nn.Linear(cfg.dim(m), H) for m in MODALITIES})
-        self.readout = nn.ModuleDict({m: nn.Linear(H, cfg.dim(m)) for m in MODALITIES})
+        # Text is written only by the cycle: without it, no unused readout (DDP refuses unused parameters).
+        written = ("vision", "audio") + (("text",) if _option(cfg, "cycle_weight") > 0 else ())
+        self.readout = nn.ModuleDict({m: nn.Linear(H, cfg.dim(m)) for m in MODALITIES if m in written})
         self.encoder = Encoder(H, H)  # stage 1, both directions of the cycle
         self.decoder = AttentionDecoder(H)
         self.encoder2 = Encoder(H, H)  # stage 2: joint representation -> audio
