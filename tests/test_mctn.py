@@ -12,6 +12,7 @@ import torch
 
 from conftest import make_batch_fn, tiny_model_config, tiny_run_config
 from formats import write_mult_pickle
+from mskt.config import Config
 from mskt.errors import ConfigError, MsktError
 from mskt.model import MulT, build_model
 from mskt.model.base import Model
@@ -50,9 +51,11 @@ def test_forward_backward_shapes_and_weighted_loss_terms(task, aligned):
 
 def test_options_are_declared_and_a_zero_cycle_weight_removes_the_cycle():
     assert MCTN.Options is MCTNOptions and MCTNOptions().cycle_weight == 0.1
-    cfg = tiny_model_config(variant="mctn")
+    assert Config.from_dict({"variant": "mctn", "cycle_weight": 0.5}).cycle_weight == 0.5  # the run config takes its options
+    with pytest.raises(ConfigError, match="cycle_weight"):
+        Config.from_dict({"variant": "mctn", "cycle_weight": -1.0})
+    cfg = tiny_model_config(variant="mctn", cycle_weight=0.0)
     batch = make_batch_fn(cfg)
-    cfg.cycle_weight = 0.0  # as the run config answers for a variant's options
     model = build_model(cfg).train()
     terms = model.loss(model(batch), batch["labels"])
     assert "cycle" not in terms and "translation" in terms
@@ -122,7 +125,6 @@ def test_train_evaluate_load_run_analyses_and_a_missing_protocol(tiny_mosi, tmp_
 
 
 def test_grid_with_mctn_shows_the_papers_mctn_row_and_other_baselines(tmp_path):
-    from mskt.config import Config
     from mskt.experiments.grid import run_grid
 
     pkl, _, _ = write_mult_pickle(tmp_path, "mosi")  # CMU-MOSI aligned: the paper's Table 1

@@ -212,8 +212,8 @@ def test_a_space_file_that_does_not_parse_names_the_file(tmp_path, capsys):
 
 def test_default_spaces_follow_what_the_variant_declares():
     kt, full, kt_any = (tuning.default_space(Config.from_dict({"variant": v})) for v in ("kt", "full", "kt_any"))
-    assert {"lambda_vision", "lambda_language", "consistency", "kt_layers"} <= set(kt)
-    assert not {"lambda_vision", "lambda_language", "consistency", "kt_layers", "lambda_any"} & set(full)
+    assert {"lambda_vision", "lambda_text", "consistency", "kt_layers"} <= set(kt)
+    assert not {"lambda_vision", "lambda_text", "consistency", "kt_layers", "lambda_any"} & set(full)
     assert "lambda_any" in kt_any and "lambda_vision" not in kt_any
     assert "audio_kernel" in full and "audio_kernel" not in kt  # kt never reads audio on its prediction path
     for space in (kt, full, kt_any):  # every default lies inside: the untuned default can be trial 0

@@ -22,7 +22,7 @@ What it computes: ``forward(batch, return_attention=False, return_internals=Fals
 ``loss(out, labels) -> {term: scalar tensor, ..., "total": weighted sum}``.
 
 Hooks the training loop asks (each has a default here): :meth:`check_config`, :meth:`uses_teacher`,
-:meth:`loss_weights`, :meth:`standardises` / :meth:`set_statistics`, :meth:`drops_modalities`,
+:meth:`searched_options`, :meth:`standardises` / :meth:`set_statistics`, :meth:`drops_modalities`,
 :meth:`check_missing`; the analyses ask :meth:`reconstruction_sources` and :meth:`read_out`.
 """
 
@@ -36,7 +36,7 @@ import torch.nn as nn
 from mskt.modalities import MODALITIES
 from mskt.model.config import ModelConfig
 from mskt.model.layers import key_mask, set_dropout_context
-from mskt.model.options import Options
+from mskt.model.options import Options, option_fields
 
 
 @dataclass
@@ -59,7 +59,7 @@ class Model(nn.Module):
     reconstructs: tuple = ()
     test_missing: tuple = ("audio",)
     has_attention: bool = False
-    Options = Options
+    Options = Options  # the variant's own options (mskt.model.options); the base has none
 
     @classmethod
     def check_config(cls, cfg: ModelConfig) -> None:
@@ -71,10 +71,10 @@ class Model(nn.Module):
         return False
 
     @classmethod
-    def loss_weights(cls, cfg: ModelConfig) -> tuple:
-        """The config fields that weight this variant's own loss terms under ``cfg`` (what a
-        hyperparameter search tunes beside the backbone's fields; ``mskt tune`` asks)."""
-        return ()
+    def searched_options(cls, cfg: ModelConfig) -> tuple:
+        """The variant's options that ``mskt tune`` searches under ``cfg`` (beside the backbone's
+        fields): by default each option that declares a ``search`` range (mskt.model.options)."""
+        return tuple(name for name, f in option_fields(cls.Options).items() if f.metadata.get("search"))
 
     def forward(self, batch: dict, return_attention: bool = False, return_internals: bool = False) -> Output:
         raise NotImplementedError

@@ -20,17 +20,35 @@ Design decisions the paper leaves open (each is a config field):
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn as nn
 
 from mskt.model.backbone import MulT, Output
+from mskt.model.options import TransferOptions, option
 from mskt.model.layers import key_mask, resample, run_stacks
 from mskt.model.losses import consistency_loss, task_loss
 from mskt.model.registry import register
 
 
+_WEIGHT = dict(low=(0.0, "["), search=dict(low=0.1, high=10.0, log=True, why="this paper gives no value; 1.0 is ours"))
+
+
+@dataclass
+class KTOptions(TransferOptions):
+    lambda_vision: float = option(1.0, help="lambda1 of the paper's Eq. 6: the weight of L_c(V -> A) (0 turns it off)", **_WEIGHT)
+    lambda_text: float = option(1.0, help="lambda2 of the paper's Eq. 6: the weight of L_c(L -> A) (0 turns it off)",
+                                aliases=("lambda_language",), **_WEIGHT)
+    lambda_fused: float = option(0.0, low=(0.0, "["), help="beyond the paper: the weight of a consistency term on delta's output A' too")
+    kt_target: str = option("raw", choices=("raw", "aux", "teacher"),
+                            help="f_A: raw (standardised audio features), aux (encoder + training-only head) or teacher (a full run's frozen encoder)")
+    lambda_aux: float = option(1.0, help="kt_target=aux: the weight of the training-only audio head's task loss", **_WEIGHT)
+
+
 @register("kt")
 class KT(MulT):
+    Options = KTOptions
     inputs = ("text", "vision")
     fuses = ("text", "audio", "vision")  # audio: A'
     reconstructs = ("audio",)
@@ -40,9 +58,10 @@ class KT(MulT):
         return cfg.kt_target == "teacher"
 
     @classmethod
-    def loss_weights(cls, cfg) -> tuple:
-        # lambda1, lambda2 of the paper's Eq. 6; lambda_fused (beyond the paper) stays at its default.
-        return ("lambda_vision", "lambda_language") + (("lambda_aux",) if cfg.kt_target == "aux" else ())
+    def searched_options(cls, cfg) -> tuple:
+        # lambda1, lambda2 of the paper's Eq. 6; lambda_fused (beyond the paper) stays at its default;
+        # the audio head's weight matters only where there is one.
+        return tuple(k for k in super().searched_options(cfg) if k != "lambda_aux" or cfg.kt_target == "aux")
 
     def encoded_modalities(self) -> tuple:
         # Real audio gets an encoder only as a learned consistency target (aux, teacher), never raw.
@@ -149,7 +168,7 @@ class KT(MulT):
         weighted = []
         for name, key, weight, on in (
             ("consistency_vision", "audio_from_vision", cfg.lambda_vision, "vision"),
-            ("consistency_language", "audio_from_language", cfg.lambda_language, "language"),
+            ("consistency_language", "audio_from_language", cfg.lambda_text, "language"),
             ("consistency_fused", "audio_reconstruction", cfg.lambda_fused, "language"),
         ):
             pred = out.internals[key]

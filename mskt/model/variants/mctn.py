@@ -64,22 +64,16 @@ from mskt.model.registry import register
 @dataclass
 class MCTNOptions(Options):
     translation_weight: float = option(0.1, low=(0.0, "["), help="weight of the L -> V translation loss (MSE; the authors' 0.1)",
-                                       search=dict(low=0.01, high=1.0, log=True))
+                                       search=dict(low=0.01, high=1.0, log=True, why="the authors' code: 0.1"))
     cycle_weight: float = option(0.1, low=(0.0, "["), help="weight of the V^ -> L cycle loss (MSE; the authors' 0.1; 0 turns the cycle off)",
-                                 search=dict(low=0.01, high=1.0, log=True))
+                                 search=dict(low=0.01, high=1.0, log=True, why="the authors' code: 0.1"))
     audio_weight: float = option(0.1, low=(0.0, "["), help="weight of the second stage's translation, joint representation -> A (MSE; the authors' 0.1)",
-                                 search=dict(low=0.01, high=1.0, log=True))
+                                 search=dict(low=0.01, high=1.0, log=True, why="the authors' code: 0.1"))
     rnn_hidden: int = option(32, low=(1, "["), help="width of the seq2seq LSTMs, encoders and decoders (the authors' 32)",
-                             search=dict(choices=(16, 32, 64)))
+                             search=dict(choices=(16, 32, 64), why="the authors' code: 32"))
     regression_hidden: int = option(32, low=(1, "["), help="width of the prediction LSTM (the authors' 32)",
-                                    search=dict(choices=(16, 32, 64)))
+                                    search=dict(choices=(16, 32, 64), why="the authors' code: 32"))
     output_l2: float = option(0.01, low=(0.0, "["), help="L2 penalty on the output layer's weights (the authors' 0.01)")
-
-
-def _option(cfg, name: str):
-    """``cfg.<name>``; a config that does not carry variant options (a bare ModelConfig) gets the default."""
-    value = getattr(cfg, name, None)
-    return MCTNOptions.__dataclass_fields__[name].default if value is None else value
 
 
 def _real_first(x: torch.Tensor, lengths: torch.Tensor, back: bool = False) -> torch.Tensor:
@@ -154,11 +148,11 @@ class MCTN(Model):
         super().__init__()
         cfg.check()
         self.cfg = cfg
-        H, R = _option(cfg, "rnn_hidden"), _option(cfg, "regression_hidden")
+        H, R = cfg.rnn_hidden, cfg.regression_hidden
         # Into and out of the shared seq2seq's width, per modality (the authors zero-pad instead).
         self.embed = nn.ModuleDict({m: nn.Linear(cfg.dim(m), H) for m in MODALITIES})
         # Text is written only by the cycle: without it, no unused readout (DDP refuses unused parameters).
-        written = ("vision", "audio") + (("text",) if _option(cfg, "cycle_weight") > 0 else ())
+        written = ("vision", "audio") + (("text",) if cfg.cycle_weight > 0 else ())
         self.readout = nn.ModuleDict({m: nn.Linear(H, cfg.dim(m)) for m in MODALITIES if m in written})
         self.encoder = Encoder(H, H)  # stage 1, both directions of the cycle
         self.decoder = AttentionDecoder(H)
@@ -227,7 +221,7 @@ class MCTN(Model):
         T = source.shape[1]
         aux = {"mask": key_mask(len_l, T).flip(1)}  # (B, T): real steps of the text grid, first
         aux["vision_pred"] = self.decoder(joint, len_l, T, self.embed["vision"], self.readout["vision"])  # L -> V^
-        if _option(self.cfg, "cycle_weight") > 0:  # V^ -> L^ through the same encoder and decoder
+        if self.cfg.cycle_weight > 0:  # V^ -> L^ through the same encoder and decoder
             cycled = self.encoder(self.embed["vision"](aux["vision_pred"]), len_l)
             aux["text_pred"] = self.decoder(cycled, len_l, T, self.embed["text"], self.readout["text"])
             aux["text_target"] = source  # L as the encoder read it
@@ -260,8 +254,8 @@ class MCTN(Model):
             if f"{m}_keep" in out.aux:
                 mask = mask & out.aux[f"{m}_keep"][:, None]
             terms[name] = consistency_loss(out.aux[f"{m}_pred"], out.aux[f"{m}_target"], mask, "l2", denominator)
-            total = total + _option(cfg, weight) * terms[name]
+            total = total + getattr(cfg, weight) * terms[name]
         terms["output_l2"] = self.out.weight.pow(2).sum()
-        total = total + _option(cfg, "output_l2") * terms["output_l2"]
+        total = total + cfg.output_l2 * terms["output_l2"]
         terms["total"] = total
         return terms
