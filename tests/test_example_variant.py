@@ -53,7 +53,7 @@ def test_it_trains_and_evaluates(kt_mlp_run, tiny_mosi):
     result, out = kt_mlp_run
     assert isinstance(result.model.theta, StepMLP) and isinstance(result.model.phi, StepMLP)
     history = result.history
-    assert {"train_consistency_vision", "train_consistency_language"} <= set(history.columns)
+    assert {"train_consistency_vision", "train_consistency_text"} <= set(history.columns)
     assert np.isfinite(result.metrics["test"]["mae"])
     cfg, model = load_run(out)  # a run folder of the new variant loads like any other
     assert cfg.variant == "kt_mlp" and isinstance(model, KTMLP)
