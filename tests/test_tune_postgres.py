@@ -232,7 +232,7 @@ def test_the_readmes_submitit_recipe_runs_two_local_jobs_on_one_study(tmp_path):
     assert args == readme_worker_command()  # the jobs run the worker that the tests above run
     journal = tmp_path / "journal.log"
     command = [sys.executable, str(ROOT / "scripts" / "submit_tune.py"), *options, "--cluster", "local", "--jobs", "2",
-               "--folder", str(tmp_path / "submitit"), "mskt", *single_machine(args, str(journal), tmp_path / "root", "--trials", str(TRIALS))]
+               "--timeout-min", "3", "--folder", str(tmp_path / "submitit"), "mskt", *single_machine(args, str(journal), tmp_path / "root", "--trials", str(TRIALS))]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
     logs = sorted((tmp_path / "submitit").glob("*_0_log.err"))
