@@ -250,7 +250,7 @@ def plot_quality_summary(summary):
     """R^2 and cosine similarity of A' (from V, from L, fused) against trivial baselines."""
     import seaborn as sns
 
-    names = {"A' from vision": "A′ from V (θ)", "A' from language": "A′ from L (φ)", "A' from fused": "A′ fused (δ)"}
+    names = {"A' from vision": "A′ from V (θ)", "A' from text": "A′ from L (φ)", "A' from fused": "A′ fused (δ)"}
     summary = summary.assign(reconstruction=summary["reconstruction"].map(lambda r: names.get(r, r)))
     fig, axes = _fig(FULL_WIDTH, 2.2, ncols=2)
     order = list(summary["reconstruction"])
