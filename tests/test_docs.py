@@ -321,9 +321,15 @@ def _subparser(parser, words):
 
 def check_mskt_args(args: list[str]) -> None:
     """Raise AssertionError naming what is wrong; parsing only, nothing runs."""
-    from mskt.cli import build_parser
+    from mskt.cli import _import_plugins, build_parser
     from mskt.errors import MsktError
 
+    cwd = os.getcwd()
+    os.chdir(ROOT)  # the docs' commands run from the project root: --plugin docs/examples/kt_gru.py
+    try:
+        _import_plugins(args)  # as `mskt` does before it builds its parser: the plugin's options are flags
+    finally:
+        os.chdir(cwd)
     parser = build_parser()
     err = io.StringIO()
     with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
