@@ -181,7 +181,7 @@ def cmd_bench(args) -> int:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
     records = run_bench(presets, variants, args.config, args.steps, device=device, precision=args.precision, compile=args.compile,
-                        reference=args.reference, rounds=args.rounds)
+                        reference=args.reference, rounds=args.rounds, plugins=args.cfg_plugins or ())
     print(to_markdown(records))
     if args.json:
         path = Path(args.json)

@@ -1,4 +1,5 @@
-"""One flat, typed configuration for a run: the model's fields plus data and training.
+"""One flat, typed configuration for a run: the model's fields plus data and training, plus the
+options of its variant (declared by the variant, mskt.model.options; ``cfg.lambda_text`` reads one).
 
 It round-trips through a papermill parameters cell (``Config.from_dict(params)``), JSON
 (``config.json`` in every run folder) and the CLI (``--key value`` for every field). Unknown keys,
@@ -7,6 +8,8 @@ allowed: every numeric field has a range (``RANGES``; kernels must be odd), ever
 finite, and the string fields are choices (or, for ``device``, a name torch can parse).
 
 Presets (``preset(name)``) give each dataset's defaults and say where each one comes from.
+``plugins`` (modules or .py files) are imported before the variant is looked up, wherever a config
+is built or read back (mskt.plugins).
 """
 
 from __future__ import annotations

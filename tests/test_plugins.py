@@ -1,6 +1,6 @@
 """A variant of your own, in a file outside the repository, reaches every entry point without a
 file of mskt/ being touched: ``mskt train``, ``mskt evaluate``, ``mskt grid`` (two worker
-processes), ``mskt tune`` with ``--finalize``, notebooks 02 and 03 under papermill, and
+processes), ``mskt tune`` with ``--finalize``, ``mskt bench``, notebooks 02 and 03 under papermill, and
 ``load_run`` in a fresh interpreter. It has an option of its own (``gru_layers``), which the config
 validates, the CLI takes as a flag, ``tune`` searches and ``config.json`` records.
 
@@ -26,42 +26,8 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--d-model", "8", "--heads", "2", "--encoder-layers", "1", "--kt-layers", "1", "--crossmodal-layers", "1", "--memory-layers", "1",
         "--data", "synthetic:mosi", "--data-scale", "0.02", "--epochs", "1", "--batch-size", "16", "--device", "cpu", "--progress", "off"]
 
-# theta and phi as GRUs: kt with an option of its own. Written as a user would, from docs/extending.md.
-KT_GRU = '''
-from dataclasses import dataclass
-
-import torch.nn as nn
-
-from mskt.model import register
-from mskt.model.options import option
-from mskt.model.variants.kt import KT
-
-
-@dataclass
-class KTGRUOptions(KT.Options):
-    gru_layers: int = option(1, low=(1, "["), help="GRU layers in theta and phi", search=dict(low=1, high=2))
-
-
-class StepGRU(nn.Module):
-    def __init__(self, d, layers):
-        super().__init__()
-        self.gru = nn.GRU(d, d, num_layers=layers, batch_first=True)
-
-    def forward(self, x, mask, source=None, source_mask=None, return_attention=False, last_only=False):
-        y, _ = self.gru(x * mask[..., None])
-        y = y * mask[..., None]
-        return (y[:, -1:] if last_only else y), None
-
-
-@register("kt_gru")
-class KTGRU(KT):
-    Options = KTGRUOptions
-
-    def build_transfer(self):
-        super().build_transfer()
-        self.theta = StepGRU(self.cfg.d_model, self.cfg.gru_layers)
-        self.phi = StepGRU(self.cfg.d_model, self.cfg.gru_layers)
-'''
+# theta and phi as GRUs: kt with an option of its own, the example docs/extending.md walks through.
+KT_GRU = (ROOT / "docs" / "examples" / "kt_gru.py").read_text()
 
 
 def _env(home: Path) -> dict:
@@ -123,11 +89,17 @@ def test_tune_searches_the_option_and_finalize_reads_the_study(outside):
     assert len(trials) == 2 and all(t["variant"] == "kt_gru" and "gru_layers" in t for t in trials)
     from mskt.experiments.tune import default_space
 
-    space = default_space(Config.from_dict({"plugins": [str(outside / "kt_gru.py")], "variant": "kt_gru"}))
+    # In this process, the repository's copy: a second file registering kt_gru here would be a collision.
+    space = default_space(Config.from_dict({"plugins": [str(ROOT / "docs" / "examples" / "kt_gru.py")], "variant": "kt_gru"}))
     assert (space["gru_layers"].low, space["gru_layers"].high) == (1, 2)  # from the option's search range
     # finalize without --plugin: the study's stored config names it.
     proc = mskt("tune", "--finalize", "--study", "gru", "--root", "tune", "--seeds", "1", "--threads", "1", cwd=outside)
     assert "results" in proc.stdout
+
+
+def test_bench_times_the_plugin_variant_in_its_own_process(outside):
+    proc = mskt("bench", "--plugin", "kt_gru.py", "--variants", "kt_gru", "--presets", "mosi", "--steps", "1", "--threads", "1", cwd=outside)
+    assert "| mosi | kt_gru | mult |" in proc.stdout  # each record runs in a spawned process: it imported the file
 
 
 @pytest.mark.parametrize("notebook", ["02_training", "03_reconstruction_quality"])
@@ -147,6 +119,13 @@ def test_notebooks_02_and_03_under_papermill(notebook, outside, trained, tmp_pat
 
 
 # -- in-process: registry and options ----------------------------------------------------------
+
+
+def test_extending_md_shows_the_example_file_as_it_is():
+    text = (ROOT / "docs" / "extending.md").read_text()
+    marker = "it is docs/examples/kt_gru.py, which tests/test_plugins.py runs"
+    block = text[text.index(marker):].split("```python\n", 1)[1].split("```", 1)[0]
+    assert block == KT_GRU
 
 
 def test_an_option_of_another_variant_is_refused_naming_its_owner():

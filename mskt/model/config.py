@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from mskt.errors import ConfigError
 from mskt.modalities import MODALITIES
-from mskt.model.options import Options, check_options, coerce, make_options, option_fields
+from mskt.model.options import Options, check_options, check_ranges, make_options, option_fields  # noqa: F401 -- check_ranges: mskt.model.config.check_ranges
 from mskt.model.registry import VARIANTS, variant_class
 
 
@@ -170,18 +170,3 @@ def _rebuild(cls, values: dict):
 
     load_plugins(values.get("plugins", ()))
     return cls(**values)
-
-
-def check_ranges(cfg, ranges: dict) -> None:
-    """``ConfigError`` naming the first field of ``cfg`` outside its range in ``ranges``."""
-    for name, (low, high, note) in ranges.items():
-        value = getattr(cfg, name)
-        low_ok = low is None or (value > low[0] if low[1] == "(" else value >= low[0])
-        high_ok = high is None or (value < high[0] if high[1] == ")" else value <= high[0])
-        if not (low_ok and high_ok):
-            raise ConfigError(f"{name} must be in {_interval(low, high)}{note}, found {value!r}")
-
-
-def _interval(low, high) -> str:
-    """``[1, inf)``, ``(0.0, 100.0]``: the allowed range, as the error message prints it."""
-    return f"{low[1]}{low[0]}, " + (f"{high[0]}{high[1]}" if high is not None else "inf)")

@@ -110,8 +110,6 @@ def make_options(options_cls, values: dict, variant: str, check: bool = True):
 
 def check_options(opts, variant: str) -> None:
     """Types, finiteness, ranges and choices of every option in ``opts``."""
-    from mskt.model.config import check_ranges
-
     ranges = {}
     for name, f in option_fields(type(opts)).items():
         value, meta, kind = getattr(opts, name), f.metadata, field_kind(f)
@@ -134,3 +132,18 @@ def option_help(f) -> str:
     meta = f.metadata
     allowed = f"; one of {', '.join(map(str, meta['choices']))}" if meta.get("choices") else ""
     return f"{meta.get('help', '')} (default {f.default!r}{allowed})"
+
+
+def check_ranges(cfg, ranges: dict) -> None:
+    """``ConfigError`` naming the first field of ``cfg`` outside its range in ``ranges``."""
+    for name, (low, high, note) in ranges.items():
+        value = getattr(cfg, name)
+        low_ok = low is None or (value > low[0] if low[1] == "(" else value >= low[0])
+        high_ok = high is None or (value < high[0] if high[1] == ")" else value <= high[0])
+        if not (low_ok and high_ok):
+            raise ConfigError(f"{name} must be in {_interval(low, high)}{note}, found {value!r}")
+
+
+def _interval(low, high) -> str:
+    """``[1, inf)``, ``(0.0, 100.0]``: the allowed range, as the error message prints it."""
+    return f"{low[1]}{low[0]}, " + (f"{high[0]}{high[1]}" if high is not None else "inf)")

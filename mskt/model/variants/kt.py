@@ -91,7 +91,7 @@ class KT(MulT):
 
     def reconstruction_sources(self, modality):
         # theta's prediction stays on the vision grid; phi's and A' live on the text grid.
-        return {"vision": ("audio_from_vision", "vision"), "language": ("audio_from_language", "text"),
+        return {"vision": ("audio_from_vision", "vision"), "text": ("audio_from_text", "text"),
                 "fused": ("audio_reconstruction", "text")}
 
     def set_audio_statistics(self, mean: torch.Tensor, std: torch.Tensor) -> None:
@@ -116,23 +116,23 @@ class KT(MulT):
     def reconstruct_audio(self, f_text, f_vision, masks, lengths):
         """theta(f_V), phi(f_L) and A' = delta([theta(f_V) || phi(f_L)]), all (B, T_text, d) except
         theta's own output, which stays on the vision grid for its consistency loss."""
-        (from_vision, _), (from_language, _) = run_stacks(
+        (from_vision, _), (from_text, _) = run_stacks(
             [(self.theta, f_vision, masks["vision"], None, None), (self.phi, f_text, masks["text"], None, None)]
         )  # (B, T_v, d), (B, T_l, d)
         T_l = f_text.shape[1]
         from_vision_on_text = from_vision
         if from_vision.shape[1] != T_l:
             from_vision_on_text = resample(from_vision, lengths["vision"], T_l, lengths["text"])  # (B, T_l, d)
-        fused = self.delta_in(torch.cat([from_vision_on_text, from_language], dim=2))  # (B, T_l, 2d) -> (B, T_l, d)
+        fused = self.delta_in(torch.cat([from_vision_on_text, from_text], dim=2))  # (B, T_l, 2d) -> (B, T_l, d)
         reconstruction, _ = self.delta(fused, masks["text"])  # (B, T_l, d)
-        return from_vision, from_language, reconstruction
+        return from_vision, from_text, reconstruction
 
     def reconstruct(self, batch, encoded, masks, lengths, missing, given, return_internals):
-        from_vision, from_language, reconstruction = self.reconstruct_audio(encoded["text"], encoded["vision"], masks, lengths)
+        from_vision, from_text, reconstruction = self.reconstruct_audio(encoded["text"], encoded["vision"], masks, lengths)
         encoded["audio"] = reconstruction  # A' on the text grid
         masks["audio"] = masks["text"]
         lengths["audio_grid"] = lengths["text"]
-        internals = dict(audio_from_vision=from_vision, audio_from_language=from_language, audio_reconstruction=reconstruction)
+        internals = dict(audio_from_vision=from_vision, audio_from_text=from_text, audio_reconstruction=reconstruction)
         aux = {}
         if batch.get("audio") is not None and (self.training or return_internals):
             aux.update(self.audio_targets(batch, lengths, encoded, masks))
@@ -154,7 +154,7 @@ class KT(MulT):
             out["aux_pred"] = aux_pred.squeeze(1) if self.cfg.task == "regression" else aux_pred.view(-1, 4, 2)
         target = f_audio.detach()  # stop-gradient: the consistency loss cannot move its own target
         len_a = batch["lengths"]["audio"]
-        for name, m in (("vision", "vision"), ("language", "text")):
+        for name, m in (("vision", "vision"), ("text", "text")):
             T = encoded[m].shape[1]
             out[f"target_on_{name}"] = target if T == target.shape[1] else resample(target, len_a, T, lengths[m])
             out[f"mask_on_{name}"] = masks[m]  # real steps of the grid the prediction lives on (text grid under CTC)
@@ -168,8 +168,8 @@ class KT(MulT):
         weighted = []
         for name, key, weight, on in (
             ("consistency_vision", "audio_from_vision", cfg.lambda_vision, "vision"),
-            ("consistency_language", "audio_from_language", cfg.lambda_text, "language"),
-            ("consistency_fused", "audio_reconstruction", cfg.lambda_fused, "language"),
+            ("consistency_text", "audio_from_text", cfg.lambda_text, "text"),
+            ("consistency_fused", "audio_reconstruction", cfg.lambda_fused, "text"),
         ):
             pred = out.internals[key]
             if cfg.kt_target == "raw":
