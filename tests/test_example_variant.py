@@ -66,7 +66,7 @@ def test_reconstruction_quality(kt_mlp_run, tiny_mosi):
     test = Tensors.from_split(tiny_mosi.splits["test"], result.config.task, "cpu")
     rec = analysis.reconstructions(result.model, test, batch_size=8)
     table = analysis.quality_summary(rec)
-    assert list(table["reconstruction"][:3]) == ["A' from vision", "A' from language", "A' from fused"]
+    assert list(table["reconstruction"][:3]) == ["A' from vision", "A' from text", "A' from fused"]
     assert np.isfinite(table["mse"]).all()
 
 

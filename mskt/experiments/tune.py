@@ -610,6 +610,8 @@ def _check_same(study: str, stored: dict, mine: dict) -> None:
         if a != b:
             if isinstance(a, dict) and isinstance(b, dict):
                 diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+                if "variant" in diff:  # another variant also differs in every option the two do not share: say the cause
+                    diff = ["variant"]
                 detail = ", ".join(f"{k}: study {a.get(k)!r}, this command {b.get(k)!r}" for k in diff[:3])
             else:
                 detail = f"study {a!r}, this command {b!r}"
