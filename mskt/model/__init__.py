@@ -1,7 +1,7 @@
 """The model, on torch's operations only: config, layers, encoders, the MulT backbone, losses, and
 the variants (one file each, registered by name). ``Model`` (``mskt.model.base``) is what the
-rest of mskt needs of a model; MulT is one, and a variant need not be MulT (``mctn``). It imports nothing of the accelerators
-(``mskt.fast``), which are applied to a built model from outside.
+rest of mskt needs of a model; MulT is one, and a variant need not be MulT (``mctn``). It imports
+nothing of the accelerators (``mskt.fast``), which are applied to a built model from outside.
 
 ``build_model(cfg)`` builds the variant ``cfg.variant`` names.
 """
