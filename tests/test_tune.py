@@ -216,6 +216,9 @@ def test_default_spaces_follow_what_the_variant_declares():
     assert not {"lambda_vision", "lambda_text", "consistency", "kt_layers", "lambda_any"} & set(full)
     assert "lambda_any" in kt_any and "lambda_vision" not in kt_any
     assert "audio_kernel" in full and "audio_kernel" not in kt  # kt never reads audio on its prediction path
+    # A model that is not MulT reads none of MulT's fields: the training knobs and its own options.
+    mctn = tuning.default_space(Config.from_dict({"variant": "mctn"}))
+    assert set(mctn) == {"lr", "batch_size", "translation_weight", "cycle_weight", "audio_weight", "rnn_hidden", "regression_hidden"}
     for space, variant in ((kt, "kt"), (full, "full"), (kt_any, "kt_any")):  # every default lies inside: the untuned default can be trial 0
         default = Config.from_dict({"variant": variant})
         assert all(knob.contains(getattr(default, key)) for key, knob in space.items())

@@ -100,9 +100,12 @@ class Knob:
 # lr 1e-3 constant, lambda1 and lambda2 (Eq. 6) with no values given, L1 vs L2 consistency (Table 5).
 # d_model and heads are choices whose every pair divides (d_model % heads == 0), and the untuned
 # default (d 40, 4 heads, batch 24, ...) lies inside every range, so it can be trial 0.
-_BACKBONE = {
+_TRAINING = {  # every model's
     "lr": Knob(1e-4, 3e-3, log=True, why="MulT chose 1e-3 / 2e-3; the paper 1e-3"),
     "batch_size": Knob(choices=(16, 24, 32, 64, 128), why="MulT 16 / 32 / 128, its code 24"),
+}
+# The shared model fields a search may tune, for a model that says it reads them (searched_fields).
+FIELD_KNOBS = {
     "d_model": Knob(choices=(16, 24, 32, 40, 48), why="MulT's code 30, MulT's paper and ours 40"),
     "heads": Knob(choices=(1, 2, 4, 8), why="MulT 5 (code), 8 / 10 (paper)"),
     "crossmodal_layers": Knob(2, 5, why="MulT 4 (paper) / 5 (code); this paper 3"),
@@ -113,30 +116,26 @@ _BACKBONE = {
     "res_dropout": Knob(0.0, 0.3, why="MulT 0.1"),
     "embed_dropout": Knob(0.0, 0.4, why="MulT 0.2-0.3 (text embedding)"),
     "out_dropout": Knob(0.0, 0.3, why="MulT 0.0 (code) / 0.1 (paper)"),
+    "text_kernel": Knob(choices=(1, 3), why="MulT 1 or 3"),
+    "vision_kernel": Knob(choices=(1, 3, 5), why="MulT 3; its code 1"),
+    "audio_kernel": Knob(choices=(1, 3, 5), why="MulT 3 or 5; its code 1"),
+    "attn_dropout_vision": Knob(0.0, 0.3, why="MulT 0.0 (audio, vision)"),
+    "attn_dropout_audio": Knob(0.0, 0.3, why="MulT 0.0 (audio, vision)"),
+    "kt_layers": Knob(1, 4, why="this paper: three layers per block"),
 }
-_KERNELS = {
-    "text": Knob(choices=(1, 3), why="MulT 1 or 3"),
-    "vision": Knob(choices=(1, 3, 5), why="MulT 3; its code 1"),
-    "audio": Knob(choices=(1, 3, 5), why="MulT 3 or 5; its code 1"),
-}
-_ATTN_DROPOUT = {"vision": "attn_dropout_vision", "audio": "attn_dropout_audio"}  # text's is attn_dropout
 
 
 def default_space(cfg: Config) -> dict:
     """The default search space for ``cfg``'s variant, ``{field: Knob}``, derived from what the
-    variant class declares (never its name): the backbone's fields; a temporal kernel per modality it
-    reads (``inputs``); an attention dropout per modality it fuses; when it reconstructs something,
-    the transfer depth; and the options it searches (``searched_options``: each option's ``search``
-    in its Options, mskt.model.options), numeric ranges before choices."""
+    variant class declares (never its name): the learning rate and batch size; the shared model
+    fields it reads (``searched_fields``: for MulT, its widths, depths and dropouts, a temporal
+    kernel per modality it reads, an attention dropout per modality it fuses, the transfer depth
+    when it reconstructs); and the options it searches (``searched_options``: each option's
+    ``search`` in its Options, mskt.model.options), numeric ranges before choices."""
     cls = variant_class(cfg.variant)
-    space = dict(_BACKBONE)
-    for m in cls.inputs:
-        space[f"{m}_kernel"] = _KERNELS[m]
-    for m in cls.fuses:
-        if m in _ATTN_DROPOUT:
-            space[_ATTN_DROPOUT[m]] = Knob(0.0, 0.3, why="MulT 0.0 (audio, vision)")
-    if cls.reconstructs:
-        space["kt_layers"] = Knob(1, 4, why="this paper: three layers per block")
+    space = dict(_TRAINING)
+    for key in cls.searched_fields(cfg):
+        space[key] = FIELD_KNOBS[key]
     fields = option_fields(cls.Options)
     searched = [(name, fields[name].metadata["search"]) for name in cls.searched_options(cfg)]
     for name, spec in sorted(searched, key=lambda item: "choices" in item[1]):  # stable: declaration order within each kind

@@ -43,6 +43,16 @@ class MulT(Model):
 
     has_attention = True
 
+    @classmethod
+    def searched_fields(cls, cfg: ModelConfig) -> tuple:
+        # Widths, depths and dropouts; a temporal kernel per modality read; an attention dropout per
+        # non-text modality fused (text's is attn_dropout); the transfer depth when it reconstructs.
+        fields = ("d_model", "heads", "crossmodal_layers", "memory_layers", "encoder_layers", "attn_dropout", "relu_dropout",
+                  "res_dropout", "embed_dropout", "out_dropout")
+        fields += tuple(f"{m}_kernel" for m in cls.inputs)
+        fields += tuple(f"attn_dropout_{m}" for m in cls.fuses if m != "text")
+        return fields + (("kt_layers",) if cls.reconstructs else ())
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         cfg.check()

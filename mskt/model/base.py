@@ -71,6 +71,13 @@ class Model(nn.Module):
         return False
 
     @classmethod
+    def searched_fields(cls, cfg: ModelConfig) -> tuple:
+        """The shared config fields (``ModelConfig``'s) this model reads that ``mskt tune`` searches
+        beside the learning rate and batch size (their ranges: mskt.experiments.tune.FIELD_KNOBS).
+        A model that reads none of them, as MCTN, searches only those and its options."""
+        return ()
+
+    @classmethod
     def searched_options(cls, cfg: ModelConfig) -> tuple:
         """The variant's options that ``mskt tune`` searches under ``cfg`` (beside the backbone's
         fields): by default each option that declares a ``search`` range (mskt.model.options)."""
