@@ -136,3 +136,16 @@ def test_grid_with_mctn_shows_the_papers_mctn_row_and_other_baselines(tmp_path):
     assert "| mctn | 1 |" in table
     assert "| *mctn (paper)* | | 35.6 | 79.3 | 79.1 |" in table and "0.909" in table  # MCTN, Table 1
     assert "| *RMFN (paper)* | | 38.3 | 78.4 | 78.0 |" in table and "*MFM (paper)*" in table and "*RAVEN (paper)*" in table
+
+
+def test_the_explorer_shows_mctn_without_attention_maps(tiny_mosi):
+    """The explorer asks the model whether it has attention (``has_attention``) instead of
+    assuming a MulT: an MCTN sample view has its reconstructions and no maps."""
+    from mskt.data.batching import Tensors
+    from mskt.viz import explorer
+
+    cfg = tiny_model_config(variant="mctn", text_dim=tiny_mosi.dims["text"], audio_dim=tiny_mosi.dims["audio"],
+                            vision_dim=tiny_mosi.dims["vision"], text_steps=tiny_mosi.seq_lens["text"])
+    view = explorer.sample_view(build_model(cfg), Tensors.from_split(tiny_mosi["test"], "regression", "cpu"), 0, missing="audio")
+    assert view["attention"] == {} and set(view["views"]) == {"audio", "vision"}
+    assert "A′ reconstructed" in explorer.describe(view)

@@ -48,10 +48,11 @@ def sample_view(model: KTMulT, data: Tensors, index: int, missing=()) -> dict:
     idx = torch.as_tensor([int(index)], device=data.labels.device)
     batch = data.batch(idx)
     mask = torch.tensor([[m in missing for m in MODALITIES]], device=data.labels.device)
-    out = model({**batch, "missing": mask}, return_attention=True, return_internals=True)
+    # Attention maps where the model has them (MCTN's LSTMs have none: the view shows no maps).
+    out = model({**batch, "missing": mask}, return_attention=model.has_attention, return_internals=True)
     full = model({**batch, "missing": torch.zeros_like(mask)})
 
-    grid = {m: out.lengths.get(m, batch["lengths"][m]) for m in MODALITIES}  # as the forward used them
+    grid = {m: (out.lengths or {}).get(m, batch["lengths"][m]) for m in MODALITIES}  # as the forward used them
     views = {}
     for m in missing:
         key = f"{m}_reconstruction"
