@@ -29,7 +29,7 @@ from mskt.console import outer_progress
 from mskt.errors import MsktError
 from mskt.metrics import display_scale
 from mskt.data.missing import CONDITIONS, RATES, check_mode, check_rate, parse_missing
-from mskt.model import KTMulT
+from mskt.model import MulT
 
 ID_COLUMNS = ("label", "variant", "run_seed", "protocol", "condition", "rate", "missing_rate_realised", "mask_seed", "mode", "train_rate")
 
@@ -41,15 +41,15 @@ def _entries(runs) -> list[tuple[str, object]]:
     return [(None, r) for r in runs]
 
 
-def _load(entry) -> KTMulT:
-    if isinstance(entry, KTMulT):
+def _load(entry) -> MulT:
+    if isinstance(entry, MulT):
         return entry
     from mskt.train import load_run
 
     return load_run(Path(entry))[1]
 
 
-def _check_fits(model: KTMulT, dataset, where: str) -> None:
+def _check_fits(model: MulT, dataset, where: str) -> None:
     dims, cfg = dataset.dims, model.cfg
     wanted = {"text_dim": dims["text"], "audio_dim": dims["audio"], "vision_dim": dims["vision"], "task": dataset.meta.task}
     for key, value in wanted.items():
@@ -62,7 +62,7 @@ def sweep(runs, dataset=None, rates=RATES, conditions=CONDITIONS, seeds=(0, 1, 2
     """Evaluate every run under every fixed condition and every missing rate; where a person watches
     (``progress``, :mod:`mskt.console`) a bar counts the evaluations.
 
-    ``runs``: {label: [run folder or KTMulT, ...]} (one entry per training seed) or a flat list
+    ``runs``: {label: [run folder or MulT, ...]} (one entry per training seed) or a flat list
     (labelled by variant). ``dataset``: the data the runs were trained on (default: the first run's
     ``cfg.data``). ``rates``: per-sample (``mode="sample"``) or per-step (``mode="step"``) missing
     rates in [0, 1), each evaluated with every mask seed in ``seeds`` (rate 0 once: nothing is random).
@@ -105,7 +105,7 @@ def _evaluate_plan(label, model, entry, plan, dataset, data, batch_size, device,
     from mskt.data.missing import evaluation_masks, realised_rate
     from mskt.train import evaluate
 
-    _check_fits(model, dataset, str(entry) if not isinstance(entry, KTMulT) else f"model {label}")
+    _check_fits(model, dataset, str(entry) if not isinstance(entry, MulT) else f"model {label}")
     model.to(device)
     cfg = model.cfg
     base = {"label": label or cfg.variant, "variant": cfg.variant, "run_seed": int(getattr(cfg, "seed", 0))}

@@ -10,7 +10,7 @@ import torch
 from mskt.config import Config
 from mskt.errors import ConfigError, MsktError
 from mskt.fast import accelerate
-from mskt.model import KTMulT, build_model, variant_class
+from mskt.model import MulT, build_model, variant_class
 
 
 def load_checkpoint(path: Path) -> dict:
@@ -70,7 +70,7 @@ def _training_state(model, optimizer, scheduler, generator, epoch, history, best
 
 
 
-def load_run(run_dir) -> tuple[Config, KTMulT]:
+def load_run(run_dir) -> tuple[Config, MulT]:
     """The config and best model of a finished run folder (weights loaded with weights_only=True)."""
     run_dir = Path(run_dir)
     cfg = Config.load(run_dir / "config.json")
@@ -122,7 +122,7 @@ def check_teacher(cfg: Config, teacher_dir, dataset) -> None:
             "and must be trained on the same labelled subset (same label_fraction and seed)")
 
 
-def load_teacher_audio_encoder(model: KTMulT, teacher_dir: str) -> None:
+def load_teacher_audio_encoder(model: MulT, teacher_dir: str) -> None:
     """Copy a finished ``full`` run's audio encoder into ``model`` and freeze it (kt_target='teacher')."""
     teacher_cfg = Config.load(Path(teacher_dir) / "config.json")
     teacher = variant_class(teacher_cfg.variant)

@@ -7,11 +7,11 @@ import torch
 from mskt.data.batching import Tensors
 from mskt.metrics import compute_metrics
 from mskt.modalities import MODALITIES
-from mskt.model import KTMulT
+from mskt.model import MulT
 
 
 @torch.inference_mode()
-def predict(model: KTMulT, data: Tensors, batch_size: int = 256, return_internals: bool = False, missing=None,
+def predict(model: MulT, data: Tensors, batch_size: int = 256, return_internals: bool = False, missing=None,
             missing_rate: float = 0.0, missing_mode: str = "sample", missing_seed: int = 0) -> dict:
     """Predictions (numpy) for a whole split, in order; with internals, also f_* and A' tensors.
     By default every modality is given as it is; ``missing`` etc. as in :func:`evaluate`."""
@@ -28,7 +28,7 @@ def predict(model: KTMulT, data: Tensors, batch_size: int = 256, return_internal
     return result
 
 
-def default_test_batch(model: KTMulT, batch: dict) -> dict:
+def default_test_batch(model: MulT, batch: dict) -> dict:
     """``batch`` as the default (the paper's) test protocol gives it to ``model``: its
     ``test_missing`` modalities marked missing where it reads them, left out where it does not."""
     absent = model.test_missing
@@ -63,7 +63,7 @@ def _missing_batches(model, data: Tensors, batch_size, missing, rate, mode, seed
 
 
 @torch.inference_mode()
-def evaluate(model: KTMulT, data: Tensors, batch_size: int = 256, dist=None, missing=None, missing_rate: float = 0.0,
+def evaluate(model: MulT, data: Tensors, batch_size: int = 256, dist=None, missing=None, missing_rate: float = 0.0,
              missing_mode: str = "sample", missing_seed: int = 0) -> dict:
     """Metrics (mskt.metrics names) and the mean task loss on a split.
 
@@ -105,7 +105,7 @@ def selection_score(metrics: dict, task: str, select_on: str) -> float:
     return metrics["mae"] if task == "regression" else -metrics["mean_f1"]
 
 
-def validation_metrics(model: KTMulT, data: Tensors, cfg, dist=None) -> dict:
+def validation_metrics(model: MulT, data: Tensors, cfg, dist=None) -> dict:
     """Validation metrics under the run's selection protocol ``cfg.select_missing``: the model's own
     test protocol ("default"), nothing missing ("none"), one fixed condition ("audio,vision"), or
     the mean of each metric over the six fixed conditions ("conditions"). Checkpoint selection,

@@ -15,12 +15,12 @@ import numpy as np
 import pandas as pd
 import torch
 
-from mskt.model import KTMulT, key_mask, resample
+from mskt.model import MulT, key_mask, resample
 from mskt.train import Tensors
 from mskt.train.evaluation import default_test_batch
 
 @torch.inference_mode()
-def reconstructions(model: KTMulT, data: Tensors, batch_size: int = 256, modality: str = "audio") -> dict:
+def reconstructions(model: MulT, data: Tensors, batch_size: int = 256, modality: str = "audio") -> dict:
     """For every sample: the real standardised features of ``modality`` and each reconstruction of it
     (``model.reconstruction_sources``: kt's theta, phi and delta), on each reconstruction's grid.
     Returns {source: {"pred", "target", "mask"}} of numpy arrays (N, T, D_m), (N, T, D_m), (N, T),
@@ -146,7 +146,7 @@ def per_sample_errors(rec: dict) -> pd.DataFrame:
 
 
 @torch.inference_mode()
-def attention_maps(model: KTMulT, data: Tensors, samples) -> dict:
+def attention_maps(model: MulT, data: Tensors, samples) -> dict:
     """Attention weights of the chosen samples (indices into ``data``), from the explicit attention
     path, with the inputs the default test protocol gives (as ``evaluate``): {"source->target": [per
     layer (n, heads, T_target, T_source) numpy]}; "t->t" keys are the self-attention decoder's. Also
@@ -160,7 +160,7 @@ def attention_maps(model: KTMulT, data: Tensors, samples) -> dict:
     return maps
 
 
-def average_attention(model: KTMulT, data: Tensors, max_samples: int = 256, bins: int = 20) -> dict:
+def average_attention(model: MulT, data: Tensors, max_samples: int = 256, bins: int = 20) -> dict:
     """Attention per direction and layer, averaged over heads and samples in *relative* positions.
 
     Each sample's real block (its true query and key steps) is binned onto a ``bins`` x ``bins``
