@@ -1,5 +1,9 @@
 """The training loop: seeding, the model and its accelerators, epochs, selection on validation,
-the run folder (what it holds: ``mskt.train``'s docstring), resuming."""
+the run folder (what it holds: ``mskt.train``'s docstring), resuming.
+
+:func:`train` is three parts over one :class:`RunState`: :func:`setup_run` (everything before the
+first epoch), :func:`train_epoch` (one epoch, validated, its files written) and :func:`finish_run`
+(the best epoch on test, ``metrics.json``)."""
 
 from __future__ import annotations
 
