@@ -28,24 +28,46 @@ from mskt.errors import MsktError
 
 
 def _add_config_options(parser: argparse.ArgumentParser, skip=()) -> None:
-    """One ``--key`` per Config field, all parsed as strings and coerced by Config.from_dict."""
+    """One ``--key`` per Config field and per option of every registered variant (its plugins are
+    imported before the parser is built), all parsed as strings and coerced by Config.from_dict."""
     from mskt.config import Config
+    from mskt.model import VARIANTS
+    from mskt.model.options import option_fields, option_help
 
     group = parser.add_argument_group("config (any field of mskt.config.Config)")
     for name, f in Config.fields().items():
-        if name in skip:
+        if name in skip or name == "plugins":
             continue
         flag = "--" + name.replace("_", "-")
         group.add_argument(flag, dest=f"cfg_{name}", metavar=str(f.type).upper(), default=None, help=f"default: {f.default!r}")
+    owners = {}  # option -> (field, [variants owning it])
+    for variant, cls in VARIANTS.items():
+        for name, f in option_fields(cls.Options).items():
+            owners.setdefault(name, (f, []))[1].append(variant)
+    options = parser.add_argument_group("variant options (each taken only with a variant that owns it)")
+    for name, (f, variants) in owners.items():
+        flags = ["--" + n.replace("_", "-") for n in (name, *f.metadata.get("aliases", ()))]  # old names still work
+        options.add_argument(*flags, dest=f"cfg_{name}", metavar=str(f.type).upper(), default=None,
+                             help=f"{', '.join(variants)}: {option_help(f)}")
+    _add_plugin_option(parser)
     parser.add_argument("--preset", help="start from a dataset preset (mosi, mosi-unaligned, mosei, ..., see mskt.config.PRESETS)")
 
 
-def _config_from_args(args) -> "Config":
+def _add_plugin_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--plugin", dest="cfg_plugins", action="append", default=None, metavar="MODULE|FILE.py",
+                        help="a module or .py file that registers variants of your own (repeatable; recorded in config.json)")
+
+
+def _config_from_args(args, split_options: bool = False):
+    """The Config the flags describe; with ``split_options``, ``(config, options)``: the variant
+    options kept apart (a grid applies each to the variants that own it)."""
     from mskt.config import Config, preset
 
     values = {k[4:]: v for k, v in vars(args).items() if k.startswith("cfg_") and v is not None}
+    options = {k: values.pop(k) for k in list(values) if k not in Config.fields()} if split_options else {}
     base = preset(args.preset) if args.preset else None
-    return Config.from_dict(values, base=base)
+    cfg = Config.from_dict(values, base=base)
+    return (cfg, options) if split_options else cfg
 
 
 def _dataset_report(ds) -> str:
@@ -123,7 +145,7 @@ def cmd_train(args) -> int:
     from mskt.train import describe, resume, train
 
     if args.resume:
-        given = sorted(k[4:] for k, v in vars(args).items() if k.startswith("cfg_") and v is not None)
+        given = sorted(k[4:] for k, v in vars(args).items() if k.startswith("cfg_") and v is not None and k != "cfg_plugins")
         if given or args.preset or args.out:
             raise MsktError(f"--resume {args.resume} continues that run with its own config.json; drop {given or '--preset/--out'}")
         result = resume(args.resume)
@@ -159,7 +181,7 @@ def cmd_bench(args) -> int:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
     records = run_bench(presets, variants, args.config, args.steps, device=device, precision=args.precision, compile=args.compile,
-                        reference=args.reference, rounds=args.rounds)
+                        reference=args.reference, rounds=args.rounds, plugins=args.cfg_plugins or ())
     print(to_markdown(records))
     if args.json:
         path = Path(args.json)
@@ -241,7 +263,7 @@ def cmd_grid(args) -> int:
     from mskt.experiments.grid import run_grid
     from mskt.model import VARIANTS
 
-    cfg = _config_from_args(args)
+    cfg, options = _config_from_args(args, split_options=True)
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     bad = [v for v in variants if v not in VARIANTS]
     if bad:
@@ -258,7 +280,7 @@ def cmd_grid(args) -> int:
     if args.against is not None and args.against not in variants:
         raise MsktError(f"--against {args.against}: not among --variants {','.join(variants)}")
     run_grid(cfg, variants, args.seeds, out, on_run=report, jobs=args.jobs, against=args.against, correction=args.correction,
-             bootstrap=args.bootstrap)
+             bootstrap=args.bootstrap, options=options)
     print((out / "results.md").read_text())
     if args.against is not None:
         print((out / "comparisons.md").read_text())
@@ -272,7 +294,7 @@ def cmd_tune(args) -> int:
 
     if args.finalize:
         # Where and how fast the runs compute (--threads, --device, ...) may change; what they compute may not.
-        given = sorted(k[4:] for k, v in vars(args).items() if k.startswith("cfg_") and v is not None and k not in ("cfg_data", "cfg_variant"))
+        given = sorted(k[4:] for k, v in vars(args).items() if k.startswith("cfg_") and v is not None and k not in ("cfg_data", "cfg_variant", "cfg_plugins"))
         config = sorted(set(given) - set(tuning.EXECUTION_FIELDS))
         if config or args.preset or args.space or args.prune:
             raise MsktError(f"--finalize retrains the study's best configuration with the study's own config; drop {config or '--preset/--space/--prune'}")
@@ -317,7 +339,10 @@ def cmd_notebooks(args) -> int:
     from mskt.notebooks import parse_params, run_notebooks
 
     only = [o.strip() for o in args.only.split(",")] if args.only else None
-    results = run_notebooks(smoke=args.smoke, only=only, params=parse_params(args.param), out_dir=args.out)
+    params = parse_params(args.param)
+    if args.cfg_plugins:  # every notebook declares `plugins`
+        params["plugins"] = list(args.cfg_plugins)
+    results = run_notebooks(smoke=args.smoke, only=only, params=params, out_dir=args.out)
     failed = [r for r in results if r.status != "ok"]
     out = results[0].output.parent
     print(f"executed notebooks in {out} (summary: {out / 'summary.json'})")
@@ -327,12 +352,21 @@ def cmd_notebooks(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The whole command line: one function per group of commands below."""
     from mskt import __version__
 
     p = argparse.ArgumentParser(prog="mskt", description="Multimodal sentiment analysis with a missing modality (knowledge transfer).")
     p.add_argument("--version", action="version", version=f"mskt {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
+    _data_parsers(sub)
+    _train_parsers(sub)
+    _tune_parser(sub)
+    _bench_parser(sub)
+    _notebooks_parser(sub)
+    return p
 
+
+def _data_parsers(sub) -> None:
     data = sub.add_parser("data", help="inspect, synthesise and convert datasets").add_subparsers(dest="data_command", required=True)
     info = data.add_parser("info", help="splits, shapes, lengths, label statistics and non-finite counts of any supported file")
     info.add_argument("path", help=".pkl (MulT/MMSA), .h5 (mskt store), .csd (SDK sequence) or synthetic:<preset>")
@@ -363,6 +397,10 @@ def build_parser() -> argparse.ArgumentParser:
     align.add_argument("--out", required=True)
     align.set_defaults(func=cmd_data_align)
 
+
+
+def _train_parsers(sub) -> None:
+    """train, evaluate and grid."""
     tr = sub.add_parser("train", help="train one variant; writes runs/<name>/")
     tr.add_argument("--out", default=None, help="run folder (default runs/<dataset>-<variant>-seed<S>-<time>)")
     tr.add_argument("--resume", default=None, metavar="DIR", help="continue an interrupted run from its last completed epoch")
@@ -378,6 +416,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--missing-rate", default=None, metavar="R", help="each other modality of each sample missing with probability R in [0, 1)")
     ev.add_argument("--missing-mode", default=None, metavar="sample|step", help="sample (default): whole modalities; step: each time step zeroed with probability R")
     ev.add_argument("--missing-seed", default=None, metavar="S", help="seed of the random masks (default 0)")
+    _add_plugin_option(ev)  # the run's own plugins (config.json) are imported anyway
     ev.set_defaults(func=cmd_evaluate)
 
     gr = sub.add_parser("grid", help="variants x seeds, with a mean/std results table")
@@ -390,6 +429,9 @@ def build_parser() -> argparse.ArgumentParser:
     gr.add_argument("--correction", default="holm", choices=("holm", "bh", "none"), help="multiple-comparison correction across the comparisons table's cells")
     _add_config_options(gr, skip=("variant",))
     gr.set_defaults(func=cmd_grid)
+
+
+def _tune_parser(sub) -> None:
     tu = sub.add_parser("tune", help="hyperparameter search on Optuna; trials are run folders under runs/tune/<study>/")
     tu.add_argument("--trials", type=int, default=None, help="complete or pruned trials the study should hold (all workers together)")
     tu.add_argument("--study", default=None, help="study name (default <data>-<variant>, e.g. synthetic-mosi-kt)")
@@ -407,6 +449,9 @@ def build_parser() -> argparse.ArgumentParser:
     tu.add_argument("--jobs", type=int, default=1, help="with --finalize: runs trained at once, one torch thread each")
     _add_config_options(tu)
     tu.set_defaults(func=cmd_tune)
+
+
+def _bench_parser(sub) -> None:
     be = sub.add_parser("bench", help="train / inference throughput, memory and FLOPs at each dataset's real shapes")
     be.add_argument("--presets", default="mosi,mosi-unaligned", help="comma-separated: mosi, mosi-unaligned, mosei, mosei-unaligned, iemocap, iemocap-unaligned")
     be.add_argument("--variants", default="full,kt")
@@ -422,14 +467,18 @@ def build_parser() -> argparse.ArgumentParser:
                     help="with --reference: also measure each speed-up in one process, alternating the two codes for this many "
                          "rounds of --steps steps; the median ratio is robust to a machine whose speed drifts")
     be.add_argument("--json", default=None, metavar="PATH", help="write the records as a JSON list")
+    _add_plugin_option(be)
     be.set_defaults(func=cmd_bench)
+
+
+def _notebooks_parser(sub) -> None:
     nb = sub.add_parser("notebooks", help="execute the numbered notebooks with papermill into runs/notebooks-<time>/")
     nb.add_argument("--smoke", action="store_true", help="tiny data and models: a check that every notebook runs")
     nb.add_argument("--only", default=None, help="comma-separated notebook numbers, e.g. 03 or 01,02")
     nb.add_argument("--param", action="append", default=[], metavar="KEY=VALUE", help="a parameter for every notebook that declares it")
     nb.add_argument("--out", default=None, help="folder for the executed copies")
+    _add_plugin_option(nb)
     nb.set_defaults(func=cmd_notebooks)
-    return p
 
 
 class LogFormat(logging.Formatter):
@@ -449,8 +498,26 @@ def configure_logging(stream=None) -> None:
     logging.basicConfig(level=logging.INFO, handlers=[handler])
 
 
+def _import_plugins(argv) -> None:
+    """Import the ``--plugin`` modules before the parser is built, so that their variants' options
+    are flags too."""
+    from mskt.plugins import load_entry_points, load_plugins
+
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--plugin", action="append", default=[])
+    known, _ = pre.parse_known_args(argv)
+    load_entry_points()
+    load_plugins(known.plugin)
+
+
 def main(argv=None) -> int:
     configure_logging()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        _import_plugins(argv)
+    except MsktError as e:
+        print(f"mskt: error: {e}", file=sys.stderr)
+        return 2
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

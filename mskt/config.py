@@ -1,4 +1,5 @@
-"""One flat, typed configuration for a run: the model's fields plus data and training.
+"""One flat, typed configuration for a run: the model's fields plus data and training, plus the
+options of its variant (declared by the variant, mskt.model.options; ``cfg.lambda_text`` reads one).
 
 It round-trips through a papermill parameters cell (``Config.from_dict(params)``), JSON
 (``config.json`` in every run folder) and the CLI (``--key value`` for every field). Unknown keys,
@@ -7,6 +8,8 @@ allowed: every numeric field has a range (``RANGES``; kernels must be odd), ever
 finite, and the string fields are choices (or, for ``device``, a name torch can parse).
 
 Presets (``preset(name)``) give each dataset's defaults and say where each one comes from.
+``plugins`` (modules or .py files) are imported before the variant is looked up, wherever a config
+is built or read back (mskt.plugins).
 """
 
 from __future__ import annotations
@@ -19,12 +22,21 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mskt.errors import ConfigError
-from mskt.model import ModelConfig, variant_class
+from mskt.model import VARIANTS, ModelConfig, variant_class
 from mskt.model.config import MODEL_RANGES, check_ranges
+from mskt.model.options import _TYPES, Options, coerce, option_aliases, option_fields  # noqa: F401 -- coerce: mskt.config.coerce
+
+# The options kt and kt_any owned as flat fields of every config until they moved to their variants
+# (mskt.model.options). A stored config (config.json, a checkpoint, a study) of another variant still
+# holds them, at values that variant never read: reading it back drops them.
+MOVED_TO_VARIANTS = ("consistency", "lambda_vision", "lambda_language", "lambda_fused", "kt_target", "lambda_aux", "lambda_any", "modality_dropout")
 
 
-@dataclass
+@dataclass(init=False, eq=False, repr=False)
 class Config(ModelConfig):
+    # Modules or .py files that register variants of your own (mskt.plugins), imported before the
+    # variant is looked up, wherever this config is read; file paths are recorded absolute.
+    plugins: tuple = ()
     # Data: a path (.pkl MulT/MMSA, .h5 store) or a synthetic preset such as synthetic:mosi-unaligned.
     data: str = "synthetic:mosi"
     data_scale: float = 1.0  # synthetic only: multiplies the preset's split sizes
@@ -103,7 +115,7 @@ class Config(ModelConfig):
         if self.max_steps and self.min_steps > self.max_steps:
             raise ConfigError(f"min_steps={self.min_steps} exceeds max_steps={self.max_steps}; min_steps must be at most max_steps (0: no limit)")
         if variant_class(self.variant).uses_teacher(self) and not self.teacher_run:
-            raise ConfigError(f"variant {self.variant!r} with kt_target={self.kt_target!r} needs teacher_run: the folder of a finished `full` run")
+            raise ConfigError(f"variant {self.variant!r} with these options needs teacher_run: the folder of a finished `full` run")
 
     def _check_train_missing(self) -> None:
         """The training protocol's choice, its rate (below 1 where it is a probability) and, for
@@ -141,6 +153,10 @@ class Config(ModelConfig):
         """A Config built directly (not through from_dict) gets the same type errors as from_dict."""
         for name, f in self.fields().items():
             value = getattr(self, name)
+            if name == "plugins":
+                if not isinstance(value, tuple) or not all(isinstance(v, str) for v in value):
+                    raise ConfigError(f"plugins must be a list of module names or .py file paths, found {value!r}")
+                continue
             kind = _TYPES[f.type if isinstance(f.type, str) else f.type.__name__]
             if kind is bool:
                 ok = isinstance(value, bool)
@@ -163,26 +179,64 @@ class Config(ModelConfig):
     # -- round trips ---------------------------------------------------------------------------
 
     @classmethod
-    def fields(cls) -> dict:
-        return {f.name: f for f in dataclasses.fields(cls)}
-
-    @classmethod
     def from_dict(cls, values: dict, base: "Config | None" = None) -> "Config":
-        """A Config from ``values`` (on top of ``base`` or the defaults); strict about keys and types."""
+        """A Config from ``values`` (on top of ``base`` or the defaults); strict about keys and types.
+
+        ``values`` may hold the options of the variant it names (or inherits from ``base``): an
+        option of another variant is an error naming its owner. The base's options carry over where
+        the variant owns them (``base.replace(variant="kt_any")`` keeps ``consistency``)."""
+        from mskt.plugins import load_entry_points, load_plugins
+
+        load_entry_points()  # installed packages' variants (once per process)
         fields = cls.fields()
-        unknown = sorted(set(values) - set(fields))
+        merged = {k: v for k, v in base.to_dict().items() if k in fields} if base is not None else {}
+        if "plugins" in values:
+            merged["plugins"] = _plugins(values["plugins"])
+        load_plugins(merged.get("plugins", ()))  # before the variant is looked up: it may be theirs
+        variant = values.get("variant", merged.get("variant", fields["variant"].default))
+        if not isinstance(variant, str):
+            raise ConfigError(f"variant must be str, found {variant!r}")
+        if variant not in VARIANTS:
+            raise ConfigError(f"variant={variant!r} is not allowed; choose one of {', '.join(VARIANTS)}")
+        options_cls = getattr(variant_class(variant), "Options", Options)
+        owned, aliases = option_fields(options_cls), option_aliases(options_cls)
+        values = {aliases.get(k, k): v for k, v in values.items()}
+        unknown = sorted(set(values) - set(fields) - set(owned))
         if unknown:
-            raise ConfigError(f"unknown config key(s) {unknown}; allowed: {', '.join(fields)}")
-        merged = dataclasses.asdict(base) if base is not None else {}
-        merged = {k: v for k, v in merged.items() if k in fields}
+            owners = {k: [v for v, c in VARIANTS.items() if k in option_fields(getattr(c, "Options", Options)) or k in option_aliases(getattr(c, "Options", Options))] for k in unknown}
+            for key, who in owners.items():
+                if who:
+                    raise ConfigError(f"{key} is an option of variant {', '.join(who)}, not of {variant!r}; its options: {', '.join(owned) or 'none'}")
+            raise ConfigError(f"unknown config key(s) {unknown}; allowed: {', '.join(fields)} and the options of variant {variant!r}: {', '.join(owned) or 'none'}")
+        options = {k: v for k, v in base.to_dict().items() if k in owned} if base is not None else {}
         for key, value in values.items():
-            merged[key] = coerce(key, value, fields[key].type)
-        cfg = cls(**merged)
+            if key == "plugins":
+                continue
+            if key in owned:
+                options[key] = coerce(key, value, owned[key].type)
+            else:
+                merged[key] = coerce(key, value, fields[key].type)
+        cfg = cls(**merged, **options)
         cfg.check()
         return cfg
 
-    def to_dict(self) -> dict:
-        return {f: getattr(self, f) for f in self.fields()}
+    @classmethod
+    def from_stored(cls, values: dict, where: str = "") -> "Config":
+        """A Config from what an earlier mskt stored (config.json, a checkpoint, a study): as
+        ``from_dict``, less the options that moved to their variants (``MOVED_TO_VARIANTS``) where the
+        stored variant does not own them; ``lambda_language`` reads as ``lambda_text``."""
+        variant = values.get("variant")
+        if isinstance(variant, str):
+            try:
+                load_plugins = __import__("mskt.plugins", fromlist=["load_plugins"]).load_plugins
+                load_plugins(_plugins(values.get("plugins", ())))
+            except ConfigError as e:
+                raise ConfigError(f"{where}: {e}" if where else str(e)) from None
+            if variant in VARIANTS:
+                options_cls = getattr(variant_class(variant), "Options", Options)
+                owned = set(option_fields(options_cls)) | set(option_aliases(options_cls))
+                values = {k: v for k, v in values.items() if k not in MOVED_TO_VARIANTS or k in owned}
+        return cls.from_dict(values)
 
     def replace(self, **changes) -> "Config":
         return Config.from_dict(changes, base=self)
@@ -199,10 +253,11 @@ class Config(ModelConfig):
             values = json.loads(path.read_text())
         except (OSError, ValueError) as e:
             raise ConfigError(f"{path}: cannot read the config ({e})") from None
-        return cls.from_dict(values)
+        if not isinstance(values, dict):
+            raise ConfigError(f"{path}: the config must be a JSON object, found {type(values).__name__}")
+        return cls.from_stored(values, where=str(path))
 
 
-_TYPES = {"int": int, "float": float, "str": str, "bool": bool}
 # train_missing's choices: "auto" (the variant's own protocol) and mskt.data.missing.TrainingProtocol's kinds.
 TRAIN_PROTOCOLS = ("auto", "none", "patterns", "fixed", "sample", "uniform", "step")
 # select_missing's named choices (besides one fixed condition such as "audio,vision").
@@ -233,34 +288,6 @@ RANGES = {
 }
 
 
-def coerce(key: str, value, type_name) -> object:
-    """``value`` as the field's type; strings from a CLI are parsed, anything else must already fit."""
-    kind = _TYPES[type_name if isinstance(type_name, str) else type_name.__name__]
-    if kind is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
-            return value.lower() in ("true", "1", "yes")
-        raise ConfigError(f"{key} must be true or false, found {value!r}")
-    if isinstance(value, bool):  # bool is an int subclass: refuse it where a number is meant
-        raise ConfigError(f"{key} must be {kind.__name__}, found {value!r}")
-    if kind is int and isinstance(value, numbers.Integral):  # numpy integers too
-        return int(value)
-    if kind is float and isinstance(value, numbers.Real):  # ints and numpy floats
-        try:
-            return float(value)
-        except OverflowError:
-            raise ConfigError(f"{key} must be a finite float, found {value!r}") from None
-    if isinstance(value, kind):
-        return value
-    if isinstance(value, str):
-        try:
-            return kind(value)
-        except ValueError:
-            pass
-    raise ConfigError(f"{key} must be {kind.__name__}, found {value!r}")
-
-
 # ----------------------------------------------------------------------------------------------
 # Presets: each dataset's defaults. Where the paper states a setting we use it; the rest is
 # MulT's public configuration or our documented choice.
@@ -288,6 +315,17 @@ PRESETS = {
     "iemocap": {**_PAPER, "data": "synthetic:iemocap"},
     "iemocap-unaligned": {**_PAPER, "data": "synthetic:iemocap-unaligned"},
 }
+
+
+def _plugins(value) -> tuple:
+    """``plugins`` as a tuple of normalised entries, from a list, a tuple or a comma-separated string."""
+    from mskt.plugins import normalise
+
+    if isinstance(value, str):
+        value = [v for v in value.split(",") if v.strip()]
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+        raise ConfigError(f"plugins must be a list of module names or .py file paths, found {value!r}")
+    return tuple(normalise(v) for v in value)
 
 
 def preset(name: str, **overrides) -> Config:

@@ -10,7 +10,7 @@ from mskt.viz import analysis
 
 def _rec(pred, target, mask):
     part = {"pred": pred, "target": target, "mask": mask}
-    return {"vision": part, "language": part, "fused": part, "prediction": np.zeros(len(pred)), "labels": np.zeros(len(pred))}
+    return {"vision": part, "text": part, "fused": part, "prediction": np.zeros(len(pred)), "labels": np.zeros(len(pred))}
 
 
 def test_quality_summary_perfect_and_trivial_reconstructions():

@@ -184,8 +184,18 @@ def registry_kept():
 def run_block(block: Block, tmp: Path) -> dict:
     unknown = [n for n in block.given if n not in GIVEN]
     assert not unknown, f"{block.where}: <!-- run with: --> names {unknown}; the test gives {sorted(GIVEN)}"
-    ns = {"__name__": "__doc_block__", **{n: GIVEN[n](tmp) for n in block.given}}
-    exec(compile(block.code, block.where, "exec"), ns)
+    import sys
+    import types
+
+    # A module of its own, as a user's file is: dataclasses (a variant's Options) look their module up.
+    module = types.ModuleType("__doc_block__")
+    ns = module.__dict__
+    ns.update({n: GIVEN[n](tmp) for n in block.given})
+    sys.modules["__doc_block__"] = module
+    try:
+        exec(compile(block.code, block.where, "exec"), ns)
+    finally:
+        del sys.modules["__doc_block__"]
     return ns
 
 
@@ -312,9 +322,15 @@ def _subparser(parser, words):
 
 def check_mskt_args(args: list[str]) -> None:
     """Raise AssertionError naming what is wrong; parsing only, nothing runs."""
-    from mskt.cli import build_parser
+    from mskt.cli import _import_plugins, build_parser
     from mskt.errors import MsktError
 
+    cwd = os.getcwd()
+    os.chdir(ROOT)  # the docs' commands run from the project root: --plugin docs/examples/kt_gru.py
+    try:
+        _import_plugins(args)  # as `mskt` does before it builds its parser: the plugin's options are flags
+    finally:
+        os.chdir(cwd)
     parser = build_parser()
     err = io.StringIO()
     with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):

@@ -88,6 +88,75 @@ def test_a_new_process_in_another_checkout_imports_the_built_kernels_without_tor
     assert not (checkout / "build").exists()
 
 
+# A process that asks for the kernels with an empty cache (tests/test_kernels.py's test below).
+# Each one marks when it has looked for a finished build and found none; the build (torch's loader,
+# or a copy of this machine's build in its place) starts only once both have looked, so the other is
+# then sure to be past that look, and only the lock can keep it from building too.
+FIRST_USE = """
+import os, shutil, sys, time
+from pathlib import Path
+import torch
+import torch.utils.cpp_extension as ext
+from mskt.fast import build
+
+folder, mode, prebuilt = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
+looked = build._built
+def marking_built(library, stamp, digest):
+    done = looked(library, stamp, digest)
+    (folder / f"looked-{os.getpid()}").touch()
+    return done
+build._built = marking_built
+
+real_load = ext.load
+def load(name, sources, build_directory, **kwargs):
+    with open(folder / "builds", "a") as f:
+        f.write(f"{os.getpid()}\\n")
+    deadline = time.monotonic() + 120
+    while len(list(folder.glob("looked-*"))) < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.5)  # the other process, past its look, now waits on the lock
+    if mode == "real":
+        return real_load(name, sources, build_directory=build_directory, **kwargs)
+    library = Path(build_directory) / f"{name}.so"
+    shutil.copyfile(prebuilt, library)
+    return build._import_library(name, library)
+ext.load = load
+
+while not (folder / "go").exists():
+    time.sleep(0.01)
+kernels = build.compiled_kernels()
+out, lse = kernels.forward(torch.randn(1, 2, 6), torch.randn(1, 3, 12), torch.zeros(1, 3), 1, 0.5, 0.0, 0, torch.zeros(0, dtype=torch.long))
+assert out.shape == (1, 2, 6)
+print(kernels.__file__)
+"""
+
+
+@pytest.mark.parametrize("mode", ["copied", pytest.param("real", marks=pytest.mark.skipif(
+    os.environ.get("MSKT_TEST_REAL_BUILD") != "1", reason="a real build takes minutes (257 s on a busy 2-core machine); MSKT_TEST_REAL_BUILD=1 runs it"))])
+def test_two_processes_that_first_use_the_kernels_at_once_build_them_once(tmp_path, mode):
+    """Two processes ask for the kernels at the same moment with an empty $MSKT_KERNEL_CACHE: both
+    get them, one builds, the other waits on the build folder's lock and imports that build. The
+    build is a copy of this machine's library in torch's loader's place ("copied", a second), or
+    torch's loader compiling the source ("real", minutes, so only with MSKT_TEST_REAL_BUILD=1)."""
+    import subprocess
+    import sys
+
+    from mskt.fast.build import _source_digest
+
+    prebuilt = kernels.compiled_kernels().__file__
+    cache = tmp_path / "cache"
+    env = {**os.environ, "MSKT_KERNEL_CACHE": str(cache), "PYTHONPATH": str(Path(kernels.__file__).parents[2]), "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen([sys.executable, "-c", FIRST_USE, str(tmp_path), mode, prebuilt], env=env, cwd=tmp_path,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    (tmp_path / "go").touch()
+    results = [p.communicate(timeout=600) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [err[-2000:] for _, err in results]
+    assert len((tmp_path / "builds").read_text().split()) == 1  # one build; the other process waited for it
+    (folder,) = cache.iterdir()
+    assert {Path(out.strip()) for out, _ in results} == {folder / f"{folder.name}.so"}
+    assert (folder / "source.sha1").read_text() == _source_digest()
+
+
 def fresh_generator():
     seed = int(np.random.SeedSequence().entropy % 2**31)
     return torch.Generator().manual_seed(seed), seed

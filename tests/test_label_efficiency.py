@@ -106,7 +106,7 @@ def test_unlabelled_samples_give_no_task_gradient_but_move_the_consistency_terms
     keep = np.array([True, False, True, False, False, True])
     labels = hide_labels(batch["labels"], keep)
     terms = model.loss(model(batch), labels)
-    consistency = terms["consistency_vision"] + terms["consistency_language"]
+    consistency = terms["consistency_vision"] + terms["consistency_text"]
     g_task = torch.autograd.grad(terms["task"], batch["text"], retain_graph=True)[0].flatten(1).abs().sum(1)
     g_cons = torch.autograd.grad(consistency, batch["text"], retain_graph=True)[0].flatten(1).abs().sum(1)
     unlabelled = torch.as_tensor(~keep)

@@ -115,7 +115,7 @@ def test_output_shapes(variant, task, aligned, targets):
             assert out.internals[f"f_{m}"].shape == (B, steps[m], d)
         if variant == "kt":
             assert out.internals["audio_from_vision"].shape == (B, steps["vision"], d)
-            assert out.internals["audio_from_language"].shape == (B, steps["text"], d)
+            assert out.internals["audio_from_text"].shape == (B, steps["text"], d)
             assert out.internals["audio_reconstruction"].shape == (B, steps["text"], d)  # A' on the text grid
             target_width = cfg.audio_dim if cfg.kt_target == "raw" else d  # raw: standardised audio features
             assert out.internals["audio_features"].shape == (B, steps["audio"], target_width)  # f_A, the target
@@ -486,7 +486,7 @@ def test_consistency_terms_do_not_train_the_audio_encoder():
 
     out = model(batch)
     terms = model.loss(out, batch["labels"])
-    (terms["consistency_vision"] + terms["consistency_language"] + terms["consistency_fused"]).backward()
+    (terms["consistency_vision"] + terms["consistency_text"] + terms["consistency_fused"]).backward()
     assert all(p.grad is None or not p.grad.any() for p in audio_params)
     assert all(p.grad is not None and p.grad.any() for n, p in model.named_parameters() if n.startswith(("theta.", "phi.")))
 
@@ -536,10 +536,10 @@ def test_stop_gradient_is_what_prevents_collapse():
             out = model(batch)
             if detached:
                 terms = model.loss(out, batch["labels"])
-                loss = terms["consistency_vision"] + terms["consistency_language"]
+                loss = terms["consistency_vision"] + terms["consistency_text"]
             else:
                 f_audio = out.aux["f_audio"]  # aligned: every grid is the audio grid
-                loss = sum(consistency_loss(out.internals[k], f_audio, None, "l2") for k in ("audio_from_vision", "audio_from_language"))
+                loss = sum(consistency_loss(out.internals[k], f_audio, None, "l2") for k in ("audio_from_vision", "audio_from_text"))
             opt.zero_grad()
             loss.backward()
             opt.step()

@@ -7,6 +7,7 @@ Data: tiny synthetic MOSI / IEMOCAP (13-14 / 8 / 8 samples); model: d_model 8, o
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -27,7 +28,7 @@ except ImportError:  # tests/ imported as a package
 
 # Columns that measure wall-clock time: the only ones two identical runs may disagree on.
 TIMING_COLUMNS = ["train_samples_per_s"]
-KT_TERMS = ["task", "consistency_vision", "consistency_language", "consistency_fused", "aux_audio", "total"]
+KT_TERMS = ["task", "consistency_vision", "consistency_text", "consistency_fused", "aux_audio", "total"]
 
 
 def metric_keys(task):
@@ -213,10 +214,15 @@ def test_teacher_needs_a_run_folder():
 
 
 def test_config_round_trip():
-    cfg = tiny_run_config(variant="language_vision", targets="vision", lr=5e-4, ctc_align=True, consistency="l1")
-    assert Config.from_dict(cfg.to_dict()) == cfg
-    assert Config.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
-    assert set(cfg.to_dict()) == set(Config.fields())  # every field, text_steps (a data-filled one) included
+    for cfg in (tiny_run_config(variant="language_vision", targets="vision", lr=5e-4, ctc_align=True),
+                tiny_run_config(variant="kt", lr=5e-4, ctc_align=True, consistency="l1", lambda_text=0.5)):
+        assert Config.from_dict(cfg.to_dict()) == cfg
+        assert Config.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+        owned = set(dataclasses.asdict(cfg.options))  # the variant's options: none for language_vision
+        assert set(cfg.to_dict()) == set(Config.fields()) | owned  # every field, text_steps (a data-filled one) included
+    assert cfg.to_dict()["consistency"] == "l1" and cfg.to_dict()["lambda_text"] == 0.5
+    assert Config.from_dict({**cfg.to_dict(), "lr": 1e-3}) != cfg  # equality reads the fields ...
+    assert cfg.replace(lambda_text=0.25) != cfg  # ... and the options
 
 
 def test_config_save_load(tmp_path):
@@ -257,7 +263,7 @@ def test_config_bad_values(values, match):
 
 
 def test_config_coerces_cli_strings():
-    cfg = Config.from_dict({"epochs": "3", "lr": "0.5", "ctc_align": "true", "lambda_vision": "2", "variant": "full"})
+    cfg = Config.from_dict({"epochs": "3", "lr": "0.5", "ctc_align": "true", "lambda_vision": "2", "variant": "kt"})
     assert cfg.epochs == 3 and isinstance(cfg.epochs, int)
     assert cfg.lr == 0.5 and isinstance(cfg.lr, float)
     assert cfg.ctc_align is True

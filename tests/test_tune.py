@@ -212,13 +212,14 @@ def test_a_space_file_that_does_not_parse_names_the_file(tmp_path, capsys):
 
 def test_default_spaces_follow_what_the_variant_declares():
     kt, full, kt_any = (tuning.default_space(Config.from_dict({"variant": v})) for v in ("kt", "full", "kt_any"))
-    assert {"lambda_vision", "lambda_language", "consistency", "kt_layers"} <= set(kt)
-    assert not {"lambda_vision", "lambda_language", "consistency", "kt_layers", "lambda_any"} & set(full)
+    assert {"lambda_vision", "lambda_text", "consistency", "kt_layers"} <= set(kt)
+    assert not {"lambda_vision", "lambda_text", "consistency", "kt_layers", "lambda_any"} & set(full)
     assert "lambda_any" in kt_any and "lambda_vision" not in kt_any
     assert "audio_kernel" in full and "audio_kernel" not in kt  # kt never reads audio on its prediction path
-    for space in (kt, full, kt_any):  # every default lies inside: the untuned default can be trial 0
-        assert all(knob.contains(getattr(Config(), key)) for key, knob in space.items())
-        tuning.check_space(space, Config())
+    for space, variant in ((kt, "kt"), (full, "full"), (kt_any, "kt_any")):  # every default lies inside: the untuned default can be trial 0
+        default = Config.from_dict({"variant": variant})
+        assert all(knob.contains(getattr(default, key)) for key, knob in space.items())
+        tuning.check_space(space, default)
 
 
 def test_the_command_line_tunes_finalizes_and_each_trial_is_a_run(tmp_path, capsys, caplog):

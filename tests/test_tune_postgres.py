@@ -5,6 +5,9 @@ no study folder, no lock file in common. What they share must be coordinated by 
 The workers are forked from this process and run ``mskt.cli.main`` with the README's Slurm-array
 command in its single-machine form (the local database, tiny data and model): the code a fresh
 ``mskt tune`` runs, without paying for torch's import once per worker.
+
+The README's submitit recipe (``scripts/submit_tune.py``) runs the same worker command; its test
+runs it as the README gives it, with submitit's local executor and a journal file for the server.
 """
 
 from __future__ import annotations
@@ -194,15 +197,77 @@ def test_a_worker_with_other_settings_is_refused_in_one_line_before_any_trial(po
     assert not (tmp_path / "second" / "mosi-kt").exists() or not any((tmp_path / "second" / "mosi-kt").glob("trial-*"))
 
 
-def test_the_readmes_submitit_recipe_runs_the_tested_worker_command():
-    """submitit is not a dependency, so its recipe does not run here; what each of its jobs calls,
-    mskt.cli.main(ARGS), must be the Slurm array's worker command that the tests above run."""
-    import ast
+def readme_submitit_command() -> tuple[list[str], list[str]]:
+    """The README's submitit recipe: (scripts/submit_tune.py's options, the mskt arguments its jobs run)."""
+    import shlex
+
+    lines = [line for b in code_blocks(ROOT / "README.md") if b.lang == "bash" for line in shell_lines(b.code)
+             if "scripts/submit_tune.py" in line]
+    assert len(lines) == 1, lines
+    words = shlex.split(lines[0], comments=True)
+    at, word = words.index("scripts/submit_tune.py"), words.index("mskt")
+    return words[at + 1:word], words[word + 1:]
+
+
+def submit_tune_script():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("submit_tune", ROOT / "scripts" / "submit_tune.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_readmes_submitit_recipe_runs_two_local_jobs_on_one_study(tmp_path):
+    """The recipe's one command in its single-machine form: submitit's local executor (processes,
+    as Slurm's nodes would run them), 2 jobs of the Slurm array's worker command on one journal-file
+    study, tiny data. The jobs coordinate through the storage: exactly N trials, each complete, no
+    parameters twice."""
+    import subprocess
+
+    pytest.importorskip("submitit")
+    from optuna.storages.journal import JournalFileBackend, JournalStorage
+
+    options, args = readme_submitit_command()
+    assert args == readme_worker_command()  # the jobs run the worker that the tests above run
+    journal = tmp_path / "journal.log"
+    command = [sys.executable, str(ROOT / "scripts" / "submit_tune.py"), *options, "--cluster", "local", "--jobs", "2",
+               "--timeout-min", "3", "--folder", str(tmp_path / "submitit"), "mskt", *single_machine(args, str(journal), tmp_path / "root", "--trials", str(TRIALS))]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
+    logs = sorted((tmp_path / "submitit").glob("*_0_log.err"))
+    assert proc.returncode == 0, (proc.stdout, proc.stderr[-2000:], [p.read_text()[-1500:] for p in logs])
+    assert proc.stdout.startswith("submitted 2 job(s) to local"), proc.stdout
+    # each job ran the command on the shared study, once
+    assert len(logs) == 2 and all(p.read_text().count(f"study mosi-kt: storage {journal}") == 1 for p in logs), [p.read_text()[-1500:] for p in logs]
+    study = optuna.load_study(study_name="mosi-kt", storage=JournalStorage(JournalFileBackend(str(journal))))
+    states = [t.state.name for t in study.trials]
+    assert states == ["COMPLETE"] * TRIALS, states
+    params = [json.dumps(t.params, sort_keys=True) for t in study.trials]
+    assert len(set(params)) == TRIALS, params
+    assert sum(bool(t.user_attrs.get("default")) for t in study.trials) == 1  # the default was queued once
+
+
+def test_submit_tune_says_in_one_line_why_it_cannot_run(tmp_path, capsys):
+    """No job process starts here: a command line it refuses, a job whose mskt fails (submitit's debug
+    executor runs it in this process), and --no-wait, which returns before any job has run."""
     import re
 
-    text = (ROOT / "README.md").read_text()
-    (call,) = re.findall(r"mskt\.cli\.main\((\[.*?\])\)", re.sub(r"\n\s*#\s*", " ", text), flags=re.S)
-    assert ast.literal_eval(call) == readme_worker_command()
+    pytest.importorskip("submitit")
+    script = submit_tune_script()
+    for argv, needle in ((["--jobs", "2", "tune"], "give the command the jobs run after the word mskt"),
+                         (["--jobs", "0", "mskt", "tune"], "--jobs 0: expected 1 or more")):
+        with pytest.raises(SystemExit) as e:
+            script.main(argv)
+        assert e.value.code == 2 and needle in capsys.readouterr().err
+    folder = ["--cluster", "debug", "--folder", str(tmp_path / "submitit")]
+    assert script.main([*folder, "mskt", "tune", "--data", "synthetic:mosi", "--root", str(tmp_path)]) == 1
+    # mskt's own line (the debug job runs in this process, so it prints here), then the script's
+    mskt_line, line = capsys.readouterr().err.splitlines()
+    assert "--trials N is required" in mskt_line and re.fullmatch(r"submit_tune.py: job DEBUG_\d+: mskt returned 2", line), line
+    assert script.main([*folder, "--no-wait", "mskt", "tune", "--data", "synthetic:mosi", "--root", str(tmp_path)]) == 0
+    out, err = capsys.readouterr()
+    assert out.startswith("submitted 1 job(s) to debug") and err == ""  # the job (which would fail as above) never ran
 
 
 def test_a_server_out_of_reach_is_a_one_line_error_that_says_so(tmp_path, capsys):

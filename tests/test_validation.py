@@ -23,9 +23,22 @@ import torch
 
 from mskt.config import RANGES, Config
 from mskt.errors import ConfigError, MsktError
+from mskt.model import VARIANTS
+from mskt.model.options import option_fields
 
 ROOT = Path(__file__).resolve().parents[1]
-FIELDS = Config.fields()
+# Every key a config takes: its fields and each built-in variant's options (with the variant that owns them).
+OWNER = {}
+for _variant in ("kt", "kt_any"):
+    for _name in option_fields(VARIANTS[_variant].Options):
+        OWNER.setdefault(_name, _variant)
+FIELDS = {**Config.fields(), **{n: f for v in ("kt", "kt_any") for n, f in option_fields(VARIANTS[v].Options).items()}}
+
+
+def _with_owner(values: dict) -> dict:
+    """``values`` with the variant that owns its options (the default variant, kt, owns kt's)."""
+    owners = {OWNER[k] for k in values if k in OWNER}
+    return {**values, **({"variant": owners.pop()} if owners else {})}
 TINY = dict(d_model=8, heads=2, encoder_layers=1, kt_layers=1, crossmodal_layers=1, memory_layers=1, text_dim=7, audio_dim=5, vision_dim=6, text_steps=8)
 
 # A value of the wrong type for each kind of field (bool is refused where a number is meant).
@@ -34,6 +47,7 @@ WRONG_TYPES = {
     "float": ["fast", True, None, [0.1]],
     "str": [3, None, True, ["x"]],
     "bool": ["maybe", 2, None, 0.5],
+    "tuple": [3, None, True, [3], ["a", None]],  # plugins: a list of module names or file paths
 }
 
 
@@ -46,11 +60,11 @@ def _kind(name: str) -> str:
 def test_every_field_refuses_a_wrong_type(name):
     for bad in WRONG_TYPES[_kind(name)]:
         with pytest.raises(ConfigError, match=rf"\b{name}\b") as err:
-            Config.from_dict({name: bad})
+            Config.from_dict(_with_owner({name: bad}))
         assert "must be" in str(err.value), str(err.value)
         # Built directly, the same error rather than a TypeError from a comparison.
         with pytest.raises(ConfigError, match=rf"\b{name}\b"):
-            Config(**{name: bad}).check()
+            Config(**_with_owner({name: bad})).check()
 
 
 def test_unknown_keys_are_refused_with_the_allowed_ones():
@@ -82,7 +96,7 @@ OUT_OF_RANGE = {
     "embed_dropout": [-0.1, 1.0],
     "out_dropout": [-0.1, 1.0],
     "lambda_vision": [-0.5],
-    "lambda_language": [-1.0],
+    "lambda_text": [-1.0],
     "lambda_fused": [-1e-3],
     "lambda_aux": [-2.0],
     "lambda_any": [-0.1],
@@ -116,7 +130,8 @@ ALLOWED = {
 def test_every_numeric_field_has_a_range():
     numeric = {n for n in FIELDS if _kind(n) in ("int", "float")}
     kernels = {"text_kernel", "audio_kernel", "vision_kernel"}
-    assert numeric - kernels == set(RANGES), "a numeric Config field without an allowed range in mskt.config.RANGES"
+    ranged_options = {n for n, f in FIELDS.items() if n in OWNER and (f.metadata["low"] or f.metadata["high"])}
+    assert numeric - kernels == set(RANGES) | ranged_options, "a numeric config field or option without an allowed range"
     assert set(OUT_OF_RANGE) == numeric, "a numeric Config field this test does not try out of range"
 
 
@@ -124,7 +139,7 @@ def test_every_numeric_field_has_a_range():
 def test_out_of_range_values_are_refused_saying_what_is_allowed(name):
     for bad in OUT_OF_RANGE[name]:
         with pytest.raises(ConfigError, match=rf"\b{name}\b must be") as err:
-            Config.from_dict({**TINY, name: bad})
+            Config.from_dict(_with_owner({**TINY, name: bad}))
         msg = str(err.value)
         assert repr(bad) in msg or str(bad) in msg, msg  # the value found
         assert any(word in msg for word in ("in [", "in (", ">= 1", "odd")), msg  # what is allowed
@@ -134,12 +149,15 @@ def test_out_of_range_values_are_refused_saying_what_is_allowed(name):
 def test_every_float_field_refuses_non_finite_values(name):
     for bad in (math.nan, math.inf, -math.inf, "nan", "inf", "-Infinity"):
         with pytest.raises(ConfigError, match=rf"\b{name} must be a finite number"):
-            Config.from_dict({name: bad})
+            Config.from_dict(_with_owner({name: bad}))
 
 
 def test_boundary_values_are_allowed():
-    cfg = Config.from_dict({**TINY, **ALLOWED})
-    assert all(getattr(cfg, k) == v for k, v in ALLOWED.items())
+    kt_any = {k: ALLOWED[k] for k in ("lambda_any", "modality_dropout")}
+    cfg = Config.from_dict({**TINY, **{k: v for k, v in ALLOWED.items() if k not in kt_any}})
+    assert all(getattr(cfg, k) == v for k, v in ALLOWED.items() if k not in kt_any)
+    cfg = Config.from_dict({**TINY, **kt_any, "variant": "kt_any"})
+    assert all(getattr(cfg, k) == v for k, v in kt_any.items())
 
 
 def test_other_string_fields_are_checked():

@@ -144,13 +144,14 @@ def train_flops_per_sample(model, batch: dict) -> float:
     return counter.get_total_flops() / len(batch["labels"])
 
 
-def bench_config(preset: str, variant: str, config: str = "mult", precision: str = "fp32", compile: bool = False):
-    """The run Config of a record: the dataset's preset, then ``config``'s values, at the preset's shapes."""
+def bench_config(preset: str, variant: str, config: str = "mult", precision: str = "fp32", compile: bool = False, plugins=()):
+    """The run Config of a record: the dataset's preset, then ``config``'s values, at the preset's
+    shapes; ``plugins`` register variants of your own (a record's process imports them)."""
     from mskt.config import PRESETS, Config
 
     shapes = shapes_for(preset)
     base_name = preset.split("-")[0] + ("-unaligned" if preset.endswith("-unaligned") else "")
-    values = {**PRESETS.get(base_name, {}), **CONFIGS[config], "variant": variant}
+    values = {**PRESETS.get(base_name, {}), **CONFIGS[config], "variant": variant, "plugins": list(plugins)}
     values.update(text_dim=shapes.dims["text"], audio_dim=shapes.dims["audio"], vision_dim=shapes.dims["vision"],
                   text_steps=shapes.steps["text"], task=shapes.task, precision=precision, compile=compile)
     values.pop("data", None)
@@ -167,7 +168,7 @@ def _built(cfg, device):
 
 
 def bench_one(preset: str, variant: str, config: str = "mult", steps: int = 10, warmup: int = 3, device=None,
-              precision: str = "fp32", compile: bool = False, peak: float | None = None) -> dict:
+              precision: str = "fp32", compile: bool = False, peak: float | None = None, plugins=()) -> dict:
     """One record: ``preset`` at its real shapes, ``variant``, ``config`` ("paper" or "mult")."""
     from mskt.model import build_model
     from mskt.train import make_optimizer, resolve_device, training_step
@@ -175,7 +176,7 @@ def bench_one(preset: str, variant: str, config: str = "mult", steps: int = 10, 
 
     device = resolve_device("auto") if device is None else torch.device(device)
     shapes = shapes_for(preset)
-    cfg = bench_config(preset, variant, config, precision, compile)
+    cfg = bench_config(preset, variant, config, precision, compile, plugins)
     torch.manual_seed(0)
     # FLOPs grow linearly with the batch; two samples keep the explicit attention maps small. Torch's
     # operations throughout: the FLOP counter cannot see inside the compiled kernels.
@@ -281,7 +282,8 @@ def bench_public_mult(preset: str, steps: int = 10, warmup: int = 3, device=None
                    flops, batch_size, device, "fp32", peak, "torch")  # the public code's own operations
 
 
-def interleaved_speedup(preset: str, variant: str = "full", config: str = "mult", rounds: int = 8, steps: int = 3, device=None) -> dict:
+def interleaved_speedup(preset: str, variant: str = "full", config: str = "mult", rounds: int = 8, steps: int = 3, device=None,
+                        plugins=()) -> dict:
     """The training speed-up over the public MulT code measured in one process, alternating: each
     round times ``steps`` steps of each (the order flipping every round) and gives one ratio of
     samples/s, so a machine that slows down or speeds up mid-run moves both sides of a ratio alike.
@@ -293,7 +295,7 @@ def interleaved_speedup(preset: str, variant: str = "full", config: str = "mult"
 
     device = resolve_device("auto") if device is None else torch.device(device)
     shapes = shapes_for(preset)
-    cfg = bench_config(preset, variant, config)
+    cfg = bench_config(preset, variant, config, plugins=plugins)
     torch.manual_seed(0)
     model = _built(cfg, device)
     ours = training_step(model, make_optimizer(model, cfg), cfg)
@@ -313,14 +315,15 @@ def interleaved_speedup(preset: str, variant: str = "full", config: str = "mult"
 
 def run_bench(presets=("mosi", "mosi-unaligned"), variants=("full", "kt"), config: str = "mult", steps: int = 10,
               device=None, precision: str = "fp32", compile: bool = False, log=None, isolate: bool = True,
-              reference: bool = False, rounds: int = 0) -> list[dict]:
+              reference: bool = False, rounds: int = 0, plugins=()) -> list[dict]:
     """Every preset x variant (see :func:`bench_one`, each in its own process unless
     ``isolate=False``), with one matmul peak measured first. ``reference``: first, for each preset,
     the public MulT code's record (:func:`bench_public_mult`), and each record of that preset gets
     ``speedup_vs_public_mult``, the ratio of training samples/s measured in this same run.
     ``rounds`` (with ``reference``, fp32): each record also gets ``speedup_interleaved`` and
     ``speedup_interleaved_rounds`` from :func:`interleaved_speedup` (``rounds`` alternating rounds
-    of ``steps`` steps, in a process of their own): on a machine whose speed drifts, the ratio to trust."""
+    of ``steps`` steps, in a process of their own): on a machine whose speed drifts, the ratio to trust.
+    ``plugins``: modules or files registering variants of your own, imported by each record's process."""
     from mskt.train import resolve_device
 
     log = log or (lambda line: print(line, flush=True))  # each line as soon as it is measured
@@ -337,12 +340,14 @@ def run_bench(presets=("mosi", "mosi-unaligned"), variants=("full", "kt"), confi
             records.append(baseline)
             log(format_record(baseline))
         for variant in variants:
-            kwargs = dict(preset=preset, variant=variant, config=config, steps=steps, device=str(device), precision=precision, compile=compile, peak=peak)
+            kwargs = dict(preset=preset, variant=variant, config=config, steps=steps, device=str(device), precision=precision, compile=compile, peak=peak,
+                          plugins=tuple(plugins))
             record = run(bench_one, kwargs)
             if baseline is not None:
                 record["speedup_vs_public_mult"] = record["train_samples_per_s"] / baseline["train_samples_per_s"]
                 if rounds and precision == "fp32" and not compile:
-                    measured = run(interleaved_speedup, dict(preset=preset, variant=variant, config=config, rounds=rounds, steps=steps, device=str(device)))
+                    measured = run(interleaved_speedup, dict(preset=preset, variant=variant, config=config, rounds=rounds, steps=steps, device=str(device),
+                                                             plugins=tuple(plugins)))
                     record["speedup_interleaved"], record["speedup_interleaved_rounds"] = measured["median"], measured["rounds"]
             records.append(record)
             log(format_record(record))

@@ -89,16 +89,34 @@ def run_configs(base: Config, configs: dict, seeds: int, out_dir, on_run=None, j
     return pd.DataFrame(rows)
 
 
+def variant_options(variants, options: dict) -> dict:
+    """``{variant: the options of ``options`` it owns}``; an option no variant of the grid owns is an error."""
+    from mskt.model import variant_class
+    from mskt.model.options import option_aliases, option_fields
+
+    owned = {}
+    for v in variants:
+        cls = variant_class(v).Options
+        names = {**{n: n for n in option_fields(cls)}, **option_aliases(cls)}
+        owned[v] = {names[k]: value for k, value in options.items() if k in names}
+    orphans = [k for k in options if not any(k in option_fields(variant_class(v).Options) or k in option_aliases(variant_class(v).Options) for v in variants)]
+    if orphans:
+        raise ConfigError(f"{orphans[0]} is an option of none of the grid's variants ({', '.join(variants)})")
+    return owned
+
+
 def run_grid(base: Config, variants, seeds: int, out_dir, on_run=None, jobs: int = 1, against: str | None = None,
-             correction: str = "holm", bootstrap: int = 0) -> pd.DataFrame:
+             correction: str = "holm", bootstrap: int = 0, options: dict | None = None) -> pd.DataFrame:
     """Every variant x seeds (see run_configs); writes runs.csv, results.csv and results.md, and with
     ``against`` (a variant of the grid) comparisons.csv and comparisons.md (:func:`comparisons`);
-    ``bootstrap`` > 0 adds that many resamples of seeds x test samples (:func:`bootstrap_comparisons`)."""
+    ``bootstrap`` > 0 adds that many resamples of seeds x test samples (:func:`bootstrap_comparisons`).
+    ``options``: variant options (``{"lambda_vision": 0.5}``), each applied to the variants that own it."""
     if against is not None and against not in variants:
         raise ConfigError(f"against={against!r}: not among the grid's variants {', '.join(variants)}")
+    per_variant = variant_options(variants, options or {})
     out_dir = Path(out_dir)
     dataset = load_dataset(base.data, scale=base.data_scale, seed=base.data_seed, dataset=base.dataset)
-    runs = run_configs(base, {v: {"variant": v} for v in variants}, seeds, out_dir, on_run, jobs, dataset)
+    runs = run_configs(base, {v: {"variant": v, **per_variant[v]} for v in variants}, seeds, out_dir, on_run, jobs, dataset)
     atomic_write_text(out_dir / "runs.csv", runs.to_csv(index=False))
     table = summarize(runs, dataset.meta.task)
     atomic_write_text(out_dir / "results.csv", table.to_csv())

@@ -43,6 +43,7 @@ from mskt.config import Config, coerce
 from mskt.console import outer_progress
 from mskt.errors import ConfigError, MsktError
 from mskt.model import variant_class
+from mskt.model.options import option_fields
 
 log = logging.getLogger(__name__)
 
@@ -124,8 +125,9 @@ _ATTN_DROPOUT = {"vision": "attn_dropout_vision", "audio": "attn_dropout_audio"}
 def default_space(cfg: Config) -> dict:
     """The default search space for ``cfg``'s variant, ``{field: Knob}``, derived from what the
     variant class declares (never its name): the backbone's fields; a temporal kernel per modality it
-    reads (``inputs``); an attention dropout per modality it fuses; and, when it reconstructs
-    something, the transfer depth, its loss weights (``loss_weights``) and L1/L2 consistency."""
+    reads (``inputs``); an attention dropout per modality it fuses; when it reconstructs something,
+    the transfer depth; and the options it searches (``searched_options``: each option's ``search``
+    in its Options, mskt.model.options), numeric ranges before choices."""
     cls = variant_class(cfg.variant)
     space = dict(_BACKBONE)
     for m in cls.inputs:
@@ -135,9 +137,12 @@ def default_space(cfg: Config) -> dict:
             space[_ATTN_DROPOUT[m]] = Knob(0.0, 0.3, why="MulT 0.0 (audio, vision)")
     if cls.reconstructs:
         space["kt_layers"] = Knob(1, 4, why="this paper: three layers per block")
-        for key in cls.loss_weights(cfg):
-            space[key] = Knob(0.1, 10.0, log=True, why="this paper gives no value; 1.0 is ours")
-        space["consistency"] = Knob(choices=("l1", "l2"), why="this paper's Table 5")
+    fields = option_fields(cls.Options)
+    searched = [(name, fields[name].metadata["search"]) for name in cls.searched_options(cfg)]
+    for name, spec in sorted(searched, key=lambda item: "choices" in item[1]):  # stable: declaration order within each kind
+        spec = {k: v for k, v in spec.items()}
+        why = spec.pop("why", "")
+        space[name] = Knob(choices=tuple(spec["choices"]), why=why) if "choices" in spec else Knob(spec["low"], spec["high"], log=spec.get("log", False), step=spec.get("step"), why=why)
     return space
 
 
@@ -221,13 +226,14 @@ def load_space(path, cfg: Config, exclude=()) -> tuple[dict, dict]:
     ``choices`` replaces that knob, a plain value fixes the field (no search)."""
     path = Path(path)
     values = _load_mapping(path)
-    fields = Config.fields()
+    types = cfg.types()  # the fields and the variant's options
     space, fixed = {k: v for k, v in default_space(cfg).items() if k not in exclude}, {}
     for key, spec in values.items():
-        if key not in fields:
-            close = [f for f in fields if f.startswith(str(key)[:4])]
-            raise SpaceError(f"{path}: {key}: not a config field" + (f" (did you mean {', '.join(close)}?)" if close else "; see mskt.config.Config"))
-        parsed = _parse_knob(str(path), key, spec, str(fields[key].type))
+        if key not in types:
+            close = [f for f in types if f.startswith(str(key)[:4])]
+            raise SpaceError(f"{path}: {key}: not a config field or an option of variant {cfg.variant!r}"
+                             + (f" (did you mean {', '.join(close)}?)" if close else "; see mskt.config.Config"))
+        parsed = _parse_knob(str(path), key, spec, types[key])
         if isinstance(parsed, Knob):
             space[key] = parsed
             fixed.pop(key, None)
@@ -620,7 +626,7 @@ def load_study(study: str, root=None, storage: str | None = None):
 
 def study_config(st) -> Config:
     """The base config a study was started with."""
-    return Config.from_dict(st.user_attrs["mskt"]["base_config"])
+    return Config.from_stored(st.user_attrs["mskt"]["base_config"], where=f"study {st.study_name!r}")
 
 
 def _retry_callback():

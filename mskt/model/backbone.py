@@ -29,6 +29,7 @@ from mskt.model.config import ModelConfig
 from mskt.model.encoders import CTCAligner, ModalityEncoder
 from mskt.model.layers import TORCH_KERNELS, Transformer, dropout_key, key_mask, run_stacks, set_dropout_context
 from mskt.model.losses import task_loss
+from mskt.model.options import Options, option_fields
 
 # The order the encoders run in.
 ENCODING_ORDER = ("text", "vision", "audio")
@@ -62,6 +63,7 @@ class MulT(nn.Module):
     """
 
     name = "base"
+    Options = Options  # the variant's own options (mskt.model.options); the backbone has none
     inputs: tuple = ()
     fuses: tuple = ()
     reconstructs: tuple = ()
@@ -77,10 +79,10 @@ class MulT(nn.Module):
         return False
 
     @classmethod
-    def loss_weights(cls, cfg: ModelConfig) -> tuple:
-        """The config fields that weight this variant's own loss terms under ``cfg`` (what a
-        hyperparameter search tunes beside the backbone's fields; ``mskt tune`` asks)."""
-        return ()
+    def searched_options(cls, cfg: ModelConfig) -> tuple:
+        """The variant's options that ``mskt tune`` searches under ``cfg`` (beside the backbone's
+        fields): by default each option that declares a ``search`` range (mskt.model.options)."""
+        return tuple(name for name, f in option_fields(cls.Options).items() if f.metadata.get("search"))
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()

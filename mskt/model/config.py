@@ -3,14 +3,17 @@ knowledge-transfer weights. Variant-specific rules live with each variant (``che
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 from mskt.errors import ConfigError
 from mskt.modalities import MODALITIES
+from mskt.model.options import Options, check_options, check_ranges, make_options, option_fields  # noqa: F401 -- check_ranges: mskt.model.config.check_ranges
 from mskt.model.registry import VARIANTS, variant_class
 
 
-@dataclass
+# init, eq and repr are ModelConfig's own (below): they take and show the variant's options too.
+@dataclass(init=False, eq=False, repr=False)
 class ModelConfig:
     # What the data looks like (filled in from the dataset).
     text_dim: int = 300
@@ -39,18 +42,61 @@ class ModelConfig:
     res_dropout: float = 0.1
     embed_dropout: float = 0.25
     out_dropout: float = 0.0
-    # Knowledge transfer.
-    consistency: str = "l2"  # "l2" (the paper's best) or "l1" (Table 5)
-    lambda_vision: float = 1.0  # lambda1, weight of L_c(V -> A)
-    lambda_language: float = 1.0  # lambda2, weight of L_c(L -> A)
-    lambda_fused: float = 0.0  # beyond the paper: consistency on delta's output A' too
-    kt_target: str = "raw"  # "raw" (standardised audio features), "aux" (encoder + training-only head) or "teacher"
-    lambda_aux: float = 1.0  # weight of the training-only audio head's task loss (kt_target="aux")
-    # kt_any (beyond the paper): reconstruct whichever modalities are missing, per sample.
-    lambda_any: float = 1.0  # weight of kt_any's consistency terms (per target modality, the mean of its terms)
-    modality_dropout: float = 0.5  # kt_any training (train_missing="auto"): the share of samples given one of the six missing patterns
+    # The variant's own options (kt's loss weights, kt_any's modality dropout, ...) are not fields:
+    # each variant declares them (its ``Options``, mskt.model.options) and ``cfg.options`` holds them.
     # Unaligned data: MulT's baseline recipe, a learned CTC pseudo-alignment onto the text grid.
     ctc_align: bool = False
+
+    def __init__(self, **values):
+        """Every field by keyword (the rest at their defaults); the other keys are options of the
+        variant (its ``Options``): ``ModelConfig(variant="kt", lambda_vision=0.5)``."""
+        for name, f in self.fields().items():
+            if name in values:
+                setattr(self, name, values.pop(name))
+            else:
+                setattr(self, name, f.default_factory() if f.default is dataclasses.MISSING else f.default)
+        self.options = self.options_class()()
+        if values:
+            self.options = make_options(self.options_class(), values, self.variant, check=False) if isinstance(self.variant, str) and self.variant in VARIANTS else None
+            if self.options is None:
+                raise ConfigError(f"variant={self.variant!r} is not allowed; choose one of {', '.join(VARIANTS)}")
+
+    @classmethod
+    def fields(cls) -> dict:
+        return {f.name: f for f in dataclasses.fields(cls)}
+
+    def types(self) -> dict:
+        """``{key: type name}`` of every field and every option of the variant."""
+        return {name: str(f.type) for name, f in {**self.fields(), **option_fields(self.options_class())}.items()}
+
+    def options_class(self) -> type:
+        """The variant's ``Options`` dataclass (no options: ``mskt.model.options.Options``)."""
+        return getattr(VARIANTS.get(self.variant) if isinstance(self.variant, str) else None, "Options", Options)
+
+    def __getattr__(self, name):
+        # Called only when a field lookup fails: the variant's options answer as if they were fields.
+        options = self.__dict__.get("options")
+        if options is not None and not name.startswith("__") and name in option_fields(type(options)):
+            return getattr(options, name)
+        owners = [v for v, cls in VARIANTS.items() if name in option_fields(getattr(cls, "Options", Options))]
+        if owners and not name.startswith("__"):
+            raise AttributeError(f"{name!r} is an option of variant {', '.join(owners)}, not of {self.__dict__.get('variant')!r}")
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+    def to_dict(self) -> dict:
+        """Every field, then the variant's options: what config.json holds (flat)."""
+        return {**{f: getattr(self, f) for f in self.fields()}, **dataclasses.asdict(self.options)}
+
+    def __eq__(self, other):
+        return type(self) is type(other) and self.to_dict() == other.to_dict()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in self.to_dict().items())})"
+
+    def __reduce__(self):
+        # Rebuilt from its values, so that a variant from a plugin file pickles into a worker that
+        # has not imported that file yet (``_rebuild`` imports the config's plugins first).
+        return (_rebuild, (type(self), self.to_dict()))
 
     @property
     def n_outputs(self) -> int:
@@ -76,8 +122,6 @@ class ModelConfig:
         allowed = {
             "task": ("regression", "emotions"),
             "targets": ("all", *MODALITIES),
-            "consistency": ("l1", "l2"),
-            "kt_target": ("raw", "aux", "teacher"),
         }
         for key, values in allowed.items():
             if getattr(self, key) not in values:
@@ -92,6 +136,9 @@ class ModelConfig:
                     f"{key} must be an odd integer >= 1 (the Conv1d projection pads (k-1)//2 per side, so an even "
                     f"kernel would change the number of steps), found {getattr(self, key)}"
                 )
+        if type(self.options) is not self.options_class():
+            raise ConfigError(f"the options of variant {self.variant!r} are {self.options_class().__name__}, found {type(self.options).__name__}")
+        check_options(self.options, self.variant)
         variant_class(self.variant).check_config(self)  # the variant's own rules
 
 
@@ -115,25 +162,11 @@ MODEL_RANGES = {
     "res_dropout": ((0.0, "["), (1.0, ")"), ""),
     "embed_dropout": ((0.0, "["), (1.0, ")"), ""),
     "out_dropout": ((0.0, "["), (1.0, ")"), ""),
-    "lambda_vision": ((0.0, "["), None, " (a loss weight; 0 turns the term off)"),
-    "lambda_language": ((0.0, "["), None, " (a loss weight; 0 turns the term off)"),
-    "lambda_fused": ((0.0, "["), None, " (a loss weight; 0 turns the term off)"),
-    "lambda_aux": ((0.0, "["), None, " (a loss weight; 0 turns the term off)"),
-    "lambda_any": ((0.0, "["), None, " (a loss weight; 0 turns the term off)"),
-    "modality_dropout": ((0.0, "["), (1.0, "]"), " (kt_any: the share of training samples given a random missing pattern)"),
 }
 
 
-def check_ranges(cfg, ranges: dict) -> None:
-    """``ConfigError`` naming the first field of ``cfg`` outside its range in ``ranges``."""
-    for name, (low, high, note) in ranges.items():
-        value = getattr(cfg, name)
-        low_ok = low is None or (value > low[0] if low[1] == "(" else value >= low[0])
-        high_ok = high is None or (value < high[0] if high[1] == ")" else value <= high[0])
-        if not (low_ok and high_ok):
-            raise ConfigError(f"{name} must be in {_interval(low, high)}{note}, found {value!r}")
+def _rebuild(cls, values: dict):
+    from mskt.plugins import load_plugins
 
-
-def _interval(low, high) -> str:
-    """``[1, inf)``, ``(0.0, 100.0]``: the allowed range, as the error message prints it."""
-    return f"{low[1]}{low[0]}, " + (f"{high[0]}{high[1]}" if high is not None else "inf)")
+    load_plugins(values.get("plugins", ()))
+    return cls(**values)

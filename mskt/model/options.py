@@ -30,12 +30,12 @@ from mskt.errors import ConfigError
 _TYPES = {"int": int, "float": float, "str": str, "bool": bool}
 
 
-def option(default, *, help: str, low=None, high=None, choices=None, search=None):
+def option(default, *, help: str, low=None, high=None, choices=None, search=None, aliases=()):
     """A variant option: its default, a one-line ``help``, its allowed range (``low``/``high`` as
     ``(value, "[" or "(")``, inclusive or exclusive; None: unbounded) or ``choices``, and where
     ``mskt tune`` searches it: ``search=dict(low=.., high=.., log=True)`` or ``dict(choices=(..))``
-    (None: not searched)."""
-    return dataclasses.field(default=default, metadata=dict(help=help, low=low, high=high, choices=choices, search=search))
+    (None: not searched). ``aliases``: earlier names of the option, still read (old config.json files)."""
+    return dataclasses.field(default=default, metadata=dict(help=help, low=low, high=high, choices=choices, search=search, aliases=aliases))
 
 
 @dataclass
@@ -54,6 +54,11 @@ class TransferOptions(Options):
 def option_fields(options_cls) -> dict:
     """``{name: dataclasses.Field}`` of an Options class."""
     return {f.name: f for f in dataclasses.fields(options_cls)}
+
+
+def option_aliases(options_cls) -> dict:
+    """``{old name: name}`` for the options of ``options_cls`` that were renamed."""
+    return {old: name for name, f in option_fields(options_cls).items() for old in f.metadata.get("aliases", ())}
 
 
 def field_kind(f) -> type:
@@ -88,13 +93,16 @@ def coerce(key: str, value, type_name) -> object:
     raise ConfigError(f"{key} must be {kind.__name__}, found {value!r}")
 
 
-def make_options(options_cls, values: dict, variant: str):
+def make_options(options_cls, values: dict, variant: str, check: bool = True):
     """An instance of ``options_cls`` from ``values`` (every key one of its fields), each value
-    coerced to its type and checked against its range and choices."""
-    fields = option_fields(options_cls)
+    coerced to its type and (``check``) checked against its range and choices."""
+    fields, aliases = option_fields(options_cls), option_aliases(options_cls)
+    values = {aliases.get(k, k): v for k, v in values.items()}
     unknown = sorted(set(values) - set(fields))
     if unknown:
         raise ConfigError(f"{unknown[0]} is not an option of variant {variant!r}; its options: {', '.join(fields) or 'none'}")
+    if not check:  # as given: the config's check() reports a wrong value
+        return options_cls(**values)
     made = options_cls(**{k: coerce(k, v, fields[k].type) for k, v in values.items()})
     check_options(made, variant)
     return made
@@ -102,8 +110,6 @@ def make_options(options_cls, values: dict, variant: str):
 
 def check_options(opts, variant: str) -> None:
     """Types, finiteness, ranges and choices of every option in ``opts``."""
-    from mskt.model.config import check_ranges
-
     ranges = {}
     for name, f in option_fields(type(opts)).items():
         value, meta, kind = getattr(opts, name), f.metadata, field_kind(f)
@@ -126,3 +132,18 @@ def option_help(f) -> str:
     meta = f.metadata
     allowed = f"; one of {', '.join(map(str, meta['choices']))}" if meta.get("choices") else ""
     return f"{meta.get('help', '')} (default {f.default!r}{allowed})"
+
+
+def check_ranges(cfg, ranges: dict) -> None:
+    """``ConfigError`` naming the first field of ``cfg`` outside its range in ``ranges``."""
+    for name, (low, high, note) in ranges.items():
+        value = getattr(cfg, name)
+        low_ok = low is None or (value > low[0] if low[1] == "(" else value >= low[0])
+        high_ok = high is None or (value < high[0] if high[1] == ")" else value <= high[0])
+        if not (low_ok and high_ok):
+            raise ConfigError(f"{name} must be in {_interval(low, high)}{note}, found {value!r}")
+
+
+def _interval(low, high) -> str:
+    """``[1, inf)``, ``(0.0, 100.0]``: the allowed range, as the error message prints it."""
+    return f"{low[1]}{low[0]}, " + (f"{high[0]}{high[1]}" if high is not None else "inf)")

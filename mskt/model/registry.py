@@ -42,6 +42,10 @@ def _origin(cls) -> str:
 
 
 def variant_class(name: str):
+    if name not in VARIANTS:
+        from mskt.plugins import load_entry_points
+
+        load_entry_points()  # an installed package's variant, not imported yet
     try:
         return VARIANTS[name]
     except KeyError:

@@ -79,7 +79,7 @@ def load_run(run_dir) -> tuple[Config, MulT]:
     if not isinstance(ckpt, dict) or not {"model", "config"} <= set(ckpt):
         found = sorted(ckpt) if isinstance(ckpt, dict) else type(ckpt).__name__
         raise MsktError(f"{path}: not an mskt checkpoint: expected a dict with 'model' and 'config', found {found}")
-    model = build_model(Config.from_dict(ckpt["config"]))
+    model = build_model(Config.from_stored(ckpt["config"], where=str(path)))
     try:
         model.load_state_dict(ckpt["model"])
     except (RuntimeError, TypeError, AttributeError) as e:

@@ -250,7 +250,7 @@ def plot_quality_summary(summary):
     """R^2 and cosine similarity of A' (from V, from L, fused) against trivial baselines."""
     import seaborn as sns
 
-    names = {"A' from vision": "A′ from V (θ)", "A' from language": "A′ from L (φ)", "A' from fused": "A′ fused (δ)"}
+    names = {"A' from vision": "A′ from V (θ)", "A' from text": "A′ from L (φ)", "A' from fused": "A′ fused (δ)"}
     summary = summary.assign(reconstruction=summary["reconstruction"].map(lambda r: names.get(r, r)))
     fig, axes = _fig(FULL_WIDTH, 2.2, ncols=2)
     order = list(summary["reconstruction"])
@@ -298,7 +298,7 @@ def plot_reconstruction_examples(rec, samples=(0, 1), feature: int = 0, feature_
         r = rec["fused"]
         steps = np.flatnonzero(r["mask"][i])
         ax.plot(steps - steps[0], r["target"][i, steps, feature], "k-", lw=1.2, label="real A")
-        for source, style in (("fused", "-"), ("language", "--"), ("vision", ":")):
+        for source, style in (("fused", "-"), ("text", "--"), ("vision", ":")):
             s = rec[source]
             st = np.flatnonzero(s["mask"][i])
             x = (st - st[0]) * (len(steps) / max(len(st), 1))  # on the text grid's step scale

@@ -20,17 +20,35 @@ Design decisions the paper leaves open (each is a config field):
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn as nn
 
 from mskt.model.backbone import MulT, Output
+from mskt.model.options import TransferOptions, option
 from mskt.model.layers import key_mask, resample, run_stacks
 from mskt.model.losses import consistency_loss, task_loss
 from mskt.model.registry import register
 
 
+_WEIGHT = dict(low=(0.0, "["), search=dict(low=0.1, high=10.0, log=True, why="this paper gives no value; 1.0 is ours"))
+
+
+@dataclass
+class KTOptions(TransferOptions):
+    lambda_vision: float = option(1.0, help="lambda1 of the paper's Eq. 6: the weight of L_c(V -> A) (0 turns it off)", **_WEIGHT)
+    lambda_text: float = option(1.0, help="lambda2 of the paper's Eq. 6: the weight of L_c(L -> A) (0 turns it off)",
+                                aliases=("lambda_language",), **_WEIGHT)
+    lambda_fused: float = option(0.0, low=(0.0, "["), help="beyond the paper: the weight of a consistency term on delta's output A' too")
+    kt_target: str = option("raw", choices=("raw", "aux", "teacher"),
+                            help="f_A: raw (standardised audio features), aux (encoder + training-only head) or teacher (a full run's frozen encoder)")
+    lambda_aux: float = option(1.0, help="kt_target=aux: the weight of the training-only audio head's task loss", **_WEIGHT)
+
+
 @register("kt")
 class KT(MulT):
+    Options = KTOptions
     inputs = ("text", "vision")
     fuses = ("text", "audio", "vision")  # audio: A'
     reconstructs = ("audio",)
@@ -40,9 +58,10 @@ class KT(MulT):
         return cfg.kt_target == "teacher"
 
     @classmethod
-    def loss_weights(cls, cfg) -> tuple:
-        # lambda1, lambda2 of the paper's Eq. 6; lambda_fused (beyond the paper) stays at its default.
-        return ("lambda_vision", "lambda_language") + (("lambda_aux",) if cfg.kt_target == "aux" else ())
+    def searched_options(cls, cfg) -> tuple:
+        # lambda1, lambda2 of the paper's Eq. 6; lambda_fused (beyond the paper) stays at its default;
+        # the audio head's weight matters only where there is one.
+        return tuple(k for k in super().searched_options(cfg) if k != "lambda_aux" or cfg.kt_target == "aux")
 
     def encoded_modalities(self) -> tuple:
         # Real audio gets an encoder only as a learned consistency target (aux, teacher), never raw.
@@ -72,7 +91,7 @@ class KT(MulT):
 
     def reconstruction_sources(self, modality):
         # theta's prediction stays on the vision grid; phi's and A' live on the text grid.
-        return {"vision": ("audio_from_vision", "vision"), "language": ("audio_from_language", "text"),
+        return {"vision": ("audio_from_vision", "vision"), "text": ("audio_from_text", "text"),
                 "fused": ("audio_reconstruction", "text")}
 
     def set_audio_statistics(self, mean: torch.Tensor, std: torch.Tensor) -> None:
@@ -97,22 +116,22 @@ class KT(MulT):
     def reconstruct_audio(self, f_text, f_vision, masks, lengths):
         """theta(f_V), phi(f_L) and A' = delta([theta(f_V) || phi(f_L)]), all (B, T_text, d) except
         theta's own output, which stays on the vision grid for its consistency loss."""
-        (from_vision, _), (from_language, _) = run_stacks(
+        (from_vision, _), (from_text, _) = run_stacks(
             [(self.theta, f_vision, masks["vision"], None, None), (self.phi, f_text, masks["text"], None, None)]
         )  # (B, T_v, d), (B, T_l, d)
         T_l = f_text.shape[1]
         from_vision_on_text = from_vision
         if from_vision.shape[1] != T_l:
             from_vision_on_text = resample(from_vision, lengths["vision"], T_l, lengths["text"])  # (B, T_l, d)
-        fused = self.delta_in(torch.cat([from_vision_on_text, from_language], dim=2))  # (B, T_l, 2d) -> (B, T_l, d)
+        fused = self.delta_in(torch.cat([from_vision_on_text, from_text], dim=2))  # (B, T_l, 2d) -> (B, T_l, d)
         reconstruction, _ = self.delta(fused, masks["text"])  # (B, T_l, d)
-        return from_vision, from_language, reconstruction
+        return from_vision, from_text, reconstruction
 
     def reconstruct(self, batch, encoded, masks, lengths, missing, given, return_internals):
-        from_vision, from_language, reconstruction = self.reconstruct_audio(encoded["text"], encoded["vision"], masks, lengths)
+        from_vision, from_text, reconstruction = self.reconstruct_audio(encoded["text"], encoded["vision"], masks, lengths)
         encoded["audio"] = reconstruction  # A' on the text grid
         masks["audio"] = masks["text"]
-        internals = dict(audio_from_vision=from_vision, audio_from_language=from_language, audio_reconstruction=reconstruction)
+        internals = dict(audio_from_vision=from_vision, audio_from_text=from_text, audio_reconstruction=reconstruction)
         aux = {}
         if batch.get("audio") is not None and (self.training or return_internals):
             aux.update(self.audio_targets(batch, lengths, encoded, masks))
@@ -134,7 +153,7 @@ class KT(MulT):
             out["aux_pred"] = aux_pred.squeeze(1) if self.cfg.task == "regression" else aux_pred.view(-1, 4, 2)
         target = f_audio.detach()  # stop-gradient: the consistency loss cannot move its own target
         len_a = batch["lengths"]["audio"]
-        for name, m in (("vision", "vision"), ("language", "text")):
+        for name, m in (("vision", "vision"), ("text", "text")):
             T = encoded[m].shape[1]
             out[f"target_on_{name}"] = target if T == target.shape[1] else resample(target, len_a, T, lengths[m])
             out[f"mask_on_{name}"] = masks[m]  # real steps of the grid the prediction lives on (text grid under CTC)
@@ -148,8 +167,8 @@ class KT(MulT):
         weighted = []
         for name, key, weight, on in (
             ("consistency_vision", "audio_from_vision", cfg.lambda_vision, "vision"),
-            ("consistency_language", "audio_from_language", cfg.lambda_language, "language"),
-            ("consistency_fused", "audio_reconstruction", cfg.lambda_fused, "language"),
+            ("consistency_text", "audio_from_text", cfg.lambda_text, "text"),
+            ("consistency_fused", "audio_reconstruction", cfg.lambda_fused, "text"),
         ):
             pred = out.internals[key]
             if cfg.kt_target == "raw":

@@ -12,31 +12,33 @@ that rate, the same protocol any other variant can train under; dropped modaliti
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn as nn
 
-from mskt.errors import ConfigError
 from mskt.modalities import MODALITIES
 from mskt.model.backbone import MulT, Output
+from mskt.model.options import TransferOptions, option
 from mskt.model.layers import resample
 from mskt.model.losses import consistency_loss
 from mskt.model.registry import register
 
 
+@dataclass
+class KTAnyOptions(TransferOptions):
+    lambda_any: float = option(1.0, low=(0.0, "["), help="the weight of kt_any's consistency terms (per target modality, the mean of its terms)",
+                               search=dict(low=0.1, high=10.0, log=True, why="ours; no paper gives one"))
+    modality_dropout: float = option(0.5, low=(0.0, "["), high=(1.0, "]"),
+                                     help="train_missing=auto: the share of training samples given one of the six missing patterns")
+
+
 @register("kt_any")
 class KTAny(MulT):
+    Options = KTAnyOptions
     inputs = ("text", "audio", "vision")
     fuses = ("text", "audio", "vision")
     reconstructs = MODALITIES
-
-    @classmethod
-    def check_config(cls, cfg) -> None:
-        if cfg.kt_target != "raw":
-            raise ConfigError(f"variant 'kt_any' reconstructs raw standardised features: kt_target must be 'raw', found {cfg.kt_target!r}")
-
-    @classmethod
-    def loss_weights(cls, cfg) -> tuple:
-        return ("lambda_any",)
 
     def standardises(self) -> tuple:
         return MODALITIES
