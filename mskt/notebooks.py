@@ -45,6 +45,7 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
+from typing import NamedTuple
 
 from mskt.console import PROGRESS_ENV
 from mskt.errors import MsktError
@@ -291,6 +292,8 @@ def _absolute_paths(params: dict) -> dict:
     for key, value in params.items():
         if isinstance(value, str) and value and not os.path.isabs(value) and (key.endswith("_dir") or Path(value).exists()):
             value = str(Path(value).resolve())
+        elif key == "plugins" and isinstance(value, list):  # plugin files, as a shell would read them
+            value = [str(Path(v).resolve()) if isinstance(v, str) and not os.path.isabs(v) and Path(v).is_file() else v for v in value]
         absolute[key] = value
     return absolute
 
@@ -438,3 +441,66 @@ def _run_each(pm, paths, defaults_by_path, shared, out_dir, summary, write_summa
     summary["seconds"] = round(sum(r.seconds for r in results), 3)
     write_summary()
     return results
+
+
+# ----------------------------------------------------------------------------------------------
+# What the numbered notebooks call: the preamble they share, and the model 03 and 04 analyse.
+
+
+def setup(figures_dir: str = "", smoke: bool = False, plugins=()) -> Path:
+    """The preamble of every numbered notebook, run after its parameters cell; returns the folder
+    its figures go to.
+
+    - Log lines of WARNING and above print as plain lines (``mskt.fast``'s fallback note, a
+      dataset's replaced non-finite values), with no logger-name prefix.
+    - ``plugins`` (the notebook's parameter: module names or ``.py`` files that register variants of
+      your own) are imported (:func:`mskt.plugins.load_plugins`), so ``variant=...`` may name their
+      variants. A relative file is taken from the project root, like every path a notebook is given.
+    - The figures folder is :func:`mskt.paths.notebook_figures_dir` of ``figures_dir`` and ``smoke``:
+      empty, ``runs/scratch-figures/``; a smoke run never writes the repository's ``figures/``.
+    """
+    from mskt.paths import notebook_figures_dir, resolve_path
+    from mskt.plugins import is_path, load_plugins
+
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    if isinstance(plugins, str):  # a comma-separated string, as load_plugins takes it
+        plugins = [p for p in plugins.split(",") if p.strip()]
+    load_plugins([str(resolve_path(p.strip())) if is_path(p.strip()) else p for p in plugins])
+    return notebook_figures_dir(figures_dir, smoke)
+
+
+class AnalysedModel(NamedTuple):
+    config: object  # mskt.config.Config: the run's, with the dataset's dims
+    model: object  # the trained model, on its config's device
+    dataset: object  # mskt.data.dataset.MultimodalDataset the run was trained on
+    test: object  # mskt.data.batching.Tensors: its test split, on the model's device
+
+
+def run_or_train(run_dir: str = "", *, variant: str = "kt", data: str = "synthetic:mosi", data_scale: float = 1.0,
+                 epochs: int = 10, seed: int = 1111, smoke: bool = False, out_dir: str = "") -> AnalysedModel:
+    """The model a notebook analyses (03, 04), with its dataset and test split on its device.
+
+    ``run_dir`` given: the finished run in it (relative: from the project root), loaded as training
+    left it; a folder with no finished run is a one-line error naming the folder as resolved (never
+    a new model trained in silence). ``run_dir`` empty: a ``variant`` model trained here on ``data``
+    (a relative file path: from the project root) for ``epochs`` with ``seed`` (``smoke``: the tiny
+    model and data of :data:`mskt.config.SMOKE`), into ``<out_dir>/<variant>-run``, or
+    ``runs/<dataset>-<variant>-seed<seed>-<time>/`` when ``out_dir`` is empty.
+    """
+    from mskt.config import SMOKE, Config
+    from mskt.data.batching import Tensors
+    from mskt.data.readers import load_dataset
+    from mskt.paths import finished_run, resolve_data_source, resolve_path
+    from mskt.train import load_run, resolve_device, train
+
+    if run_dir:  # e.g. the run 02_training wrote (the runner passes its folder)
+        cfg, model = load_run(finished_run(run_dir))
+    else:
+        cfg = Config.from_dict({"data": resolve_data_source(data), "data_scale": data_scale, "variant": variant, "epochs": epochs,
+                                "seed": seed, **(SMOKE if smoke else {})})
+        result = train(cfg, out_dir=resolve_path(out_dir) / f"{variant}-run" if out_dir else None)
+        cfg, model = result.config, result.model
+    ds = load_dataset(cfg.data, scale=cfg.data_scale, seed=cfg.data_seed)
+    device = resolve_device(cfg.device)
+    model.to(device)
+    return AnalysedModel(cfg, model, ds, Tensors.from_split(ds["test"], ds.meta.task, device))

@@ -5,8 +5,8 @@ temporary name, then renamed.
 The project root is ``$MSKT_HOME`` if set, else the nearest folder at or above the working
 directory that holds both ``pyproject.toml`` and ``mskt/`` (so notebooks run from ``notebooks/``
 write to the same place as the CLI run from the root), else the working directory. A relative
-folder a notebook is given (``figures_dir``, ``run_dir``) is taken from the project root
-(:func:`resolve_path`), not from ``notebooks/`` where papermill and JupyterLab start its kernel;
+folder or file a notebook is given (``figures_dir``, ``run_dir``, ``data``: :func:`resolve_data_source`)
+is taken from the project root (:func:`resolve_path`), not from ``notebooks/`` where papermill and JupyterLab start its kernel;
 ``mskt notebooks`` makes its ``--param`` paths absolute first, from where it runs, like any command.
 """
 
@@ -47,6 +47,16 @@ def resolve_path(path) -> Path:
     """``path`` made absolute: a relative one is taken from the project root, not the working folder."""
     path = Path(path).expanduser()
     return path if path.is_absolute() else project_root() / path
+
+
+def resolve_data_source(source: str) -> str:
+    """A data source as a notebook is given it, for the readers: a synthetic preset
+    (``synthetic:mosi?audio_shared=0.5``) as it is; a file path made absolute, a relative one from
+    the project root (:func:`resolve_path`), not from ``notebooks/`` where the kernel runs."""
+    source = str(source)
+    if not source or source.startswith("synthetic:"):
+        return source
+    return str(resolve_path(source))
 
 
 def notebook_figures_dir(given: str = "", smoke: bool = False) -> Path:

@@ -113,6 +113,7 @@ GIVEN = {
     "table": lambda tmp: _tiny_table(),
     "figures_dir": lambda tmp: str(tmp / "figures"),
     "smoke": lambda tmp: True,
+    "plugins": lambda tmp: [],
 }
 
 

@@ -30,8 +30,8 @@ from mskt.errors import ConfigError
 from mskt.data.presets import MODALITIES
 from mskt.fast import accelerate, accelerated_stacks, compiled_kernels
 from mskt.fast.kernels import COMPILED_KERNELS
-from mskt.fast.optim import FlatAdam
-from mskt.fast.runtime import CompiledOrEager, autocast, keep_freed_memory
+from mskt.train.optim import FlatAdam
+from mskt.train.runtime import CompiledOrEager, autocast, keep_freed_memory
 from mskt.model import TORCH_KERNELS, Attention, Transformer, build_model, dropout, dropout_mask, key_mask
 from mskt.model.layers import DropoutContext, DropoutKey, call_key, dropout_key, set_dropout_context
 from mskt.train import Tensors, make_optimizer, training_step

@@ -110,13 +110,13 @@ def test_forward_and_backward_on_cuda_equal_the_cpu_path(variant, task, aligned,
 def test_torch_compile_on_cuda_computes_the_eager_forward_and_backward(exact_fp32, caplog):
     """The compiled training forward (``cfg.compile``: :class:`CompiledOrEager`) compiles on CUDA,
     without falling back to eager, and computes what the eager model computes, gradients included."""
-    from mskt.fast.runtime import CompiledOrEager
+    from mskt.train.runtime import CompiledOrEager
 
     cfg = tiny_model_config(variant="kt", **NO_DROPOUT)
     model = build_model(cfg).cuda().train()
     batch = to_device(make_batch_fn(cfg, aligned=False), "cuda")
     compiled = CompiledOrEager(model)
-    with caplog.at_level(logging.WARNING, logger="mskt.fast.runtime"):
+    with caplog.at_level(logging.WARNING, logger="mskt.train.runtime"):
         out = compiled(batch)
     assert not compiled.failed, caplog.text
     terms = model.loss(out, batch["labels"])

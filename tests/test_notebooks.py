@@ -332,11 +332,12 @@ def test_figures_go_to_figures_only_when_told(monkeypatch, tmp_path):
 
 
 def test_every_notebook_resolves_its_figures_through_the_helper_and_the_main_job_passes_figures(monkeypatch, tmp_path):
-    """Each notebook takes its folder from notebook_figures_dir(figures_dir, smoke) and saves only
+    """Each notebook takes its folder from notebook_figures_dir(figures_dir, smoke) (through the shared
+    preamble, mskt.notebooks.setup) and saves only
     there; the main job (no --smoke) passes the repository's figures/ explicitly."""
     for path in notebook_paths():
         source = "".join("".join(c["source"]) for c in json.loads(path.read_text())["cells"] if c["cell_type"] == "code")
-        assert "figures = notebook_figures_dir(figures_dir, smoke)" in source, path.name
+        assert "figures = setup(figures_dir, smoke, plugins)" in source, path.name  # mskt.notebooks.setup: notebook_figures_dir
         assert "figures_dir or" not in source and "save_figure(fig, name)" not in source, path.name
 
     import mskt.notebooks as runner
@@ -426,7 +427,8 @@ def test_a_run_dir_with_no_run_is_an_error_naming_the_path_resolved_from_the_pro
 def test_every_notebook_takes_its_folder_parameters_from_the_project_root():
     """Papermill runs a notebook in notebooks/: a relative out_dir, grid_dir, robustness_dir, sweep_dir or
     run_dir given to it must still mean <root>/..., as on the command line (issue 29). Each notebook's
-    folder parameters go through mskt.paths.resolve_path (or finished_run), never a bare Path()."""
+    folder parameters go through mskt.paths.resolve_path (or finished_run, or mskt.notebooks.run_or_train,
+    which uses both), never a bare Path()."""
     import re
 
     folder_params = re.compile(r"\b(out_dir|grid_dir|robustness_dir|sweep_dir|run_dir)\b")
@@ -436,4 +438,78 @@ def test_every_notebook_takes_its_folder_parameters_from_the_project_root():
                 or re.search(r"project_root\(\) / (out_dir|grid_dir|robustness_dir|sweep_dir|run_dir)\b", line)]
         assert not bare, f"{nb.name}: folder parameter taken from the working folder: {bare}"
         if folder_params.search(code.split("\n", 1)[1] if "\n" in code else ""):
-            assert "resolve_path" in code or "finished_run" in code, f"{nb.name}: folder parameters not resolved from the project root"
+            assert any(f in code for f in ("resolve_path", "finished_run", "run_or_train")), f"{nb.name}: folder parameters not resolved from the project root"
+        if re.search(r"^data: str", code, re.M) and "run_or_train(" not in code:  # 03, 04: run_or_train resolves it
+            assert "data = resolve_data_source(data)" in code, f"{nb.name}: its data path is not resolved from the project root"
+
+
+def _tiny_project(tmp_path):
+    """A project folder (pyproject.toml and mskt/ mark its root) with notebooks/, as mskt.paths finds it."""
+    project = tmp_path / "project"
+    for folder in ("mskt", "notebooks", "data"):
+        (project / folder).mkdir(parents=True)
+    (project / "pyproject.toml").touch()
+    return project
+
+
+def test_a_relative_data_path_is_read_from_the_project_root_under_plain_papermill(tmp_path, monkeypatch):
+    """A notebook's relative ``data`` file means <root>/..., like its folder parameters, also under
+    plain papermill, whose kernel runs in notebooks/; a synthetic source stays as it is."""
+    import papermill as pm
+
+    from mskt.data.readers import load_dataset
+    from mskt.data.store import write_store
+    from mskt.paths import resolve_data_source
+
+    monkeypatch.delenv("MSKT_HOME", raising=False)
+    project = _tiny_project(tmp_path)
+    store = project / "data" / "tiny.h5"
+    write_store(load_dataset("synthetic:mosi", scale=0.01, seed=0), store)
+    monkeypatch.chdir(project / "notebooks")
+    assert resolve_data_source("data/tiny.h5") == str(store)
+    assert resolve_data_source(str(store)) == str(store)
+    assert resolve_data_source("synthetic:mosi-unaligned?audio_shared=0.5") == "synthetic:mosi-unaligned?audio_shared=0.5"
+
+    # Notebook 01 up to the cell that loads its data, run as a user runs it: cwd notebooks/, no runner.
+    nb = json.loads((ROOT / "notebooks" / "01_data_exploration.ipynb").read_text())
+    load = next(i for i, c in enumerate(nb["cells"]) if "load_dataset(data" in "".join(c["source"]))
+    nb["cells"] = nb["cells"][: load + 1]
+    (tmp_path / "01_load.ipynb").write_text(json.dumps(nb))
+    pm.execute_notebook(str(tmp_path / "01_load.ipynb"), str(tmp_path / "out.ipynb"), parameters={"smoke": True, "data": "data/tiny.h5"},
+                        cwd=str(project / "notebooks"), kernel_name="python3", progress_bar=False)
+    out = json.loads((tmp_path / "out.ipynb").read_text())["cells"][-1]["outputs"]
+    assert f"{store}: mskt-h5" in "".join("".join(o.get("text", "")) for o in out), out
+    monkeypatch.chdir(ROOT)
+
+
+def test_the_notebook_preamble_imports_plugins_from_the_project_root_and_returns_the_figures_folder(tmp_path, monkeypatch):
+    import sys
+
+    from mskt.errors import ConfigError
+    from mskt.notebooks import setup
+    from mskt.plugins import module_name_for
+
+    monkeypatch.delenv("MSKT_HOME", raising=False)
+    project = _tiny_project(tmp_path)
+    (project / "mine.py").write_text("LOADED = True\n")
+    monkeypatch.chdir(project / "notebooks")  # where papermill and JupyterLab run a notebook's kernel
+    assert setup("", True, []) == project / "runs" / "scratch-figures"
+    name = module_name_for(project / "mine.py")
+    assert name not in sys.modules
+    assert setup("figs", False, ["mine.py"]) == project / "figs"
+    assert sys.modules.pop(name).LOADED
+    with pytest.raises(ConfigError, match=f"plugins: {project / 'nothing.py'}: no such file"):
+        setup("", False, ["nothing.py"])
+    monkeypatch.chdir(ROOT)
+
+
+def test_run_or_train_trains_the_variant_it_is_given_or_loads_the_run(tmp_path):
+    from mskt.notebooks import run_or_train
+
+    trained = run_or_train("", variant="language_vision", smoke=True, out_dir=str(tmp_path))
+    assert trained.config.variant == "language_vision" and (tmp_path / "language_vision-run" / "metrics.json").is_file()
+    assert len(trained.test) == len(trained.dataset["test"]) > 0
+    loaded = run_or_train(str(tmp_path / "language_vision-run"), variant="kt")  # a run given: its variant, not the parameter
+    assert loaded.config.variant == "language_vision" and len(loaded.test) == len(trained.test)
+    with pytest.raises(MsktError, match="no finished run in it"):
+        run_or_train(str(tmp_path))

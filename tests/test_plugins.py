@@ -106,7 +106,7 @@ def test_bench_times_the_plugin_variant_in_its_own_process(outside):
 def test_notebooks_02_and_03_under_papermill(notebook, outside, trained, tmp_path):
     pm = pytest.importorskip("papermill")
     source = ROOT / "notebooks" / f"{notebook}.ipynb"
-    params = {"smoke": True, "figures_dir": str(tmp_path / "figures")}
+    params = {"smoke": True, "figures_dir": str(tmp_path / "figs")}  # not <cwd>/figures: with no project above it, cwd is the root
     if notebook == "02_training":
         params.update(plugins=[str(outside / "kt_gru.py")], variant="kt_gru", run_dir=str(tmp_path / "run"),
                       overrides={"gru_layers": 2, "data_scale": 0.02, "epochs": 1})

@@ -606,6 +606,57 @@ def align_csds(
     neutral, happy, sad, angry (MulT's IEMOCAP layout); CMU-MOSEI's emotion columns are
     intensities, not that, and are refused.
     """
+    seq_len = _check_align_arguments(features, reference, seq_len, task, keep)
+    with contextlib.ExitStack() as stack:
+        srcs = {m: _source(features[m], stack) for m in MODALITIES}
+        lab = _source(labels, stack)
+        _check_align_sources(srcs, lab, task)
+        label_videos = list(lab.videos)
+        fold_map, fold_source, unassigned = _resolve_folds(folds, label_videos)
+        per_split, dropped = _segments(srcs, lab, label_videos, fold_map, reference, seq_len, keep, task)
+        dims = {m: srcs[m].dim or 0 for m in MODALITIES}
+        splits = {s: _padded_split(per_split[s], dims, seq_len, task, lab) for s in SPLITS}
+        if dropped:
+            log.warning("%s: dropped %d labelled segment(s) with no %s interval or shorter than %g s (e.g. %s)",
+                        lab.where, len(dropped), reference, EPS, dropped[0])
+        if unassigned:
+            log.warning("%s: %d labelled video(s) are in no fold and were skipped (e.g. %s)",
+                        lab.where, len(unassigned), unassigned[0])
+        meta = _aligned_meta(name or _dataset_name(lab), task, srcs, lab, dims, fold_source, unassigned, dropped,
+                             reference=reference, seq_len=seq_len, keep=keep)
+    dataset = MultimodalDataset(splits=splits, meta=meta)
+    replace_nonfinite(dataset)
+    validate(dataset)
+    return dataset
+
+
+def _aligned_meta(name, task, srcs, lab, dims, fold_source, unassigned, dropped, *, reference, seq_len, keep) -> DatasetMeta:
+    """What an aligned dataset records of where it came from and what alignment dropped."""
+    return DatasetMeta(
+        name=name,
+        task=task,
+        aligned=True,
+        source=lab.where,
+        format="csd",
+        feature_names=_feature_names(srcs, dims),
+        extra={
+            "reference": reference,
+            "seq_len": seq_len,
+            "truncation": f"keep {keep} {seq_len} words; left zero padding (SDK get_tensors direction=False)",
+            "folds": fold_source,
+            "feature_sources": {m: srcs[m].where for m in MODALITIES},
+            "sequence_names": {m: srcs[m].name for m in MODALITIES},
+            "label_sequence": lab.name,
+            "label_dimension_names": lab.metadata.get("dimension names"),
+            "dropped_segments": len(dropped),
+            "dropped_segment_ids": dropped[:50],
+            "unassigned_videos": unassigned,
+        },
+    )
+
+
+def _check_align_arguments(features, reference, seq_len, task, keep) -> int:
+    """Refuse arguments :func:`align_csds` cannot use, before any file is opened; ``seq_len`` as an int."""
     if not isinstance(features, dict):
         raise ConfigError(f"features must be a dict modality -> .csd path, found {type(features).__name__}")
     missing = [m for m in MODALITIES if m not in features]
@@ -618,138 +669,112 @@ def align_csds(
         raise ConfigError(f"reference must be one of {list(MODALITIES)}, found {reference!r}")
     if not isinstance(seq_len, (int, np.integer)) or seq_len < 1:
         raise ConfigError(f"seq_len must be a positive integer, found {seq_len!r}")
-    seq_len = int(seq_len)
     if task not in ("regression", "emotions"):
         raise ConfigError(f"task must be 'regression' or 'emotions', found {task!r}")
     if keep not in ("last", "first"):
         raise ConfigError(f"keep must be 'last' or 'first', found {keep!r}")
+    return int(seq_len)
 
-    with contextlib.ExitStack() as stack:
-        srcs = {m: _source(features[m], stack) for m in MODALITIES}
-        lab = _source(labels, stack)
 
-        for m, src in srcs.items():
-            if src.dtype is not None and src.dtype.kind not in "biuf":
-                raise DataError(
-                    f"{src.where}: key '/{src.name}/data/*/features' holds {src.dtype} values; modality {m!r} "
-                    "needs numeric features (e.g. word vectors, not the words themselves)"
-                )
-        if lab.dtype is not None and lab.dtype.kind not in "biuf":
-            raise DataError(f"{lab.where}: key '/{lab.name}/data/*/features': labels must be numeric, found {lab.dtype}")
-        if task == "emotions" and lab.dim != len(EMOTIONS):
+def _check_align_sources(srcs: dict, lab, task: str) -> None:
+    """Numeric features and labels, the label columns ``task`` needs, every labelled video in every modality."""
+    for m, src in srcs.items():
+        if src.dtype is not None and src.dtype.kind not in "biuf":
             raise DataError(
-                f"{lab.where}: key '/{lab.name}/data/*/features': task 'emotions' needs {len(EMOTIONS)} 0/1 columns "
-                f"({', '.join(EMOTIONS)}), found {lab.dim} column(s)"
+                f"{src.where}: key '/{src.name}/data/*/features' holds {src.dtype} values; modality {m!r} "
+                "needs numeric features (e.g. word vectors, not the words themselves)"
+            )
+    if lab.dtype is not None and lab.dtype.kind not in "biuf":
+        raise DataError(f"{lab.where}: key '/{lab.name}/data/*/features': labels must be numeric, found {lab.dtype}")
+    if task == "emotions" and lab.dim != len(EMOTIONS):
+        raise DataError(
+            f"{lab.where}: key '/{lab.name}/data/*/features': task 'emotions' needs {len(EMOTIONS)} 0/1 columns "
+            f"({', '.join(EMOTIONS)}), found {lab.dim} column(s)"
+        )
+    label_videos = list(lab.videos)
+    for m, src in srcs.items():
+        have = set(src.videos)
+        absent = [v for v in label_videos if v not in have]
+        if absent:
+            more = f" (and {len(absent) - 1} more)" if len(absent) > 1 else ""
+            raise DataError(
+                f"{src.where}: video {absent[0]!r}{more} is labelled in {lab.where} but key "
+                f"'/{src.name}/data/{absent[0]}' is missing from the {m} sequence"
             )
 
-        label_videos = list(lab.videos)
-        for m, src in srcs.items():
-            have = set(src.videos)
-            absent = [v for v in label_videos if v not in have]
-            if absent:
-                more = f" (and {len(absent) - 1} more)" if len(absent) > 1 else ""
-                raise DataError(
-                    f"{src.where}: video {absent[0]!r}{more} is labelled in {lab.where} but key "
-                    f"'/{src.name}/data/{absent[0]}' is missing from the {m} sequence"
-                )
 
-        fold_map, fold_source, unassigned = _resolve_folds(folds, label_videos)
-
-        per_split = {s: {"feats": {m: [] for m in MODALITIES}, "labels": [], "ids": []} for s in SPLITS}
-        dropped: list[str] = []
-        dims = {m: srcs[m].dim or 0 for m in MODALITIES}
-        for vid in label_videos:
-            split = fold_map.get(vid)
-            if split is None:
-                continue
-            ref_feats, ref_iv = _clean_rows(*srcs[reference].get(vid))
-            word_feats = {reference: ref_feats.astype(np.float32, copy=False)}
-            for m in MODALITIES:
-                if m != reference:
-                    f, iv = _clean_rows(*srcs[m].get(vid))
-                    word_feats[m] = average_over_intervals(ref_iv, iv, f)
-            lab_feats, lab_iv = lab.get(vid)
-            ws, we = ref_iv[:, 0], ref_iv[:, 1]
-            bucket = per_split[split]
-            for j in range(lab_iv.shape[0]):
-                s, e = float(lab_iv[j, 0]), float(lab_iv[j, 1])
-                if e - s <= EPS:  # the SDK skips reference intervals shorter than epsilon
-                    dropped.append(f"{vid}[{j}]")
-                    continue
-                idx = np.flatnonzero((ws < e - EPS) & (we > s + EPS))
-                if idx.size == 0:
-                    dropped.append(f"{vid}[{j}]")
-                    continue
-                idx = idx[-seq_len:] if keep == "last" else idx[:seq_len]
-                for m in MODALITIES:
-                    bucket["feats"][m].append(word_feats[m][idx])
-                if task == "regression":
-                    bucket["labels"].append(np.float32(lab_feats[j, 0]))
-                else:
-                    bucket["labels"].append(lab_feats[j, : len(EMOTIONS)])
-                bucket["ids"].append(f"{vid}[{j}]")
-
-        splits = {}
-        for s in SPLITS:
-            b = per_split[s]
-            n = len(b["ids"])
-            feats, lengths = {}, {}
-            for m in MODALITIES:
-                x = np.zeros((n, seq_len, dims[m]), dtype=np.float32)
-                ln = np.zeros(n, dtype=np.int64)
-                for i, seg in enumerate(b["feats"][m]):
-                    L = seg.shape[0]
-                    x[i, seq_len - L :] = seg
-                    ln[i] = L
-                feats[m], lengths[m] = x, ln
-            if task == "regression":
-                y = np.asarray(b["labels"], dtype=np.float32).reshape(n)
-            else:
-                y = np.asarray(b["labels"], dtype=np.float64).reshape(n, len(EMOTIONS))
-                if y.size and not np.isin(y, (0, 1)).all():
-                    raise DataError(
-                        f"{lab.where}: key '/{lab.name}/data/*/features': task 'emotions' needs 0/1 values per "
-                        f"emotion ({', '.join(EMOTIONS)}), found values in [{y.min():g}, {y.max():g}]"
-                    )
-                y = y.astype(np.int64)
-            splits[s] = Split(features=feats, lengths=lengths, labels=y, ids=np.asarray(b["ids"], dtype=str))
-
-        feature_names = {}
+def _segments(srcs: dict, lab, label_videos: list, fold_map: dict, reference: str, seq_len: int, keep: str, task: str):
+    """Steps 1-3 of the module docstring, video by video: ``({split: {"feats": {m: [(L, D_m)]},
+    "labels": [...], "ids": [...]}}, the ids of the dropped segments)``; ``L`` at most ``seq_len``."""
+    per_split = {s: {"feats": {m: [] for m in MODALITIES}, "labels": [], "ids": []} for s in SPLITS}
+    dropped: list[str] = []
+    for vid in label_videos:
+        split = fold_map.get(vid)
+        if split is None:
+            continue
+        ref_feats, ref_iv = _clean_rows(*srcs[reference].get(vid))
+        word_feats = {reference: ref_feats.astype(np.float32, copy=False)}
         for m in MODALITIES:
-            names = srcs[m].metadata.get("dimension names")
-            if isinstance(names, list) and len(names) == dims[m]:
-                feature_names[m] = [str(x) for x in names]
-        if dropped:
-            log.warning("%s: dropped %d labelled segment(s) with no %s interval or shorter than %g s (e.g. %s)",
-                        lab.where, len(dropped), reference, EPS, dropped[0])
-        if unassigned:
-            log.warning("%s: %d labelled video(s) are in no fold and were skipped (e.g. %s)",
-                        lab.where, len(unassigned), unassigned[0])
-        meta = DatasetMeta(
-            name=name or _dataset_name(lab),
-            task=task,
-            aligned=True,
-            source=lab.where,
-            format="csd",
-            feature_names=feature_names,
-            extra={
-                "reference": reference,
-                "seq_len": seq_len,
-                "truncation": f"keep {keep} {seq_len} words; left zero padding (SDK get_tensors direction=False)",
-                "folds": fold_source,
-                "feature_sources": {m: srcs[m].where for m in MODALITIES},
-                "sequence_names": {m: srcs[m].name for m in MODALITIES},
-                "label_sequence": lab.name,
-                "label_dimension_names": lab.metadata.get("dimension names"),
-                "dropped_segments": len(dropped),
-                "dropped_segment_ids": dropped[:50],
-                "unassigned_videos": unassigned,
-            },
-        )
-    dataset = MultimodalDataset(splits=splits, meta=meta)
-    replace_nonfinite(dataset)
-    validate(dataset)
-    return dataset
+            if m != reference:
+                f, iv = _clean_rows(*srcs[m].get(vid))
+                word_feats[m] = average_over_intervals(ref_iv, iv, f)
+        lab_feats, lab_iv = lab.get(vid)
+        ws, we = ref_iv[:, 0], ref_iv[:, 1]
+        bucket = per_split[split]
+        for j in range(lab_iv.shape[0]):
+            s, e = float(lab_iv[j, 0]), float(lab_iv[j, 1])
+            if e - s <= EPS:  # the SDK skips reference intervals shorter than epsilon
+                dropped.append(f"{vid}[{j}]")
+                continue
+            idx = np.flatnonzero((ws < e - EPS) & (we > s + EPS))
+            if idx.size == 0:
+                dropped.append(f"{vid}[{j}]")
+                continue
+            idx = idx[-seq_len:] if keep == "last" else idx[:seq_len]
+            for m in MODALITIES:
+                bucket["feats"][m].append(word_feats[m][idx])
+            if task == "regression":
+                bucket["labels"].append(np.float32(lab_feats[j, 0]))
+            else:
+                bucket["labels"].append(lab_feats[j, : len(EMOTIONS)])
+            bucket["ids"].append(f"{vid}[{j}]")
+    return per_split, dropped
+
+
+def _padded_split(b: dict, dims: dict, seq_len: int, task: str, lab) -> Split:
+    """One split's segments (a bucket of :func:`_segments`) as left-padded (n, seq_len, D_m) arrays
+    with their true lengths (step 4), and its labels, checked to be 0/1 for ``task="emotions"``."""
+    n = len(b["ids"])
+    feats, lengths = {}, {}
+    for m in MODALITIES:
+        x = np.zeros((n, seq_len, dims[m]), dtype=np.float32)
+        ln = np.zeros(n, dtype=np.int64)
+        for i, seg in enumerate(b["feats"][m]):
+            L = seg.shape[0]
+            x[i, seq_len - L :] = seg
+            ln[i] = L
+        feats[m], lengths[m] = x, ln
+    if task == "regression":
+        y = np.asarray(b["labels"], dtype=np.float32).reshape(n)
+    else:
+        y = np.asarray(b["labels"], dtype=np.float64).reshape(n, len(EMOTIONS))
+        if y.size and not np.isin(y, (0, 1)).all():
+            raise DataError(
+                f"{lab.where}: key '/{lab.name}/data/*/features': task 'emotions' needs 0/1 values per "
+                f"emotion ({', '.join(EMOTIONS)}), found values in [{y.min():g}, {y.max():g}]"
+            )
+        y = y.astype(np.int64)
+    return Split(features=feats, lengths=lengths, labels=y, ids=np.asarray(b["ids"], dtype=str))
+
+
+def _feature_names(srcs: dict, dims: dict) -> dict:
+    """{modality: its sequence's ``dimension names``}, where the metadata has one name per feature."""
+    feature_names = {}
+    for m in MODALITIES:
+        names = srcs[m].metadata.get("dimension names")
+        if isinstance(names, list) and len(names) == dims[m]:
+            feature_names[m] = [str(x) for x in names]
+    return feature_names
 
 
 def _resolve_folds(folds, label_videos):

@@ -1,11 +1,13 @@
-"""Accelerators, applied to a built model from outside; the model's Python code stays the one truth.
+"""The compiled CPU kernels, applied to a built model from outside; the model's Python code stays the one truth.
 
 - :func:`accelerate`: compiled CPU kernels in place of the layers' kernel functions, and transformer
   stacks as one compiled node, each only where verified to compute the same function
   (``mskt.fast.stacks`` says how); elsewhere the Python code runs and the log says so, once.
-- ``mskt.fast.optim.FlatAdam``: Adam over the parameters as one flat tensor.
-- ``mskt.fast.runtime``: glibc's malloc setting, bf16 autocast, torch.compile with an eager fallback.
 - ``mskt.fast.build``: builds and loads the C++ library (``csrc/cpu_kernels.cpp``).
+
+What training sets up for speed besides (``FlatAdam``, glibc's malloc setting, bf16 autocast,
+torch.compile with an eager fallback) lives where training uses it: ``mskt.train.optim`` and
+``mskt.train.runtime``.
 """
 
 from __future__ import annotations

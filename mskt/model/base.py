@@ -91,8 +91,9 @@ class Model(nn.Module):
         raise NotImplementedError
 
     def drops_modalities(self) -> float:
-        """The variant's own training protocol (``train_missing="auto"``): the share of training
-        samples the loop gives one of the six missing patterns (``TrainingProtocol("patterns", share)``)."""
+        """The variant's own training protocol (``train_missing="auto"``), as a float in [0, 1]: the
+        share of training samples the loop gives one of the six missing patterns
+        (``TrainingProtocol("patterns", share)``); 0.0, the default, gives none."""
         return 0.0
 
     def check_missing(self, given: torch.Tensor) -> None:

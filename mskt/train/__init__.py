@@ -23,19 +23,23 @@ from mskt.train.loop import (
     NonFiniteLoss,
     RunInterrupted,
     RunResult,
+    RunState,
     default_run_name,
     describe,
     feature_statistics,
+    finish_run,
     make_optimizer,
     model_config_for,
     resume,
+    setup_run,
     train,
+    train_epoch,
     training_step,
 )
 from mskt.train.setup import resolve_device, set_seed
 
 __all__ = [
-    "NonFiniteLoss", "RunInterrupted", "RunResult", "Tensors", "atomic_torch_save", "atomic_write_text", "default_run_name", "describe",
-    "evaluate", "feature_statistics", "load_checkpoint", "load_run", "load_teacher_audio_encoder", "make_optimizer",
-    "model_config_for", "predict", "resolve_device", "resume", "selection_score", "set_seed", "train", "training_step",
+    "NonFiniteLoss", "RunInterrupted", "RunResult", "RunState", "Tensors", "atomic_torch_save", "atomic_write_text", "default_run_name", "describe",
+    "evaluate", "feature_statistics", "finish_run", "load_checkpoint", "load_run", "load_teacher_audio_encoder", "make_optimizer",
+    "model_config_for", "predict", "resolve_device", "resume", "selection_score", "set_seed", "setup_run", "train", "train_epoch", "training_step",
 ]

@@ -21,7 +21,7 @@ import torch
 
 from mskt.data.missing import parse_missing
 from mskt.data.presets import label_range
-from mskt.model import MODALITIES, KTMulT, resample
+from mskt.model import MODALITIES, MulT, resample
 from mskt.train import Tensors
 
 
@@ -31,7 +31,7 @@ def _r2(pred: np.ndarray, target: np.ndarray) -> float:
 
 
 @torch.inference_mode()
-def sample_view(model: KTMulT, data: Tensors, index: int, missing=()) -> dict:
+def sample_view(model: MulT, data: Tensors, index: int, missing=()) -> dict:
     """One sample of ``data`` with the modalities ``missing`` (names, or "audio,vision") missing.
 
     Returns {"index", "missing", "variant", "task", "label", "pred" (with the pattern), "pred_full"
@@ -101,7 +101,7 @@ def describe(view: dict) -> str:
     )
 
 
-def explorer(model: KTMulT, data: Tensors, samples=None):
+def explorer(model: MulT, data: Tensors, samples=None):
     """An ipywidgets control: a sample picker and one toggle per modality; every change re-runs the
     model on that sample, rewrites the line of ``describe`` and redraws ``plot_sample_view``.
     ``samples``: indices to offer (default all). Its parts carry CSS classes ``mskt-explorer``,

@@ -131,7 +131,6 @@ class KT(MulT):
         from_vision, from_text, reconstruction = self.reconstruct_audio(encoded["text"], encoded["vision"], masks, lengths)
         encoded["audio"] = reconstruction  # A' on the text grid
         masks["audio"] = masks["text"]
-        lengths["audio_grid"] = lengths["text"]
         internals = dict(audio_from_vision=from_vision, audio_from_text=from_text, audio_reconstruction=reconstruction)
         aux = {}
         if batch.get("audio") is not None and (self.training or return_internals):

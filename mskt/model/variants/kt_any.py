@@ -43,7 +43,8 @@ class KTAny(MulT):
     def standardises(self) -> tuple:
         return MODALITIES
 
-    def drops_modalities(self) -> float:  # its train_missing="auto": the six patterns on this share
+    def drops_modalities(self) -> float:
+        """``modality_dropout``: its ``train_missing="auto"`` gives this share of the training samples one of the six missing patterns."""
         return self.cfg.modality_dropout
 
     def check_missing(self, given: torch.Tensor) -> None:

@@ -1,4 +1,5 @@
-"""Runtime settings that change speed, never results: glibc's malloc, bf16 autocast, torch.compile."""
+"""Runtime settings of training that change speed, never results: glibc's malloc, bf16 autocast,
+torch.compile with an eager fallback (``training_step`` sets them)."""
 
 from __future__ import annotations
 
