@@ -459,13 +459,11 @@ def setup(figures_dir: str = "", smoke: bool = False, plugins=()) -> Path:
     - The figures folder is :func:`mskt.paths.notebook_figures_dir` of ``figures_dir`` and ``smoke``:
       empty, ``runs/scratch-figures/``; a smoke run never writes the repository's ``figures/``.
     """
-    from mskt.paths import notebook_figures_dir, resolve_path
-    from mskt.plugins import is_path, load_plugins
+    from mskt.paths import notebook_figures_dir
+    from mskt.plugins import load_plugins
 
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    if isinstance(plugins, str):  # a comma-separated string, as load_plugins takes it
-        plugins = [p for p in plugins.split(",") if p.strip()]
-    load_plugins([str(resolve_path(p.strip())) if is_path(p.strip()) else p for p in plugins])
+    load_plugins(plugins)  # a relative file: from the working folder, else the project root (mskt.plugins.normalise)
     return notebook_figures_dir(figures_dir, smoke)
 
 
@@ -477,7 +475,7 @@ class AnalysedModel(NamedTuple):
 
 
 def run_or_train(run_dir: str = "", *, variant: str = "kt", data: str = "synthetic:mosi", data_scale: float = 1.0,
-                 epochs: int = 10, seed: int = 1111, smoke: bool = False, out_dir: str = "") -> AnalysedModel:
+                 epochs: int = 10, seed: int = 1111, smoke: bool = False, out_dir: str = "", plugins=()) -> AnalysedModel:
     """The model a notebook analyses (03, 04), with its dataset and test split on its device.
 
     ``run_dir`` given: the finished run in it (relative: from the project root), loaded as training
@@ -485,7 +483,8 @@ def run_or_train(run_dir: str = "", *, variant: str = "kt", data: str = "synthet
     a new model trained in silence). ``run_dir`` empty: a ``variant`` model trained here on ``data``
     (a relative file path: from the project root) for ``epochs`` with ``seed`` (``smoke``: the tiny
     model and data of :data:`mskt.config.SMOKE`), into ``<out_dir>/<variant>-run``, or
-    ``runs/<dataset>-<variant>-seed<seed>-<time>/`` when ``out_dir`` is empty.
+    ``runs/<dataset>-<variant>-seed<seed>-<time>/`` when ``out_dir`` is empty; its config records
+    ``plugins`` (a loaded run's config.json names its own).
     """
     from mskt.config import SMOKE, Config
     from mskt.data.batching import Tensors
@@ -496,8 +495,8 @@ def run_or_train(run_dir: str = "", *, variant: str = "kt", data: str = "synthet
     if run_dir:  # e.g. the run 02_training wrote (the runner passes its folder)
         cfg, model = load_run(finished_run(run_dir))
     else:
-        cfg = Config.from_dict({"data": resolve_data_source(data), "data_scale": data_scale, "variant": variant, "epochs": epochs,
-                                "seed": seed, **(SMOKE if smoke else {})})
+        cfg = Config.from_dict({"plugins": plugins, "data": resolve_data_source(data), "data_scale": data_scale, "variant": variant,
+                                "epochs": epochs, "seed": seed, **(SMOKE if smoke else {})})
         result = train(cfg, out_dir=resolve_path(out_dir) / f"{variant}-run" if out_dir else None)
         cfg, model = result.config, result.model
     ds = load_dataset(cfg.data, scale=cfg.data_scale, seed=cfg.data_seed)

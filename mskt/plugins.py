@@ -30,14 +30,28 @@ def is_path(spec: str) -> bool:
 
 
 def normalise(spec: str) -> str:
-    """A module name as given; a file path made absolute (a relative one from the working folder,
-    as a shell would read it), so that the recorded config imports the same file from anywhere."""
+    """A module name as given; a file path made absolute, so that the recorded config imports the
+    same file from anywhere. A relative path is taken from the working folder, as a shell reads it,
+    and where no such file is there, from the project root: a notebook's kernel runs in notebooks/,
+    and every other path a notebook is given is taken from the project root."""
     spec = spec.strip()
     if not spec:
         raise ConfigError("plugins: an empty entry; give a module name (my_lab.variants) or a .py file path")
-    if is_path(spec):
-        return str(Path(spec).expanduser().resolve())
-    return spec
+    if not is_path(spec):
+        return spec
+    path = Path(spec).expanduser()
+    if not path.is_absolute() and not path.exists():
+        from_root = _project_root() / path
+        if from_root.exists():
+            return str(from_root.resolve())
+    return str(path.resolve())
+
+
+def _project_root() -> Path:
+    """mskt.paths.project_root, read lazily: plugins imports nothing of mskt but its errors at load."""
+    import mskt.paths
+
+    return mskt.paths.project_root()
 
 
 def module_name_for(path: Path) -> str:

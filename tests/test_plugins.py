@@ -114,8 +114,9 @@ def test_notebooks_02_and_03_under_papermill(notebook, outside, trained, tmp_pat
         params.update(run_dir=str(trained))
     pm.execute_notebook(str(source), str(tmp_path / "out.ipynb"), parameters=params, cwd=str(tmp_path), kernel_name="python3",
                         progress_bar=False)
-    if notebook == "02_training":
-        assert json.loads((tmp_path / "run" / "config.json").read_text())["gru_layers"] == 2
+    if notebook == "02_training":  # the run records the plugin: load_run and notebook 03 import it from there
+        stored = json.loads((tmp_path / "run" / "config.json").read_text())
+        assert stored["gru_layers"] == 2 and stored["plugins"] == [str(outside / "kt_gru.py")]
 
 
 # -- in-process: registry and options ----------------------------------------------------------

@@ -12,7 +12,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "mskt"
 
 # What each package (or top-level module) may import from mskt, as docs/architecture.md states it.
 ALLOWED = {
-    "errors": set(), "paths": {"errors"}, "plugins": {"errors"}, "modalities": set(), "console": set(),
+    "errors": set(), "paths": {"errors"}, "plugins": {"errors", "paths"}, "modalities": set(), "console": set(),
     "model": {"errors", "modalities", "plugins"},
     "config": {"model", "errors", "paths", "plugins"},
     "metrics": {"errors", "data"},
