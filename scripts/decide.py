@@ -4,6 +4,7 @@ killed measurement resumes), so seeds can be added after a power calculation
 (``mskt.stats.seeds_needed``) by raising the seed count.
 
     headline    the five variants of the paper's Table 1 on the default synthetic world
+    baselines   kt against MCTN (the paper's missing-modality baseline) and MCTN against language, same design
     robustness  the fair robustness comparison: every config selects on the six fixed missing
                 conditions (select_missing="conditions"), swept under those conditions and random
                 missing rates 0-0.7

@@ -2,7 +2,7 @@
 validation stops improving, on test splits large enough that test noise does not swamp a
 1.5-point Acc2 difference, over paired seeds, and read with :mod:`mskt.stats`.
 
-Three parts, each a folder of runs (``run``) and a table of paired comparisons (``tables``):
+Parts, each a folder of runs (``run``) and a table of paired comparisons (``tables``):
 
 - ``headline``: the paper's five variants (Table 1's rows) on the default synthetic world.
 - ``robustness``: the fair robustness comparison. Every config selects its checkpoint on the mean
@@ -13,6 +13,10 @@ Three parts, each a folder of runs (``run``) and a table of paired comparisons (
   and 100% of the labels. Every run stops by patience, whatever its labels; ``steps_like_full_labels``
   only acts on a run that reaches the epoch cap (it would then go on to the steps a run with every
   label takes), and each run records its optimizer steps.
+- ``baselines``: kt against MCTN (Pham et al. 2019, the paper's own missing-modality baseline: it
+  reads only language at test time) and MCTN against the language-only MulT it improves on, on the
+  headline's design. MCTN has its own recurrent widths (its options); the shared settings (lr 3e-3,
+  batch, stopping rule, data) are the headline's.
 - ``paper-size``: the headline pairs (full, language_vision, kt) again with the paper's model and
   optimiser (``Config``'s defaults: d_model 40, 5 heads, the paper's depths, lr 1e-3), to see whether
   the small model's decisions hold at the size the paper trains.
@@ -39,7 +43,7 @@ from mskt.experiments import controls, robustness
 from mskt.experiments.grid import bootstrap_markdown, run_configs
 from mskt.metrics import display_scale
 
-PARTS = ("headline", "robustness", "controls", "paper-size")
+PARTS = ("headline", "baselines", "robustness", "controls", "paper-size")
 DATA = "synthetic:mosi?test_size=2000&valid_size=1000"
 BASE = dict(epochs=40, patience=5)
 SEEDS, CONTROL_SEEDS = 8, 6
@@ -50,11 +54,13 @@ SEEDS, CONTROL_SEEDS = 8, 6
 CONTROL_MIN_EPOCHS = 20
 FIVE = ("full", "vision", "language", "language_vision", "kt")
 PAPER_SIZE = ("full", "language_vision", "kt")
+BASELINES = ("kt", "language", "mctn")
 FAIR = ("kt_any", "kt_any-nodrop", "full+drop", "full", "kt", "language_vision")
 FRACTIONS = (0.05, 0.2, 1.0)
 MASK_SEEDS = (0, 1)
 # The comparisons the issue names as headline (A, B): A - B per metric, Holm-adjusted per table.
 HEADLINE_PAIRS = (("kt", "language_vision"), ("kt", "full"), ("language_vision", "full"), ("kt", "language"))
+BASELINE_PAIRS = (("kt", "mctn"), ("mctn", "language"))
 ROBUST_PAIRS = (("kt_any", "full+drop"), ("kt_any", "kt_any-nodrop"), ("full+drop", "full"), ("kt_any", "kt"), ("kt", "language_vision"))
 METRICS = ("mae", "acc2_nonzero", "corr")
 
@@ -74,10 +80,12 @@ def configs(part: str) -> dict:
         return {v: {"variant": v} for v in FIVE}
     if part == "paper-size":
         return {v: {"variant": v} for v in PAPER_SIZE}
+    if part == "baselines":
+        return {v: {"variant": v} for v in BASELINES}
     if part == "robustness":
         fair = robustness.fair_configs(variants=("kt_any", "kt", "language_vision", "full"))
         return {label: fair[label] for label in FAIR}
-    raise ConfigError(f"decide: part {part!r} has no config table; choose one of headline, robustness, paper-size")
+    raise ConfigError(f"decide: part {part!r} has no config table; choose one of headline, baselines, robustness, paper-size")
 
 
 def run(part: str, out, seeds: int = SEEDS, jobs: int = 1, on_run=None, base: Config | None = None) -> pd.DataFrame:
@@ -87,7 +95,7 @@ def run(part: str, out, seeds: int = SEEDS, jobs: int = 1, on_run=None, base: Co
     if part == "controls":
         cfg = base or base_config(steps_like_full_labels=True, min_epochs=CONTROL_MIN_EPOCHS)
         controls.run(cfg, fractions=FRACTIONS, seeds=seeds, out_dir=out, jobs=jobs, on_run=on_run)
-    elif part in ("headline", "robustness", "paper-size"):
+    elif part in ("headline", "baselines", "robustness", "paper-size"):
         base = base or (paper_size_config() if part == "paper-size" else base_config())
         run_configs(base, configs(part), seeds, out, on_run=on_run, jobs=jobs)
     else:
@@ -96,7 +104,7 @@ def run(part: str, out, seeds: int = SEEDS, jobs: int = 1, on_run=None, base: Co
     runs.to_csv(out / "runs.csv", index=False)
     if part == "robustness":
         sweep_runs(out).to_csv(out / "sweep.csv", index=False)
-    if part in ("headline", "paper-size"):
+    if part in ("headline", "baselines", "paper-size"):
         bootstrap(runs, out).to_csv(out / "bootstrap.csv", index=False)
     return runs
 
@@ -223,11 +231,10 @@ def seeds_for(runs: pd.DataFrame, pairs, targets: dict, metrics=None) -> pd.Data
 TARGETS = {"mae": 0.03, "acc2_nonzero": 0.015}  # the issue's minimal detectable effects for headline comparisons
 
 
-def headline_report(runs: pd.DataFrame) -> dict:
-    """The five-variant table: summary (mean ± std over seeds, convergence), the paired comparisons
-    of :data:`HEADLINE_PAIRS` (Holm over the table, per metric) and the seeds the MDE targets need."""
-    return {"summary": summary(runs), "comparisons": compare(runs, HEADLINE_PAIRS),
-            "power": seeds_for(runs, HEADLINE_PAIRS[:2], TARGETS)}
+def headline_report(runs: pd.DataFrame, pairs=HEADLINE_PAIRS) -> dict:
+    """A table of variants: summary (mean ± std over seeds, convergence), the paired comparisons of
+    ``pairs`` (Holm over the table, per metric) and the seeds the MDE targets need (its first two pairs)."""
+    return {"summary": summary(runs), "comparisons": compare(runs, pairs), "power": seeds_for(runs, pairs[:2], TARGETS)}
 
 
 def robustness_report(runs: pd.DataFrame, sweep: pd.DataFrame) -> dict:
@@ -270,10 +277,10 @@ def power_markdown(power: pd.DataFrame, cells=()) -> str:
     return "\n".join(lines) + "\n"
 
 
-TITLES = {"headline": "The five variants", "paper-size": "The headline pairs at the paper's model size",
+TITLES = {"headline": "The five variants", "baselines": "kt against MCTN, the paper's own missing-modality baseline", "paper-size": "The headline pairs at the paper's model size",
           "robustness": "Fair robustness, one selection protocol", "controls": "Controls: kt against language_vision",
           "controls-patience5": "Controls with patience alone (a diagnosis: runs stopped on a slow start)"}
-CELLS = {"headline": (), "paper-size": (), "robustness": ("score",), "controls": ("control", "label_fraction"),
+CELLS = {"headline": (), "baselines": (), "paper-size": (), "robustness": ("score",), "controls": ("control", "label_fraction"),
          "controls-patience5": ("control", "label_fraction")}
 
 
@@ -301,7 +308,7 @@ def part_report(part: str, folder=None) -> dict | None:
         r = controls_report(runs)
         summary_text = summary_markdown(r["summary"], by=("control", "label_fraction", "variant"))
     else:
-        r = headline_report(runs)
+        r = headline_report(runs, BASELINE_PAIRS if part == "baselines" else HEADLINE_PAIRS)
         summary_text = summary_markdown(r["summary"])
     text = [f"### {TITLES[part]}", summary_text, "", stats.comparisons_markdown(r["comparisons"], cells=cells),
             power_markdown(r["power"], cells=cells if part.startswith("controls") else ())]
@@ -312,7 +319,7 @@ def part_report(part: str, folder=None) -> dict | None:
 
 def report(out=None) -> str:
     """docs/results.md's "Decisions" tables for whichever parts under ``out`` have runs."""
-    reports = [part_report(p, out) for p in ("headline", "paper-size", "controls", "controls-patience5", "robustness")]
+    reports = [part_report(p, out) for p in ("headline", "baselines", "paper-size", "controls", "controls-patience5", "robustness")]
     return "\n".join(r["markdown"] for r in reports if r is not None)
 
 
