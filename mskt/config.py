@@ -24,7 +24,8 @@ from pathlib import Path
 from mskt.errors import ConfigError
 from mskt.model import VARIANTS, ModelConfig, variant_class
 from mskt.model.config import MODEL_RANGES, check_ranges
-from mskt.model.options import _TYPES, Options, coerce, option_aliases, option_fields  # noqa: F401 -- coerce: mskt.config.coerce
+from mskt.model.options import _TYPES, coerce, option_aliases, option_fields, option_names  # noqa: F401 -- coerce: mskt.config.coerce
+from mskt.model.registry import option_owners
 
 # The options kt and kt_any owned as flat fields of every config until they moved to their variants
 # (mskt.model.options). A stored config (config.json, a checkpoint, a study) of another variant still
@@ -198,15 +199,15 @@ class Config(ModelConfig):
             raise ConfigError(f"variant must be str, found {variant!r}")
         if variant not in VARIANTS:
             raise ConfigError(f"variant={variant!r} is not allowed; choose one of {', '.join(VARIANTS)}")
-        options_cls = getattr(variant_class(variant), "Options", Options)
+        options_cls = variant_class(variant).Options
         owned, aliases = option_fields(options_cls), option_aliases(options_cls)
         values = {aliases.get(k, k): v for k, v in values.items()}
         unknown = sorted(set(values) - set(fields) - set(owned))
         if unknown:
-            owners = {k: [v for v, c in VARIANTS.items() if k in option_fields(getattr(c, "Options", Options)) or k in option_aliases(getattr(c, "Options", Options))] for k in unknown}
-            for key, who in owners.items():
-                if who:
-                    raise ConfigError(f"{key} is an option of variant {', '.join(who)}, not of {variant!r}; its options: {', '.join(owned) or 'none'}")
+            for key in unknown:
+                if option_owners(key):
+                    raise ConfigError(f"{key} is an option of variant {', '.join(option_owners(key))}, not of {variant!r}; "
+                                      f"its options: {', '.join(owned) or 'none'}")
             raise ConfigError(f"unknown config key(s) {unknown}; allowed: {', '.join(fields)} and the options of variant {variant!r}: {', '.join(owned) or 'none'}")
         options = {k: v for k, v in base.to_dict().items() if k in owned} if base is not None else {}
         for key, value in values.items():
@@ -233,8 +234,7 @@ class Config(ModelConfig):
             except ConfigError as e:
                 raise ConfigError(f"{where}: {e}" if where else str(e)) from None
             if variant in VARIANTS:
-                options_cls = getattr(variant_class(variant), "Options", Options)
-                owned = set(option_fields(options_cls)) | set(option_aliases(options_cls))
+                owned = set(option_names(variant_class(variant).Options))
                 values = {k: v for k, v in values.items() if k not in MOVED_TO_VARIANTS or k in owned}
         return cls.from_dict(values)
 

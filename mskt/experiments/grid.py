@@ -92,14 +92,13 @@ def run_configs(base: Config, configs: dict, seeds: int, out_dir, on_run=None, j
 def variant_options(variants, options: dict) -> dict:
     """``{variant: the options of ``options`` it owns}``; an option no variant of the grid owns is an error."""
     from mskt.model import variant_class
-    from mskt.model.options import option_aliases, option_fields
+    from mskt.model.options import option_names
 
     owned = {}
     for v in variants:
-        cls = variant_class(v).Options
-        names = {**{n: n for n in option_fields(cls)}, **option_aliases(cls)}
+        names = option_names(variant_class(v).Options)
         owned[v] = {names[k]: value for k, value in options.items() if k in names}
-    orphans = [k for k in options if not any(k in option_fields(variant_class(v).Options) or k in option_aliases(variant_class(v).Options) for v in variants)]
+    orphans = [k for k in options if not any(k in option_names(variant_class(v).Options) for v in variants)]
     if orphans:
         raise ConfigError(f"{orphans[0]} is an option of none of the grid's variants ({', '.join(variants)})")
     return owned

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from mskt.errors import ConfigError
 from mskt.modalities import MODALITIES
 from mskt.model.options import Options, check_options, check_ranges, make_options, option_fields  # noqa: F401 -- check_ranges: mskt.model.config.check_ranges
-from mskt.model.registry import VARIANTS, variant_class
+from mskt.model.registry import VARIANTS, option_owners, variant_class
 
 
 # init, eq and repr are ModelConfig's own (below): they take and show the variant's options too.
@@ -75,11 +75,13 @@ class ModelConfig:
 
     def __getattr__(self, name):
         # Called only when a field lookup fails: the variant's options answer as if they were fields.
+        if name.startswith("__"):  # pickling and copy probe dunders: never an option
+            raise AttributeError(name)
         options = self.__dict__.get("options")
-        if options is not None and not name.startswith("__") and name in option_fields(type(options)):
+        if options is not None and name in option_fields(type(options)):
             return getattr(options, name)
-        owners = [v for v, cls in VARIANTS.items() if name in option_fields(getattr(cls, "Options", Options))]
-        if owners and not name.startswith("__"):
+        owners = option_owners(name)
+        if owners:
             raise AttributeError(f"{name!r} is an option of variant {', '.join(owners)}, not of {self.__dict__.get('variant')!r}")
         raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 

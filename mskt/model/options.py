@@ -56,6 +56,11 @@ def option_fields(options_cls) -> dict:
     return {f.name: f for f in dataclasses.fields(options_cls)}
 
 
+def option_names(options_cls) -> dict:
+    """``{name: name, old name: name}``: every key that names an option of ``options_cls``."""
+    return {**{name: name for name in option_fields(options_cls)}, **option_aliases(options_cls)}
+
+
 def option_aliases(options_cls) -> dict:
     """``{old name: name}`` for the options of ``options_cls`` that were renamed."""
     return {old: name for name, f in option_fields(options_cls).items() for old in f.metadata.get("aliases", ())}

@@ -41,6 +41,13 @@ def _origin(cls) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
 
 
+def option_owners(key: str) -> list:
+    """The registered variants that own an option named ``key`` (or once named so)."""
+    from mskt.model.options import option_names
+
+    return [v for v, cls in VARIANTS.items() if key in option_names(cls.Options)]
+
+
 def variant_class(name: str):
     if name not in VARIANTS:
         from mskt.plugins import load_entry_points
