@@ -157,7 +157,7 @@ def _exercise_kt_mlp(ns, tmp):
     from mskt.model import build_model
 
     model = build_model(tiny_model_config(variant="kt_mlp"))
-    assert isinstance(model, ns["KTMLP"]) and isinstance(model.theta, ns["StepMLP"])
+    assert isinstance(model, ns["KTMLP"]) and isinstance(model.transfer["vision->audio"], ns["StepMLP"])
     with torch.no_grad():
         out = model(make_batch_fn(model.cfg))
     assert out.pred.shape[0] == 4 and torch.isfinite(out.pred).all()

@@ -39,6 +39,8 @@ class KTMLP(KT):
 
     def build_transfer(self) -> None:
         super().build_transfer()
+        # The paper's names, as code written before kt named its modules by role did: they replace
+        # transfer["vision->audio"] and transfer["text->audio"] (KT.renamed_modules).
         self.theta = StepMLP(self.cfg.d_model)
         self.phi = StepMLP(self.cfg.d_model)
 

@@ -194,7 +194,7 @@ def test_backward_reaches_every_parameter(variant, aligned, ctc):
     assert not missing, f"no gradient reaches {missing}"
     names = {n.split(".")[0] for n, _ in model.named_parameters()}
     if variant == "kt":  # the default target: raw audio features through a shared readout
-        assert {"theta", "phi", "delta", "delta_in", "audio_readout"} <= names
+        assert {"transfer", "fuse", "fuse_in", "readout"} <= names
         assert not any(n.startswith("encoders.audio.") for n, _ in model.named_parameters())
 
 
@@ -207,7 +207,7 @@ def test_backward_reaches_every_parameter_kt_aux(aligned):
     missing = [n for n, p in model.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.abs().sum() > 0)]
     assert not missing, f"no gradient reaches {missing}"
     names = {n.split(".")[0] for n, _ in model.named_parameters()}
-    assert {"theta", "phi", "delta", "delta_in", "aux_head"} <= names
+    assert {"transfer", "fuse", "fuse_in", "aux_head"} <= names and "readout" not in names
     assert any(n.startswith("encoders.audio.") for n, _ in model.named_parameters())
 
 
@@ -219,7 +219,7 @@ def test_kt_delta_is_trained_by_the_task_loss():
     model.train()
     out = model(batch)
     model.loss(out, batch["labels"])["task"].backward()
-    for prefix in ("delta.", "delta_in.", "theta.", "phi."):
+    for prefix in ("fuse.audio.", "fuse_in.audio.", "transfer.vision->audio.", "transfer.text->audio."):
         grads = [p.grad for n, p in model.named_parameters() if n.startswith(prefix)]
         assert grads and all(g is not None for g in grads), prefix
         assert sum(float(g.abs().sum()) for g in grads) > 0, prefix
@@ -488,7 +488,7 @@ def test_consistency_terms_do_not_train_the_audio_encoder():
     terms = model.loss(out, batch["labels"])
     (terms["consistency_vision"] + terms["consistency_text"] + terms["consistency_fused"]).backward()
     assert all(p.grad is None or not p.grad.any() for p in audio_params)
-    assert all(p.grad is not None and p.grad.any() for n, p in model.named_parameters() if n.startswith(("theta.", "phi.")))
+    assert all(p.grad is not None and p.grad.any() for n, p in model.named_parameters() if n.startswith("transfer."))
 
     model.zero_grad(set_to_none=True)
     out = model(batch)

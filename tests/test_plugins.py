@@ -68,7 +68,7 @@ def test_evaluate_and_load_run_import_the_recorded_plugin(trained, tmp_path):
     proc = mskt("evaluate", "--run", trained, "--out", tmp_path / "m.json", cwd=tmp_path)
     assert "mae" in json.loads((tmp_path / "m.json").read_text())["test"], proc.stdout
     code = (f"from mskt.train import load_run; cfg, model = load_run({str(trained)!r}); "
-            "print(type(model).__name__, cfg.gru_layers, model.theta.gru.num_layers)")
+            "print(type(model).__name__, cfg.gru_layers, model.transfer['vision->audio'].gru.num_layers)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, env=_env(tmp_path), timeout=300)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["KTGRU", "2", "2"]

@@ -38,6 +38,6 @@ class KTGRU(KT):
     Options = KTGRUOptions
 
     def build_transfer(self) -> None:
-        super().build_transfer()  # kt's delta, audio readout and statistics buffers
-        self.theta = StepGRU(self.cfg.d_model, self.cfg.gru_layers)
-        self.phi = StepGRU(self.cfg.d_model, self.cfg.gru_layers)
+        super().build_transfer()  # kt's fuse (delta), readout and statistics buffers
+        self.transfer["vision->audio"] = StepGRU(self.cfg.d_model, self.cfg.gru_layers)  # theta
+        self.transfer["text->audio"] = StepGRU(self.cfg.d_model, self.cfg.gru_layers)  # phi

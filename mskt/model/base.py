@@ -17,6 +17,9 @@ What a model declares (class attributes; code outside the model reads these, nev
 - ``has_attention``: whether ``forward(batch, return_attention=True)`` returns attention maps
   (what ``mskt.viz.analysis.attention_maps`` draws).
 - ``Options``: the dataclass of the options it owns (``mskt.model.options``).
+- ``renamed_modules``: {old attribute: new module path} of modules the variant has renamed. The old
+  name still reads and assigns the module, checkpoints saved under it load, and the module keeps
+  its dropout draws (a site is keyed by its old path), so a rename changes no number.
 
 What it computes: ``forward(batch, return_attention=False, return_internals=False) -> Output`` and
 ``loss(out, labels) -> {term: scalar tensor, ..., "total": weighted sum}``.
@@ -35,8 +38,21 @@ import torch.nn as nn
 
 from mskt.modalities import MODALITIES
 from mskt.model.config import ModelConfig
-from mskt.model.layers import key_mask, set_dropout_context
+from mskt.model.layers import key_mask, renamed_path, set_dropout_context
 from mskt.model.options import Options, option_fields
+
+
+def renamed_state(state_dict, renamed: dict):
+    """``state_dict`` with its keys under old module names moved to the new ones (same order); the
+    same object when no key needs it."""
+    if not renamed or not any(renamed_path(k, renamed) != k for k in state_dict):
+        return state_dict
+    out = type(state_dict)() if isinstance(state_dict, dict) else {}
+    for k, v in state_dict.items():
+        out[renamed_path(k, renamed)] = v
+    if hasattr(state_dict, "_metadata"):  # nn.Module's per-module versions, keyed by module path
+        out._metadata = type(state_dict._metadata)((renamed_path(k, renamed), v) for k, v in state_dict._metadata.items())
+    return out
 
 
 @dataclass
@@ -60,6 +76,7 @@ class Model(nn.Module):
     test_missing: tuple = ("audio",)
     has_attention: bool = False
     Options = Options  # the variant's own options (mskt.model.options); the base has none
+    renamed_modules: dict = {}  # {old attribute: new module path}, e.g. kt's {"theta": "transfer.vision->audio"}
 
     @classmethod
     def check_config(cls, cfg: ModelConfig) -> None:
@@ -82,6 +99,29 @@ class Model(nn.Module):
         """The variant's options that ``mskt tune`` searches under ``cfg`` (beside the backbone's
         fields): by default each option that declares a ``search`` range (mskt.model.options)."""
         return tuple(name for name, f in option_fields(cls.Options).items() if f.metadata.get("search"))
+
+    # -- modules under an old name (renamed_modules) --------------------------------------------
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)  # nn.Module's: parameters, buffers, submodules
+        except AttributeError:
+            path = type(self).renamed_modules.get(name)
+            if path is None:
+                raise
+            return self.get_submodule(path)
+
+    def __setattr__(self, name: str, value) -> None:
+        path = type(self).renamed_modules.get(name)
+        if path is not None and isinstance(value, nn.Module):  # code written against the old name replaces the module
+            parent, _, leaf = path.rpartition(".")
+            setattr(self.get_submodule(parent) if parent else self, leaf, value)
+            return
+        super().__setattr__(name, value)
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """nn.Module's, after renaming the keys of a checkpoint saved under old module names."""
+        return super().load_state_dict(renamed_state(state_dict, type(self).renamed_modules), strict=strict, assign=assign)
 
     def forward(self, batch: dict, return_attention: bool = False, return_internals: bool = False) -> Output:
         raise NotImplementedError

@@ -123,12 +123,24 @@ class DropoutKey:
     samples: torch.Tensor  # (B,) int64
 
 
+def renamed_path(path: str, renamed: dict) -> str:
+    """``path`` (a module path or state key) with a leading ``old`` module path replaced by ``new``
+    (``renamed``: {old: new}); unchanged where none leads it."""
+    for old, new in renamed.items():
+        if path == old or path.startswith(old + "."):
+            return new + path[len(old):]
+    return path
+
+
 def set_dropout_context(model: nn.Module, context: DropoutContext | None) -> None:
     """Give every module of ``model`` that calls a kernel function (``kernels``) this step's
-    ``context`` and its site (its path in ``model``); None: back to fresh seeds per call."""
+    ``context`` and its site (its path in ``model``); None: back to fresh seeds per call. A module
+    the model has renamed (``renamed_modules``: {old: new}) keeps its old path as its site, so a
+    rename draws the same masks."""
+    back = {new: old for old, new in getattr(type(model), "renamed_modules", {}).items()}
     for name, m in model.named_modules():
         if hasattr(m, "kernels"):
-            m.dropout_context, m.dropout_site = context, name
+            m.dropout_context, m.dropout_site = context, renamed_path(name, back)
 
 
 @functools.lru_cache(maxsize=16)

@@ -1,6 +1,9 @@
-"""``kt``: the paper's knowledge transfer. L and V predict the audio features (theta: V -> A,
-phi: L -> A), delta fuses them into A', and MulT fuses L, V and A'. Audio is a training target
-only, never read on the prediction path.
+"""``kt``: the paper's knowledge transfer. L and V predict the audio features (the paper's theta:
+V -> A and phi: L -> A, ``transfer["vision->audio"]`` and ``transfer["text->audio"]``), its delta
+(``fuse["audio"]``) fuses them into A', and MulT fuses L, V and A'. Audio is a training target only,
+never read on the prediction path. The roles and their names are kt_any's: ``transfer[s->m]``
+predicts m from f_s, ``fuse[m]`` makes m', ``readout[m]`` maps d to m's features; the paper's names
+(``theta``, ``phi``, ``delta``, and ``delta_in``, ``audio_readout``) still read and replace them.
 
 Design decisions the paper leaves open (each is a config field):
 
@@ -52,6 +55,8 @@ class KT(MulT):
     inputs = ("text", "vision")
     fuses = ("text", "audio", "vision")  # audio: A'
     reconstructs = ("audio",)
+    renamed_modules = {"theta": "transfer.vision->audio", "phi": "transfer.text->audio", "delta_in": "fuse_in.audio",
+                       "delta": "fuse.audio", "audio_readout": "readout.audio"}
 
     @classmethod
     def uses_teacher(cls, cfg) -> bool:
@@ -72,21 +77,22 @@ class KT(MulT):
 
     def build_transfer(self) -> None:
         cfg, d = self.cfg, self.cfg.d_model
-        self.theta = self.stack(cfg.kt_layers, cfg.attn_dropout_vision)  # V -> A
-        self.phi = self.stack(cfg.kt_layers, cfg.attn_dropout)  # L -> A
-        self.delta_in = nn.Linear(2 * d, d)  # [theta(f_V) || phi(f_L)] -> d
-        self.delta = self.stack(cfg.kt_layers, cfg.attn_dropout_audio)
+        # Built in the paper's order (theta, phi, delta), so a seed draws the same initial weights.
+        self.transfer = nn.ModuleDict({"vision->audio": self.stack(cfg.kt_layers, cfg.attn_dropout_vision),  # theta
+                                       "text->audio": self.stack(cfg.kt_layers, cfg.attn_dropout)})  # phi
+        self.fuse_in = nn.ModuleDict({"audio": nn.Linear(2 * d, d)})  # [theta(f_V) || phi(f_L)] -> d
+        self.fuse = nn.ModuleDict({"audio": self.stack(cfg.kt_layers, cfg.attn_dropout_audio)})  # delta
         if cfg.kt_target == "aux":
             self.aux_head = nn.Linear(d, cfg.n_outputs)  # training-only: keeps f_A informative
         if cfg.kt_target == "raw":
-            self.audio_readout = nn.Linear(d, cfg.audio_dim)  # shared by theta, phi, delta: d -> audio features
+            self.readout = nn.ModuleDict({"audio": nn.Linear(d, cfg.audio_dim)})  # shared by theta, phi, delta: d -> audio features
             # Training-set statistics per audio feature (set by train()); saved with the weights.
             self.register_buffer("audio_mean", torch.zeros(cfg.audio_dim))
             self.register_buffer("audio_std", torch.ones(cfg.audio_dim))
 
     def read_out(self, modality, reconstruction):
         if modality == "audio" and self.cfg.kt_target == "raw":
-            return self.audio_readout(reconstruction)  # (B, T, d) -> (B, T, D_a)
+            return self.readout["audio"](reconstruction)  # (B, T, d) -> (B, T, D_a)
         return None  # aux / teacher: A' lives in the audio encoder's space, where its target is
 
     def reconstruction_sources(self, modality):
@@ -117,14 +123,15 @@ class KT(MulT):
         """theta(f_V), phi(f_L) and A' = delta([theta(f_V) || phi(f_L)]), all (B, T_text, d) except
         theta's own output, which stays on the vision grid for its consistency loss."""
         (from_vision, _), (from_text, _) = run_stacks(
-            [(self.theta, f_vision, masks["vision"], None, None), (self.phi, f_text, masks["text"], None, None)]
+            [(self.transfer["vision->audio"], f_vision, masks["vision"], None, None),
+             (self.transfer["text->audio"], f_text, masks["text"], None, None)]
         )  # (B, T_v, d), (B, T_l, d)
         T_l = f_text.shape[1]
         from_vision_on_text = from_vision
         if from_vision.shape[1] != T_l:
             from_vision_on_text = resample(from_vision, lengths["vision"], T_l, lengths["text"])  # (B, T_l, d)
-        fused = self.delta_in(torch.cat([from_vision_on_text, from_text], dim=2))  # (B, T_l, 2d) -> (B, T_l, d)
-        reconstruction, _ = self.delta(fused, masks["text"])  # (B, T_l, d)
+        fused = self.fuse_in["audio"](torch.cat([from_vision_on_text, from_text], dim=2))  # (B, T_l, 2d) -> (B, T_l, d)
+        reconstruction, _ = self.fuse["audio"](fused, masks["text"])  # (B, T_l, d)
         return from_vision, from_text, reconstruction
 
     def reconstruct(self, batch, encoded, masks, lengths, missing, given, return_internals):
@@ -172,7 +179,7 @@ class KT(MulT):
         ):
             pred = out.internals[key]
             if cfg.kt_target == "raw":
-                pred = self.audio_readout(pred)  # (B, T, d) -> (B, T, D_a)
+                pred = self.readout["audio"](pred)  # (B, T, d) -> (B, T, D_a)
             mask = out.aux[f"mask_on_{on}"]  # the grid's real steps, as the forward pass used them
             terms[name] = consistency_loss(pred, out.aux[f"target_on_{on}"], mask, cfg.consistency, self.loss_denominator())
             weighted.append(weight * terms[name])
