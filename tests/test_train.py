@@ -18,7 +18,7 @@ import torch
 from mskt.config import PRESETS, Config, preset
 from mskt.errors import ConfigError, MsktError
 from mskt.metrics import emotion_metrics, regression_metrics
-from mskt.model import KTMulT
+from mskt.model import MulT
 from mskt.train import Tensors, evaluate, load_run, predict, resolve_device, train
 
 try:
@@ -331,7 +331,7 @@ def test_evaluate_full_reads_audio(tiny_mosi):
 
 def test_nan_loss_stops_training_and_keeps_the_last_checkpoint(tiny_mosi, tmp_path, monkeypatch):
     """A NaN training loss at epoch 2 raises an MsktError naming the epoch; epoch 1's checkpoint stays."""
-    original = KTMulT.loss
+    original = MulT.loss
     calls = {"train": 0}
 
     def loss(self, out, labels):
@@ -342,7 +342,7 @@ def test_nan_loss_stops_training_and_keeps_the_last_checkpoint(tiny_mosi, tmp_pa
                 terms["total"] = terms["total"] * float("nan")
         return terms
 
-    monkeypatch.setattr(KTMulT, "loss", loss)
+    monkeypatch.setattr(MulT, "loss", loss)
     run = tmp_path / "nan"
     n_train = len(tiny_mosi["train"])
     cfg = tiny_run_config(variant="kt", epochs=3, batch_size=n_train)
@@ -353,7 +353,7 @@ def test_nan_loss_stops_training_and_keeps_the_last_checkpoint(tiny_mosi, tmp_pa
     ckpt = torch.load(run / "checkpoint.pt", map_location="cpu", weights_only=True)
     assert ckpt["epoch"] == 1
     assert len(pd.read_csv(run / "history.csv")) == 1
-    monkeypatch.setattr(KTMulT, "loss", original)
+    monkeypatch.setattr(MulT, "loss", original)
     _, model = load_run(run)
     pred = predict(model, split_tensors(tiny_mosi, "test", "regression"))["pred"]
     assert np.isfinite(pred).all()

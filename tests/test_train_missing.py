@@ -238,12 +238,12 @@ def test_kt_any_recipe_is_the_patterns_protocol_and_full_sees_the_same_masks(tin
 
 
 def test_resume_under_a_protocol_is_exact(tiny_mosi, tmp_path, monkeypatch):
-    from mskt.model import KTMulT
+    from mskt.model import MulT
     from mskt.train import resume
 
     cfg = tiny_run_config(variant="full", train_missing="uniform", train_missing_rate=0.9, epochs=3, batch_size=4)
     reference = train(cfg, out_dir=tmp_path / "reference", dataset=tiny_mosi)
-    original, calls = KTMulT.loss, {"n": 0}
+    original, calls = MulT.loss, {"n": 0}
 
     def interrupted(self, out, labels):
         if self.training:
@@ -252,10 +252,10 @@ def test_resume_under_a_protocol_is_exact(tiny_mosi, tmp_path, monkeypatch):
                 raise KeyboardInterrupt
         return original(self, out, labels)
 
-    monkeypatch.setattr(KTMulT, "loss", interrupted)
+    monkeypatch.setattr(MulT, "loss", interrupted)
     with pytest.raises(KeyboardInterrupt):
         train(cfg, out_dir=tmp_path / "run", dataset=tiny_mosi)
-    monkeypatch.setattr(KTMulT, "loss", original)
+    monkeypatch.setattr(MulT, "loss", original)
     assert resume(tmp_path / "run", dataset=tiny_mosi).metrics["test"] == reference.metrics["test"]
 
 

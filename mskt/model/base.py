@@ -102,14 +102,11 @@ class Model(nn.Module):
 
     # -- modules under an old name (renamed_modules) --------------------------------------------
 
-    def __getattr__(self, name: str):
-        try:
-            return super().__getattr__(name)  # nn.Module's: parameters, buffers, submodules
-        except AttributeError:
-            path = type(self).renamed_modules.get(name)
-            if path is None:
-                raise
-            return self.get_submodule(path)
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        # A property per old name reads the module (no cost to any other attribute lookup).
+        for old, path in cls.__dict__.get("renamed_modules", {}).items():
+            setattr(cls, old, property(lambda self, path=path: self.get_submodule(path), doc=f"renamed: the module at {path}"))
 
     def __setattr__(self, name: str, value) -> None:
         path = type(self).renamed_modules.get(name)
