@@ -45,11 +45,10 @@ from mskt.model.options import Options, option_fields
 def renamed_state(state_dict, renamed: dict):
     """``state_dict`` with its keys under old module names moved to the new ones (same order); the
     same object when no key needs it."""
-    if not renamed or not any(renamed_path(k, renamed) != k for k in state_dict):
+    keys = [renamed_path(k, renamed) for k in state_dict]
+    if keys == list(state_dict):
         return state_dict
-    out = type(state_dict)() if isinstance(state_dict, dict) else {}
-    for k, v in state_dict.items():
-        out[renamed_path(k, renamed)] = v
+    out = type(state_dict)(zip(keys, state_dict.values()))
     if hasattr(state_dict, "_metadata"):  # nn.Module's per-module versions, keyed by module path
         out._metadata = type(state_dict._metadata)((renamed_path(k, renamed), v) for k, v in state_dict._metadata.items())
     return out
